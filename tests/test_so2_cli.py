@@ -1,0 +1,136 @@
+"""algorithms/so2.py end to end as a user runs it: tiny runs, determinism, bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, script_env
+
+SCRIPT = str(REPO / "algorithms" / "so2.py")
+# Tiny budget: a 1,500-step random dataset, 30 pretraining and 60 online steps, 2 critics.
+TINY = [
+    "--env", "walker2d-random", "--random-dataset-steps", "1500", "--num-critics", "2", "--hidden-dim", "32",
+    "--pretrain-steps", "30", "--pretrain-eval-every", "15", "--batch-size", "32", "--online-steps", "60",
+    "--warmup-steps", "20", "--utd", "2", "--online-batch-size", "16", "--mixed-batch-size", "48",
+    "--eval-every", "20", "--eval-episodes", "2", "--mc-tail-steps", "5", "--kendall-windows", "2",
+]
+RECORD_KEYS = {"phase", "step", "env_steps", "return", "normalized_score", "q_bias", "kendall_tau", "q_std_policy", "q_std_random"}
+
+
+def run(args, datasets_root, timeout=600):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=script_env(datasets_root), timeout=timeout, cwd=REPO)
+
+
+def run_dirs(out_dir):
+    return sorted(p for p in out_dir.iterdir() if p.is_dir()) if out_dir.exists() else []
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, datasets_root):
+    out = tmp_path_factory.mktemp("runs")
+    result = run([*TINY, "--out-dir", str(out), "--track"], datasets_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = run_dirs(out)
+    return run_dir
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_outputs(tiny_run):
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "pretrain.pt", "final.pt", "wandb"} <= {p.name for p in tiny_run.iterdir()}
+    records = read_metrics(tiny_run)
+    assert all(RECORD_KEYS <= set(r) for r in records)
+    assert [(r["phase"], r["step"], r["env_steps"]) for r in records] == [
+        ("pretrain", 15, 0), ("pretrain", 30, 0),
+        # 40 env steps after the 20 warm-up steps, 2 critic updates each
+        ("finetune", 0, 0), ("finetune", 0, 20), ("finetune", 40, 40), ("finetune", 80, 60),
+    ]
+    assert records[-1]["alpha"] == 0.2  # fixed temperature while finetuning (released code)
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["pretrained_score"] == records[2]["normalized_score"]
+    assert summary["final_score"] == records[-1]["normalized_score"]
+    assert summary["best_score"] == max(r["normalized_score"] for r in records[2:])
+    assert summary["device"] == "cpu" and summary["torch_version"] and summary["wall_time_s"] > 0
+    config = (tiny_run / "config.yaml").read_text()
+    assert "num_critics: 2" in config and "dataset_id: local/walker2d/random-n1500-v0" in config
+
+
+def test_same_seed_gives_identical_metrics(tiny_run, tmp_path, datasets_root):
+    result = run([*TINY, "--out-dir", str(tmp_path)], datasets_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (again,) = run_dirs(tmp_path)
+    assert (again / "metrics.jsonl").read_text() == (tiny_run / "metrics.jsonl").read_text()
+
+
+def test_pretrained_checkpoint_skips_pretraining(tiny_run, tmp_path, datasets_root):
+    result = run([*TINY, "--out-dir", str(tmp_path), "--pretrained", str(tiny_run / "pretrain.pt"), "--sigma", "0", "--utd", "1"], datasets_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = run_dirs(tmp_path)
+    records = read_metrics(run_dir)
+    assert {r["phase"] for r in records} == {"finetune"}
+    assert not (run_dir / "pretrain.pt").exists()
+    # The first evaluation is the loaded pretrained policy (same eval seeds as the original run).
+    assert records[0]["normalized_score"] == read_metrics(tiny_run)[2]["normalized_score"]
+
+
+@pytest.mark.parametrize("variant", [["--batch-mode", "union", "--actor-update", "per-critic-step", "--auto-alpha", "--target", "min"]])
+def test_paper_variants_run(tiny_run, tmp_path, datasets_root, variant):
+    result = run([*TINY, "--out-dir", str(tmp_path), "--pretrained", str(tiny_run / "pretrain.pt"), *variant], datasets_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(run_dirs(tmp_path)[0])
+    assert records[-1]["alpha"] != 0.2  # tuned, not fixed
+    assert records[-1]["step"] == 80
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--env", "walker2d-expertt"], "unknown env"),
+    (["--sigma", "-0.3"], "sigma must be >= 0"),
+    (["--utd", "0"], "utd must be >= 1"),
+    (["--env", "walker2d-medium"], "unavailable offline"),
+    (["--config", "/nonexistent/cpu.yaml"], "cannot use config file"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(args, message, tmp_path, datasets_root):
+    result = run([*TINY, "--out-dir", str(tmp_path / "runs"), *args], datasets_root)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unreadable_checkpoint(tmp_path, datasets_root):
+    bad = tmp_path / "pretrain.pt"
+    bad.write_bytes(b"not a checkpoint")
+    result = run([*TINY, "--out-dir", str(tmp_path / "runs"), "--pretrained", str(bad)], datasets_root)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "cannot read checkpoint" in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_checkpoint_from_another_env_is_refused(tiny_run, tmp_path, datasets_root):
+    args = [*TINY, "--out-dir", str(tmp_path / "runs"), "--pretrained", str(tiny_run / "pretrain.pt")]
+    args[args.index("walker2d-random")] = "hopper-random"
+    result = run(args, datasets_root)
+    assert result.returncode == 2 and "pretrained on walker2d-random" in result.stderr
+
+
+def test_help_documents_every_field(so2, datasets_root):
+    result = run(["--help"], datasets_root)
+    assert result.returncode == 0
+    for field in so2.Config.__dataclass_fields__:
+        assert "--" + field.replace("_", "-") in result.stdout, field
+
+
+def test_bench_updates_prints_one_json_line_per_phase(datasets_root):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_updates.py"), "--num-critics", "3", "--batch-size", "16", "--steps", "1"],
+        capture_output=True, text=True, env=script_env(datasets_root), timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["phase"] for line in lines] == ["pretrain", "finetune"]
+    for line in lines:
+        assert line["num_critics"] == 3 and line["batch_size"] == 16 and line["device"] == "cpu"
+        assert line["ms_per_update"] > 0 and line["baseline_ms_per_update"] > 0
