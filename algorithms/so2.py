@@ -148,8 +148,8 @@ class Config:
     wandb_project: str = "so2"
     """W&B project name."""
     compile: bool = False
-    """torch.compile the finetuning critic and actor steps (pretraining is not compiled: the
-    diversity loss needs double backward, which torch.compile does not support)."""
+    """torch.compile actor and critics for finetuning (pretraining is not compiled: the diversity
+    loss needs double backward, which torch.compile does not support)."""
 
 
 class ConfigError(Exception):
@@ -767,10 +767,8 @@ def pretrain(agent: SO2Agent, data: ReplayBuffer, cfg: Config, evaluate: Evaluat
 def finetune(agent: SO2Agent, dataset: torch.Tensor, base: str, cfg: Config, evaluate: Evaluator, log: RunLog, obs_dim: int, act_dim: int, device: torch.device) -> None:
     agent.set_learning_rate(cfg.finetune_lr)
     fixed_alpha = None if cfg.auto_alpha else cfg.alpha
-    if cfg.auto_alpha:  # paper variant: SAC's tuned temperature, starting from the pretrained one
-        alpha = agent.log_alpha.detach().exp()
-    else:
-        alpha = cfg.alpha
+    # --auto-alpha (paper SAC) tunes the temperature on, starting from the pretrained one.
+    alpha = agent.log_alpha.detach().exp() if cfg.auto_alpha else cfg.alpha
     online = ReplayBuffer(cfg.online_steps, obs_dim, act_dim, device)
     if cfg.batch_mode == "online+mixed":
         # Released code: a FIFO buffer that starts as the whole shuffled dataset; online
@@ -780,10 +778,9 @@ def finetune(agent: SO2Agent, dataset: torch.Tensor, base: str, cfg: Config, eva
     else:
         mixed = ReplayBuffer(len(dataset) + cfg.online_steps, obs_dim, act_dim, device)
         mixed.extend(dataset)
-    critic_step = agent.finetune_critic_step
-    actor_step = agent.actor_and_alpha_step
-    if cfg.compile:
-        critic_step, actor_step = torch.compile(critic_step), torch.compile(actor_step)
+    if cfg.compile:  # in place, so checkpoints keep their keys
+        for module in (agent.actor, agent.critic, agent.target_critic):
+            module.compile()
 
     env = make_env(base)
     obs, _ = env.reset(seed=cfg.seed)
@@ -808,10 +805,10 @@ def finetune(agent: SO2Agent, dataset: torch.Tensor, base: str, cfg: Config, eva
             else:
                 batches = mixed.sample((cfg.utd, cfg.online_batch_size + cfg.mixed_batch_size))
             for k in range(cfg.utd):
-                critic_loss = critic_step(batches[k], online.split, alpha)
+                critic_loss = agent.finetune_critic_step(batches[k], online.split, alpha)
                 updates += 1
                 if cfg.actor_update == "per-critic-step" or k == cfg.utd - 1:
-                    alpha, actor_loss = actor_step(online.split(batches[k])[0], fixed_alpha)
+                    alpha, actor_loss = agent.actor_and_alpha_step(online.split(batches[k])[0], fixed_alpha)
 
         if env_step % cfg.eval_every == 0 or env_step == cfg.online_steps:
             record = {"phase": "finetune", "step": updates, "env_steps": env_step, **evaluate(agent), "alpha": float(alpha), "critic_loss": float(critic_loss), "actor_loss": float(actor_loss)}
