@@ -8,7 +8,7 @@ Learning", AAAI 2024 (arXiv 2312.07685). Pipeline in this file, top to bottom:
   3. SO2 finetuning: SAC-N where each member regresses to its own target network evaluated at a
      perturbed next action (Perturbed Value Update), with `utd` critic updates per env step;
   4. batched deterministic evaluation with the paper's Q-estimation diagnostics (normalised bias
-     against the Monte-Carlo return, Kendall's tau over sliding windows, ensemble std).
+     against the Monte-Carlo return, Kendall's tau over consecutive windows, ensemble std).
 
 Defaults follow the authors' released code (opendilab/SO2, which produced the published numbers).
 Where the paper and that code differ, the paper's variant is a switch:
@@ -172,10 +172,9 @@ GYM_IDS = {
     "pen": "AdroitHandPen-v1",
     "door": "AdroitHandDoor-v1",
 }
-QUALITIES = {
-    "locomotion": ("random", "medium", "medium-replay", "medium-expert", "expert"),
-    "adroit": ("human", "cloned", "expert"),
-}
+ADROIT = ("pen", "door")
+LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
+ADROIT_QUALITIES = ("human", "cloned", "expert")
 # D4RL reference returns (random, expert) that define the normalised score.
 REF_SCORES = {
     "halfcheetah": (-280.178953, 12135.0),
@@ -191,10 +190,9 @@ RANDOM_DATASET_SEED = 0  # one shared *-random dataset per size, whatever the ru
 def parse_env_name(name: str) -> tuple[str, str]:
     """'walker2d-medium-replay' -> ('walker2d', 'medium-replay'); ConfigError if unknown."""
     base, _, quality = name.partition("-")
-    domain = "adroit" if base in ("pen", "door") else "locomotion"
-    if base not in GYM_IDS or quality not in QUALITIES[domain]:
-        known = ", ".join(f"{{{','.join(b for b in GYM_IDS if (b in ('pen', 'door')) == (d == 'adroit'))}}}-{{{','.join(q)}}}" for d, q in QUALITIES.items())
-        raise ConfigError(f"unknown env '{name}'; expected one of {known}")
+    if base not in GYM_IDS or quality not in (ADROIT_QUALITIES if base in ADROIT else LOCOMOTION_QUALITIES):
+        locomotion = ",".join(b for b in GYM_IDS if b not in ADROIT)
+        raise ConfigError(f"unknown env '{name}'; expected {{{locomotion}}}-{{{','.join(LOCOMOTION_QUALITIES)}}} or {{{','.join(ADROIT)}}}-{{{','.join(ADROIT_QUALITIES)}}}")
     return base, quality
 
 
@@ -203,7 +201,7 @@ def dataset_ids(base: str, quality: str, random_steps: int) -> tuple[str, list[s
     medium-expert locomotion sets; its medium/expert sets come from other policies than D4RL's."""
     name = quality if quality != "random" or random_steps == 1_000_000 else f"random-n{random_steps}"
     local = f"local/{base}/{name}-v0"
-    if base in ("pen", "door"):
+    if base in ADROIT:
         return local, [f"D4RL/{base}/{quality}-v2"]
     return local, [f"mujoco/{base}/{quality}-v0"] if quality in ("medium", "expert") else []
 
@@ -215,30 +213,38 @@ def normalized_score(base: str, returns):
 
 def flatten_episodes(episodes) -> dict[str, np.ndarray]:
     """Episodes (observations with T+1 rows, actions/rewards/terminations/truncations with T) ->
-    float32 transition arrays. done = terminations only: a time-limit truncation is not a
-    terminal state, and observations[t + 1] is the real next state even at a truncation."""
-    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals")}
+    float32 transition arrays in D4RL's q-learning layout. terminals = terminations only: a
+    time-limit truncation is not a terminal state, and observations[t + 1] is the real next state
+    even at a truncation; timeouts marks truncations, so episode boundaries stay recoverable."""
+    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
     for ep in episodes:
         parts["observations"].append(ep["observations"][:-1])
         parts["next_observations"].append(ep["observations"][1:])
         parts["actions"].append(ep["actions"])
         parts["rewards"].append(ep["rewards"])
         parts["terminals"].append(ep["terminations"])
+        parts["timeouts"].append(ep["truncations"])
     return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
 
 
-def collect_random_episodes(gym_id: str, steps: int, seed: int, n_envs: int = 16):
-    """D4RL 'random' protocol: roll out a randomly initialised tanh-Gaussian policy (stochastic
-    actions) until `steps` transitions exist. n_envs copies step in lockstep so that one batched
-    policy forward serves them all; episodes still running at the budget are cut as truncated."""
+def random_policy(gym_id: str, seed: int) -> Actor:
+    """D4RL 'random' behaviour policy: a randomly initialised tanh-Gaussian policy."""
+    env = gym.make(gym_id)
     torch.manual_seed(seed)
+    return Actor(env.observation_space.shape[0], env.action_space.shape[0], 256)
+
+
+def collect_episodes(gym_id: str, policy: nn.Module, steps: int, seed: int, n_envs: int = 16):
+    """D4RL protocol: roll out `policy` with stochastic actions (drawn from the global torch RNG,
+    which the caller seeds) until `steps` transitions exist. n_envs copies step in lockstep so
+    that one batched policy forward serves them all; episodes still running at the budget are
+    cut as truncated."""
     envs = [gym.make(gym_id) for _ in range(n_envs)]
-    obs_dim, act_dim = envs[0].observation_space.shape[0], envs[0].action_space.shape[0]
-    policy = Actor(obs_dim, act_dim, 256)
+    keys = ("observations", "actions", "rewards", "terminations", "truncations")
     obs = np.stack([env.reset(seed=seed * 1000 + i)[0] for i, env in enumerate(envs)])
-    current = [{"observations": [o], "actions": [], "rewards": [], "terminations": [], "truncations": []} for o in obs]
+    current = [{"observations": [o], **{k: [] for k in keys[1:]}} for o in obs]
     episodes, collected = [], 0
-    progress = tqdm(total=steps, desc=f"generate {gym_id} random", unit="step", mininterval=2)
+    progress = tqdm(total=steps, desc=f"generate {gym_id}", unit="step", mininterval=2)
     with torch.no_grad():
         while collected < steps:
             actions = policy(torch.as_tensor(obs, dtype=torch.float32))[0].numpy()
@@ -246,12 +252,12 @@ def collect_random_episodes(gym_id: str, steps: int, seed: int, n_envs: int = 16
                 next_obs, reward, terminated, truncated, _ = env.step(actions[i])
                 collected += 1
                 ep = current[i]
-                for key, value in zip(("observations", "actions", "rewards", "terminations", "truncations"), (next_obs, actions[i], reward, terminated, truncated)):
+                for key, value in zip(keys, (next_obs, actions[i], reward, terminated, truncated)):
                     ep[key].append(value)
                 if terminated or truncated:
                     episodes.append({k: np.asarray(v) for k, v in ep.items()})
                     next_obs = env.reset()[0]
-                    current[i] = {"observations": [next_obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
+                    current[i] = {"observations": [next_obs], **{k: [] for k in keys[1:]}}
                 obs[i] = next_obs
                 if collected >= steps:
                     break
@@ -265,7 +271,7 @@ def collect_random_episodes(gym_id: str, steps: int, seed: int, n_envs: int = 16
     return episodes
 
 
-def write_minari_dataset(dataset_id: str, episodes, gym_id: str, base: str, description: str) -> None:
+def write_minari_dataset(dataset_id: str, episodes, gym_id: str, base: str, algorithm_name: str, description: str, code: str) -> None:
     """Write episodes as a real Minari dataset, atomically: build it under a temporary root next to
     the datasets folder and move it into place, so an interrupted write never blocks the id."""
     import minari
@@ -280,8 +286,8 @@ def write_minari_dataset(dataset_id: str, episodes, gym_id: str, base: str, desc
         buffers = [EpisodeBuffer(id=i, observations=ep["observations"], actions=ep["actions"].astype(np.float32), rewards=ep["rewards"], terminations=ep["terminations"], truncations=ep["truncations"]) for i, ep in enumerate(episodes)]
         low, high = REF_SCORES[base]
         minari.create_dataset_from_buffers(
-            dataset_id, buffers, env=gym_id, algorithm_name="randomly initialised tanh-Gaussian policy (D4RL random protocol)",
-            author="offline-to-online RL reference implementations", author_email="n/a", code_permalink="algorithms/so2.py",
+            dataset_id, buffers, env=gym_id, algorithm_name=algorithm_name,
+            author="offline-to-online RL reference implementations", author_email="n/a", code_permalink=code,
             description=description, ref_min_score=low, ref_max_score=high, eval_env=gym_id,
         )
     finally:
@@ -314,8 +320,10 @@ def load_dataset(base: str, quality: str, random_steps: int) -> tuple[dict[str, 
         dataset_id = on_disk[0]
     elif quality == "random":
         dataset_id = local_id
-        episodes = collect_random_episodes(GYM_IDS[base], random_steps, RANDOM_DATASET_SEED)
-        write_minari_dataset(local_id, episodes, GYM_IDS[base], base, f"{random_steps} steps of a randomly initialised policy on {GYM_IDS[base]} (D4RL random protocol), seed {RANDOM_DATASET_SEED}.")
+        gym_id = GYM_IDS[base]
+        episodes = collect_episodes(gym_id, random_policy(gym_id, RANDOM_DATASET_SEED), random_steps, RANDOM_DATASET_SEED)
+        description = f"{random_steps} steps of a randomly initialised policy on {gym_id} (D4RL random protocol), seed {RANDOM_DATASET_SEED}."
+        write_minari_dataset(local_id, episodes, gym_id, base, "randomly initialised tanh-Gaussian policy (D4RL random protocol)", description, "algorithms/so2.py")
         save_flat_cache(local_id, flatten_episodes(episodes))
     else:
         errors = []
@@ -328,7 +336,8 @@ def load_dataset(base: str, quality: str, random_steps: int) -> tuple[dict[str, 
                 errors.append(f"{hub_id}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
         else:
             tried = f"; download failed ({'; '.join(errors)})" if errors else " and the Minari hub has no such dataset"
-            raise ConfigError(f"dataset '{base}-{quality}' is not on disk (looked for {', '.join([local_id, *hub_ids])}){tried}. It is unavailable offline.")
+            make = "" if base in ADROIT else f"; generate it with: python scripts/make_dataset.py {base}-{quality}"
+            raise ConfigError(f"dataset '{base}-{quality}' is not on disk (looked for {', '.join([local_id, *hub_ids])}){tried}. It is unavailable offline{make}")
     return read_flat_cache(dataset_id) or build_flat_cache(dataset_id), dataset_id
 
 
@@ -336,7 +345,7 @@ def _cache_key(dataset_id: str) -> str:
     from minari.storage.datasets_root_dir import get_dataset_path
 
     stat = (get_dataset_path(dataset_id) / "data" / "main_data.hdf5").stat()
-    return f"{dataset_id}:{stat.st_size}:{stat.st_mtime_ns}"
+    return f"flat-v1:{dataset_id}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def save_flat_cache(dataset_id: str, arrays: dict[str, np.ndarray]) -> None:
@@ -368,14 +377,14 @@ def build_flat_cache(dataset_id: str) -> dict[str, np.ndarray]:
     import minari
 
     dataset = minari.load_dataset(dataset_id)
-    episodes = ({"observations": e.observations, "actions": e.actions, "rewards": e.rewards, "terminations": e.terminations} for e in dataset.iterate_episodes())
+    episodes = ({"observations": e.observations, "actions": e.actions, "rewards": e.rewards, "terminations": e.terminations, "truncations": e.truncations} for e in dataset.iterate_episodes())
     arrays = flatten_episodes(episodes)
     save_flat_cache(dataset_id, arrays)
     return arrays
 
 
 def make_env(base: str) -> gym.Env:
-    if base in ("pen", "door"):
+    if base in ADROIT:
         try:
             import gymnasium_robotics  # noqa: F401  (registers the Adroit environments)
         except ImportError:
@@ -408,7 +417,7 @@ class ReplayBuffer:
     def add(self, obs, action, reward, next_obs, done) -> None:
         for k, value in enumerate((obs, action, reward, next_obs, done)):
             self.stage_np[self.offsets[k] : self.offsets[k + 1]] = value
-        self.rows[self.ptr].copy_(self.stage, non_blocking=True)
+        self.rows[self.ptr].copy_(self.stage)  # blocking: the staging row is rewritten next step
         self.ptr, self.size = (self.ptr + 1) % self.capacity, min(self.size + 1, self.capacity)
 
     def sample(self, shape: tuple[int, ...]) -> torch.Tensor:
@@ -791,7 +800,7 @@ def finetune(agent: SO2Agent, dataset: torch.Tensor, base: str, cfg: Config, eva
     for env_step in progress:
         obs_stage.numpy()[:] = obs
         with torch.no_grad():
-            action = agent.actor(obs_stage.to(device, non_blocking=True)[None])[0][0].cpu().numpy()
+            action = agent.actor(obs_stage.to(device)[None])[0][0].cpu().numpy()
         next_obs, reward, terminated, truncated, _ = env.step(action)
         # done = termination only; a time-limit truncation still bootstraps from next_obs.
         online.add(obs, action, reward, next_obs, float(terminated))

@@ -56,6 +56,7 @@ def test_flatten_terminations_vs_truncations(so2):
     # Only the termination is terminal: truncation keeps bootstrapping.
     assert flat["terminals"].tolist() == [0, 1, 0, 0, 0]
     assert flat["rewards"].tolist() == [0, 1, 0, 1, 2]
+    assert flat["timeouts"].tolist() == [0, 0, 0, 0, 1]
 
 
 def test_resolve_config_reads_the_ensemble_table(so2):
@@ -136,11 +137,12 @@ def test_random_dataset_generation_and_cache(so2, tmp_path, monkeypatch):
         assert ep.terminations.sum() + ep.truncations.sum() == 1  # exactly one ending, at the end
         assert ep.terminations[-1] or ep.truncations[-1]
     assert arrays["terminals"].sum() == sum(ep.terminations.sum() for ep in episodes)
+    assert arrays["terminals"].sum() + arrays["timeouts"].sum() == len(episodes)
     assert arrays["observations"].shape == (700, 11) and arrays["actions"].shape == (700, 3)
     assert np.abs(arrays["actions"]).max() <= 1.0
     # The second load reads the flat cache, equal to flattening the episodes again.
     cached = so2.read_flat_cache(dataset_id)
-    rebuilt = so2.flatten_episodes({"observations": e.observations, "actions": e.actions, "rewards": e.rewards, "terminations": e.terminations} for e in episodes)
+    rebuilt = so2.flatten_episodes({"observations": e.observations, "actions": e.actions, "rewards": e.rewards, "terminations": e.terminations, "truncations": e.truncations} for e in episodes)
     for key in rebuilt:
         assert np.array_equal(cached[key], rebuilt[key])
     assert not any(p.name.startswith(".tmp") for p in so2_root(so2).iterdir())
@@ -170,5 +172,5 @@ def test_stale_cache_is_rebuilt(so2):
 def test_missing_dataset_offline_is_a_config_error(so2):
     with pytest.raises(so2.ConfigError, match="unavailable offline"):
         so2.load_dataset("walker2d", "medium", 1_000_000)
-    with pytest.raises(so2.ConfigError, match="unavailable offline"):
+    with pytest.raises(so2.ConfigError, match="unavailable offline; generate it with: python scripts/make_dataset.py walker2d-medium-replay"):
         so2.load_dataset("walker2d", "medium-replay", 1_000_000)

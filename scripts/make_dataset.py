@@ -1,0 +1,211 @@
+"""Make D4RL-style datasets for gymnasium v5 MuJoCo, without the network, as Minari datasets.
+
+  python scripts/make_dataset.py walker2d-random          # -> local/walker2d/random-v0
+  python scripts/make_dataset.py hopper-medium            # needs results/policies/hopper-medium.pt
+  python scripts/make_dataset.py hopper-medium-replay     # re-runs the seeded SAC run of that policy
+  python scripts/make_dataset.py hopper-medium --steps 5000   # small set: local/hopper/medium-n5000-v0
+
+Protocols (D4RL, Fu et al. 2020):
+  random         1M steps of a randomly initialised tanh-Gaussian policy (the same generator and
+                 seed as algorithms/so2.py uses on the spot, so the id has one meaning);
+  medium, expert 1M steps of the shipped SAC policy (results/policies/, see manifest.json) with
+                 stochastic actions;
+  medium-replay  the replay buffer of the seeded SAC run that produced the medium policy, regenerated
+                 by running it again with the recorded config and thread count (bit-identical on the
+                 same CPU and torch build; the script checks its final actor against the shipped one);
+  medium-expert  the medium and expert datasets concatenated.
+Sizes other than the default get their own id (<quality>-n<steps>). The D4RL reference scores
+are stored in the metadata; writes are atomic; the same seed gives the same dataset. Policy
+rollouts run as 2 fixed shards (so the data do not depend on --workers), in parallel processes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import tyro
+
+REPO = Path(__file__).resolve().parent.parent
+NUM_SHARDS = 2
+# Spawned rollout workers import this file by name (they inherit sys.path) to find collect_shard.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def load_algorithm(name: str):
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "algorithms" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses resolve their module while it executes
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+so2 = load_algorithm("so2")
+sac = load_algorithm("sac")
+
+
+@dataclass
+class Args:
+    name: tyro.conf.Positional[str]
+    """Dataset name <env>-<quality>: env in halfcheetah, hopper, walker2d, ant; quality in random,
+    medium, medium-replay, medium-expert, expert."""
+    steps: Optional[int] = None
+    """Transitions (default 1M; medium-expert: per half). medium-replay: cap on the SAC run, which
+    by default runs until the medium policy's stop score, as the shipped one did."""
+    seed: int = 0
+    """Seed of the rollouts (random: ignored, so2.py's fixed seed keeps one random dataset per size)."""
+    workers: int = 2
+    """Processes for policy rollouts (1 or 2; the data are the same either way)."""
+    policy_dir: str = str(REPO / "results" / "policies")
+    """Folder with the behaviour policies (<env>-<quality>.pt) and manifest.json."""
+
+
+def dataset_id(env: str, quality: str, steps: Optional[int]) -> str:
+    return f"local/{env}/{quality}-v0" if steps is None else f"local/{env}/{quality}-n{steps}-v0"
+
+
+def load_policy(policy_dir: str, env: str, quality: str) -> tuple[torch.nn.Module, dict]:
+    """The shipped SAC actor and its manifest entry; ConfigError if it is not there."""
+    manifest_path = Path(policy_dir) / "manifest.json"
+    entry = json.loads(manifest_path.read_text()).get(f"{env}-{quality}", {}) if manifest_path.exists() else {}
+    if entry.get("file") is None:
+        why = entry.get("status", f"no entry in {manifest_path}")
+        raise so2.ConfigError(f"no {env}-{quality} behaviour policy ({why}); train one with algorithms/sac.py (see README)")
+    gym_env = so2.gym.make(so2.GYM_IDS[env])
+    actor = sac.Actor(gym_env.observation_space.shape[0], gym_env.action_space.shape[0], entry["sac_config"]["hidden_dim"])
+    actor.load_state_dict(torch.load(Path(policy_dir) / entry["file"], map_location="cpu"))
+    return actor, entry
+
+
+def collect_shard(task: tuple) -> list[dict]:
+    """One shard of a policy rollout, in its own process."""
+    policy_dir, env, quality, steps, seed = task
+    torch.set_num_threads(1)
+    actor, _ = load_policy(policy_dir, env, quality)
+    torch.manual_seed(seed)
+    return so2.collect_episodes(so2.GYM_IDS[env], actor, steps, seed)
+
+
+def policy_episodes(args: Args, env: str, quality: str, steps: int) -> list[dict]:
+    load_policy(args.policy_dir, env, quality)  # fail here, not inside a worker
+    shard_steps = [steps // NUM_SHARDS + (k < steps % NUM_SHARDS) for k in range(NUM_SHARDS)]
+    tasks = [(args.policy_dir, env, quality, n, args.seed * NUM_SHARDS + k) for k, n in enumerate(shard_steps) if n > 0]
+    if args.workers == 1:
+        shards = [collect_shard(t) for t in tasks]
+    else:
+        with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
+            shards = list(pool.map(collect_shard, tasks))
+    return [ep for shard in shards for ep in shard]
+
+
+def rows_to_episodes(rows: np.ndarray, obs_dim: int, act_dim: int) -> list[dict]:
+    """A SAC replay buffer in insertion order -> episodes. An episode ends at a termination, where
+    the next row does not start from this row's next state (a reset), or at the buffer's end."""
+    obs, act = rows[:, :obs_dim], rows[:, obs_dim : obs_dim + act_dim]
+    rew, next_obs, done = rows[:, obs_dim + act_dim], rows[:, obs_dim + act_dim + 1 : -1], rows[:, -1] > 0
+    ends = done.copy()
+    ends[:-1] |= np.any(obs[1:] != next_obs[:-1], axis=1)
+    ends[-1] = True
+    episodes, start = [], 0
+    for end in np.flatnonzero(ends):
+        sl = slice(start, end + 1)
+        episodes.append({
+            "observations": np.concatenate([obs[sl], next_obs[end : end + 1]]).astype(np.float64), "actions": act[sl],
+            "rewards": rew[sl].astype(np.float64), "terminations": done[sl], "truncations": (np.arange(start, end + 1) == end) & ~done[end],
+        })
+        start = end + 1
+    return episodes
+
+
+def replay_episodes(args: Args, env: str) -> tuple[list[dict], str]:
+    """Re-run the seeded SAC run behind the medium policy and return its replay buffer."""
+    _, entry = load_policy(args.policy_dir, env, "medium")
+    cfg = sac.Config(**entry["sac_config"])
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = replace(cfg, out_dir=tmp, track=False, total_steps=min(cfg.total_steps, args.steps or cfg.total_steps))
+        torch.set_num_threads(entry["torch_threads"])
+        run_dir = sac.train(sac.resolve_config(cfg), None)
+        rows = torch.load(run_dir / "checkpoint.pt", weights_only=False)["buffer"]["rows"].numpy()
+        same = all(torch.equal(a, b) for a, b in zip(torch.load(run_dir / "actor.pt").values(), torch.load(Path(args.policy_dir) / entry["file"]).values()))
+    note = "its final actor equals the shipped medium policy" if same else "WARNING: its final actor differs from the shipped medium policy (other hardware, threads or --steps)"
+    gym_env = so2.gym.make(so2.GYM_IDS[env])
+    return rows_to_episodes(rows, gym_env.observation_space.shape[0], gym_env.action_space.shape[0]), note
+
+
+def stored_episodes(dataset: str) -> list[dict]:
+    import minari
+
+    return [{"observations": e.observations, "actions": e.actions, "rewards": e.rewards, "terminations": e.terminations, "truncations": e.truncations} for e in minari.load_dataset(dataset).iterate_episodes()]
+
+
+def make(args: Args) -> str:
+    """Write the dataset named by args (and, for medium-expert, its missing halves); its id."""
+    from minari.storage.datasets_root_dir import get_dataset_path
+
+    env, quality = so2.parse_env_name(args.name)
+    if env in so2.ADROIT:
+        raise so2.ConfigError("Adroit datasets come from the Minari hub (D4RL/<env>/<quality>-v2), not from this script")
+    if args.workers not in (1, 2) or (args.steps is not None and args.steps < 1):
+        raise so2.ConfigError("workers must be 1 or 2 and steps >= 1")
+    if quality == "random":  # so2.py's on-the-spot generator: one meaning per id
+        arrays, target = so2.load_dataset(env, "random", args.steps or 1_000_000)
+        ends = np.flatnonzero(arrays["terminals"] + arrays["timeouts"]) + 1
+        print_summary(target, env, [r.sum() for r in np.split(arrays["rewards"], ends[:-1])])
+        return target
+    target = dataset_id(env, quality, args.steps)
+    if (get_dataset_path(target) / "data").exists():
+        raise so2.ConfigError(f"{target} already exists under {get_dataset_path()}; delete that folder to make it again")
+    gym_id, steps = so2.GYM_IDS[env], args.steps or 1_000_000
+    if quality in ("medium", "expert"):
+        _, entry = load_policy(args.policy_dir, env, quality)
+        episodes = policy_episodes(args, env, quality, steps)
+        algorithm = f"SAC {quality} policy {entry['file']} (normalised score {entry['eval_normalized_score']:.1f}), stochastic actions"
+        description = f"{steps} steps of {algorithm} on {gym_id}, seed {args.seed} (D4RL {quality} protocol). Policy trained by: {entry['command']}"
+    elif quality == "medium-replay":
+        episodes, note = replay_episodes(args, env)
+        print(note, file=sys.stderr)
+        algorithm = "replay buffer of the seeded SAC run that produced the medium policy"
+        description = f"{sum(len(e['rewards']) for e in episodes)} transitions: the {algorithm} on {gym_id} ({note})."
+    else:  # medium-expert: both halves, generated when missing
+        halves = []
+        for half in ("medium", "expert"):
+            half_id = dataset_id(env, half, args.steps)
+            if not (get_dataset_path(half_id) / "data").exists():
+                make(Args(f"{env}-{half}", args.steps, args.seed, args.workers, args.policy_dir))
+            halves.append(half_id)
+        episodes = stored_episodes(halves[0]) + stored_episodes(halves[1])
+        algorithm = f"{halves[0]} + {halves[1]}"
+        description = f"D4RL medium-expert protocol: {halves[0]} followed by {halves[1]} on {gym_id}."
+    so2.write_minari_dataset(target, episodes, gym_id, env, algorithm, description, "scripts/make_dataset.py")
+    so2.save_flat_cache(target, so2.flatten_episodes(episodes))
+    print_summary(target, env, [e["rewards"].sum() for e in episodes], sum(len(e["rewards"]) for e in episodes))
+    return target
+
+
+def print_summary(target: str, env: str, returns: list[float], steps: Optional[int] = None) -> None:
+    returns = np.asarray(returns, dtype=np.float64)
+    size = "" if steps is None else f", {steps} steps"
+    print(f"{target}: {len(returns)} episodes{size}, mean return {returns.mean():.1f}, normalised {float(so2.normalized_score(env, returns).mean()):.1f}")
+
+
+def main() -> None:
+    try:
+        make(tyro.cli(Args))
+    except so2.ConfigError as exc:
+        print(f"make_dataset.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""scripts/make_dataset.py on tiny sizes, with stand-in policies in a temporary policy folder."""
+
+import json
+import shutil
+from dataclasses import asdict, replace
+
+import minari
+import numpy as np
+import pytest
+import torch
+
+from conftest import load_script
+
+
+@pytest.fixture(scope="module")
+def md():
+    return load_script("scripts/make_dataset.py")
+
+
+@pytest.fixture(scope="module")
+def policy_dir(md, tmp_path_factory):
+    """hopper-medium: the final actor of a tiny seeded SAC run (so medium-replay can be
+    regenerated from its config); hopper-expert: a randomly initialised actor."""
+    folder = tmp_path_factory.mktemp("policies")
+    sac = md.sac
+    cfg = replace(sac.Config(), env="hopper", total_steps=300, learning_starts=100, eval_every=150, eval_episodes=1, hidden_dim=32, batch_size=32, out_dir=str(folder / "runs"))
+    torch.set_num_threads(1)
+    run_dir = sac.train(cfg, None)
+    shutil.copy(run_dir / "actor.pt", folder / "hopper-medium.pt")
+    torch.manual_seed(1)
+    torch.save(sac.Actor(11, 3, 32).state_dict(), folder / "hopper-expert.pt")
+    common = {"sac_config": {**asdict(cfg), "hidden_dim": 32}, "torch_threads": 1, "command": "test", "eval_normalized_score": 1.0}
+    manifest = {
+        "hopper-medium": {"file": "hopper-medium.pt", **common},
+        "hopper-expert": {"file": "hopper-expert.pt", **common},
+        "walker2d-expert": {"file": None, "status": "not trained: needs hours of GPU time"},
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return str(folder)
+
+
+def args(md, name, policy_dir, **kw):
+    return md.Args(name, **{"steps": 400, "seed": 0, "workers": 1, "policy_dir": policy_dir, **kw})
+
+
+def check_dataset(dataset_id, steps, ref):
+    dataset = minari.load_dataset(dataset_id)
+    assert dataset.total_steps == steps
+    assert dataset.storage.metadata["ref_min_score"] == pytest.approx(ref[0])
+    assert dataset.storage.metadata["ref_max_score"] == pytest.approx(ref[1])
+    episodes = list(dataset.iterate_episodes())
+    for ep in episodes:
+        assert ep.observations.shape == (len(ep.actions) + 1, 11) and ep.actions.shape[1] == 3
+        assert ep.actions.dtype == np.float32 and np.abs(ep.actions).max() <= 1.0
+        # Exactly one ending per episode, at its last step: a termination or a truncation.
+        assert ep.terminations.sum() + ep.truncations.sum() == 1 and (ep.terminations[-1] or ep.truncations[-1])
+    return episodes
+
+
+def test_random_is_so2_generator(md, policy_dir, capsys):
+    assert md.make(args(md, "hopper-random", policy_dir)) == "local/hopper/random-n400-v0"
+    assert "local/hopper/random-n400-v0: " in capsys.readouterr().out
+    arrays, _ = md.so2.load_dataset("hopper", "random", 400)
+    assert len(arrays["rewards"]) == 400
+
+
+def test_medium_shape_metadata_and_workers_independence(md, policy_dir, tmp_path, monkeypatch, capsys):
+    dataset_id = md.make(args(md, "hopper-medium", policy_dir, workers=2))
+    assert dataset_id == "local/hopper/medium-n400-v0"
+    episodes = check_dataset(dataset_id, 400, (-20.272305, 3234.3))
+    summary = capsys.readouterr().out
+    assert f"{len(episodes)} episodes, 400 steps" in summary and "normalised" in summary
+    # One process or two: the same data (fixed shards), and again the same for the same seed.
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "one"))
+    md.make(args(md, "hopper-medium", policy_dir, workers=1))
+    again = list(minari.load_dataset(dataset_id).iterate_episodes())
+    assert len(again) == len(episodes)
+    for a, b in zip(episodes, again):
+        assert np.array_equal(a.observations, b.observations) and np.array_equal(a.actions, b.actions)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "other-seed"))
+    md.make(args(md, "hopper-medium", policy_dir, seed=1))
+    other = next(minari.load_dataset(dataset_id).iterate_episodes())
+    assert not np.array_equal(other.actions, episodes[0].actions)
+
+
+def test_existing_dataset_is_not_overwritten(md, policy_dir):
+    md.make(args(md, "hopper-expert", policy_dir, steps=100))
+    with pytest.raises(md.so2.ConfigError, match="already exists"):
+        md.make(args(md, "hopper-expert", policy_dir, steps=100))
+
+
+def test_medium_expert_concatenates(md, policy_dir):
+    dataset_id = md.make(args(md, "hopper-medium-expert", policy_dir, steps=200))
+    episodes = check_dataset(dataset_id, 400, (-20.272305, 3234.3))
+    medium = list(minari.load_dataset("local/hopper/medium-n200-v0").iterate_episodes())
+    expert = list(minari.load_dataset("local/hopper/expert-n200-v0").iterate_episodes())
+    assert len(episodes) == len(medium) + len(expert)
+    assert np.array_equal(episodes[0].observations, medium[0].observations)
+    assert np.array_equal(episodes[-1].observations, expert[-1].observations)
+
+
+def test_medium_replay_regenerates_the_seeded_run(md, policy_dir, capsys):
+    dataset_id = md.make(args(md, "hopper-medium-replay", policy_dir, steps=None))
+    assert dataset_id == "local/hopper/medium-replay-v0"
+    check_dataset(dataset_id, 300, (-20.272305, 3234.3))
+    assert "its final actor equals the shipped medium policy" in capsys.readouterr().err
+
+
+def test_rows_to_episodes_hand_example(md):
+    # obs_dim 1, act_dim 1: rows [obs, act, rew, next_obs, done]
+    rows = np.array([
+        [0.0, 0.1, 1.0, 1.0, 0.0],
+        [1.0, 0.1, 1.0, 2.0, 1.0],  # termination
+        [5.0, 0.1, 1.0, 6.0, 0.0],
+        [6.0, 0.1, 1.0, 7.0, 0.0],  # next row does not start at 7: a time-limit reset
+        [9.0, 0.1, 1.0, 8.0, 0.0],  # end of the buffer
+    ], dtype=np.float32)
+    episodes = md.rows_to_episodes(rows, 1, 1)
+    assert [e["observations"][:, 0].tolist() for e in episodes] == [[0, 1, 2], [5, 6, 7], [9, 8]]
+    assert [e["terminations"].tolist() for e in episodes] == [[False, True], [False, False], [False]]
+    assert [e["truncations"].tolist() for e in episodes] == [[False, False], [False, True], [True]]
+
+
+def test_missing_policy_is_a_one_line_error(md, policy_dir):
+    with pytest.raises(md.so2.ConfigError, match="no walker2d-expert behaviour policy .not trained"):
+        md.make(args(md, "walker2d-expert", policy_dir))
+    with pytest.raises(md.so2.ConfigError, match="no halfcheetah-medium behaviour policy"):
+        md.make(args(md, "halfcheetah-medium", policy_dir))
