@@ -517,8 +517,7 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
     # Ctrl-C / SIGTERM only raise a flag; the step in progress completes, then the state is saved,
     # so --resume continues exactly where the run stopped.
     interrupted = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: interrupted.append(True))
+    previous_handlers = {sig: signal.signal(sig, lambda *_: interrupted.append(True)) for sig in (signal.SIGINT, signal.SIGTERM)}
     start = time.time()
     losses, stopped, step = {}, False, start_step - 1
     progress = tqdm(range(start_step, cfg.total_steps + 1), desc=f"SAC {cfg.env}", unit="step", mininterval=1, initial=start_step - 1, total=cfg.total_steps)
@@ -547,6 +546,8 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
             sys.exit(130)
         if stopped:
             break
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
     torch.save(agent.actor.state_dict(), run_dir / "actor.pt")
     scores = [r["normalized_score"] for r in log.records]
     summary = {

@@ -1,0 +1,66 @@
+"""Ship the actor of a finished algorithms/sac.py run as a behaviour policy with its manifest entry.
+
+  python scripts/export_policy.py runs/hopper__sac__0__1795263860 hopper-medium --band 35 70 --torch-threads 1
+
+Copies <run>/actor.pt to results/policies/<name>.pt and records in results/policies/manifest.json:
+the training config (so medium-replay can be regenerated), env steps, wall time, the final
+deterministic evaluation of the run, the score band the policy is documented to reach, the
+command that trained it, the thread count it ran with, and the hardware. Policies that could not
+be trained are recorded with --missing "why" instead of a run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import tyro
+
+POLICIES = Path(__file__).resolve().parent.parent / "results" / "policies"
+
+
+@dataclass
+class Args:
+    run: tyro.conf.Positional[str]
+    """Folder of the finished sac.py run (or '-' with --missing)."""
+    name: tyro.conf.Positional[str]
+    """Policy name <env>-<quality>, e.g. hopper-medium."""
+    band: tuple[float, float] = (0.0, 100.0)
+    """Normalised-score band the policy is documented to reach (checked by scripts/eval_policy.py)."""
+    torch_threads: int = 1
+    """torch threads the run used (OMP_NUM_THREADS); medium-replay regeneration needs the same."""
+    missing: Optional[str] = None
+    """Record the policy as not shipped, with this reason, instead of exporting a run."""
+
+
+def main(args: Args) -> None:
+    manifest_path = POLICIES / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    if args.missing is not None:
+        manifest[args.name] = {"file": None, "status": args.missing}
+    else:
+        run = Path(args.run)
+        config = json.loads(json.dumps(torch.load(run / "checkpoint.pt", weights_only=False)["config"]))
+        summary = json.loads((run / "summary.json").read_text())
+        last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+        POLICIES.mkdir(parents=True, exist_ok=True)
+        shutil.copy(run / "actor.pt", POLICIES / f"{args.name}.pt")
+        flags = f" --stop-score {config['stop_score']}" if config["stop_score"] is not None else ""
+        manifest[args.name] = {
+            "file": f"{args.name}.pt", "env": config["env"], "training_env_steps": summary["env_steps"], "seed": config["seed"],
+            "eval_episodes": config["eval_episodes"], "eval_return": round(last["return"], 1), "eval_normalized_score": round(last["normalized_score"], 1),
+            "score_band": list(args.band), "wall_time_s": summary["wall_time_s"], "torch_threads": args.torch_threads,
+            "command": f"OMP_NUM_THREADS={args.torch_threads} python algorithms/sac.py --env {config['env']} --seed {config['seed']}{flags} --eval-every {config['eval_every']} --checkpoint-every {config['checkpoint_every']}",
+            "hardware": f"{platform.machine()} CPU, {summary['device']}, torch {summary['torch_version']}", "sac_config": {**config, "out_dir": "runs", "resume": None},
+        }
+    manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
+    print(json.dumps({args.name: manifest[args.name]}, indent=2))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
