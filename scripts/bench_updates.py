@@ -90,12 +90,7 @@ def naive_pretrain_step(agent, batch: torch.Tensor, split) -> None:
     grads = (grads / (grads.norm(dim=2, keepdim=True) + 1e-10)).transpose(0, 1)
     gram = (grads @ grads.transpose(1, 2)) * (1 - torch.eye(n, device=batch.device))
     critic_loss = critic_loss + cfg.eta * gram.sum((1, 2)).mean() / (n - 1)
-    agent.critic_optim.zero_grad()
-    critic_loss.backward()
-    agent.critic_optim.step()
-    with torch.no_grad():
-        for target, source in zip(agent.target_critic.parameters(), agent.critic.parameters()):
-            target.data.copy_((1 - cfg.tau) * target.data + cfg.tau * source.data)
+    naive_critic_step(agent, critic_loss)
 
 
 def naive_finetune_step(agent, batch: torch.Tensor, split, alpha: float) -> None:
@@ -107,13 +102,17 @@ def naive_finetune_step(agent, batch: torch.Tensor, split, alpha: float) -> None
         noise = (torch.randn_like(next_action) * cfg.sigma).clamp(-cfg.noise_clip, cfg.noise_clip)
         q_next = naive_critic(agent.target_critic, next_obs, (next_action + noise).clamp(-1, 1))
         y = rew + cfg.gamma * (1 - done) * (q_next - alpha * next_log_prob)
-    loss = (naive_critic(agent.critic, obs, act) - y).pow(2).mean(1).sum()
+    naive_critic_step(agent, (naive_critic(agent.critic, obs, act) - y).pow(2).mean(1).sum())
+
+
+def naive_critic_step(agent, critic_loss: torch.Tensor) -> None:
+    """Optimiser step, then the soft update as a python loop over parameters."""
     agent.critic_optim.zero_grad()
-    loss.backward()
+    critic_loss.backward()
     agent.critic_optim.step()
     with torch.no_grad():
         for target, source in zip(agent.target_critic.parameters(), agent.critic.parameters()):
-            target.data.copy_((1 - cfg.tau) * target.data + cfg.tau * source.data)
+            target.data.copy_((1 - agent.cfg.tau) * target.data + agent.cfg.tau * source.data)
 
 
 def time_updates(fn, steps: int, device: torch.device) -> float:
