@@ -17,13 +17,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 import tyro
+from timing import time_updates
 
 spec = importlib.util.spec_from_file_location("so2", Path(__file__).resolve().parent.parent / "algorithms" / "so2.py")
 so2 = importlib.util.module_from_spec(spec)
@@ -113,19 +113,6 @@ def naive_critic_step(agent, critic_loss: torch.Tensor) -> None:
     with torch.no_grad():
         for target, source in zip(agent.target_critic.parameters(), agent.critic.parameters()):
             target.data.copy_((1 - agent.cfg.tau) * target.data + agent.cfg.tau * source.data)
-
-
-def time_updates(fn, steps: int, device: torch.device) -> float:
-    for _ in range(5):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 1000 * (time.perf_counter() - start) / steps
 
 
 def main(args: Args) -> None:

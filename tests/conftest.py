@@ -30,6 +30,11 @@ def so2():
 
 
 @pytest.fixture(scope="session")
+def cal_ql():
+    return load_script("algorithms/cal_ql.py")
+
+
+@pytest.fixture(scope="session")
 def datasets_root(tmp_path_factory):
     """One Minari root for the whole session: tiny datasets are generated once and shared."""
     return tmp_path_factory.mktemp("minari")
@@ -43,5 +48,6 @@ def isolated_env(monkeypatch, datasets_root):
 
 
 def script_env(datasets_root) -> dict[str, str]:
-    """Environment for subprocess runs of the scripts."""
-    return {**os.environ, "MINARI_DATASETS_PATH": str(datasets_root), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONHASHSEED": "0"}
+    """Environment for subprocess runs of the scripts. One torch thread: two threads of a child
+    competing with pytest and other children for 2 cores are many times slower, not faster."""
+    return {**os.environ, "MINARI_DATASETS_PATH": str(datasets_root), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}

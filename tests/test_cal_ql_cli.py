@@ -1,0 +1,147 @@
+"""algorithms/cal_ql.py end to end as a user runs it: tiny CQL, Cal-QL and Cal-QL+SERA runs,
+determinism, --pretrained with --loose, bad input, and the SERA benchmark script."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, script_env
+
+SCRIPT = str(REPO / "algorithms" / "cal_ql.py")
+# Tiny budget: a 1,500-step random dataset, 20 pretraining and 60 online steps, 16-wide networks.
+TINY = [
+    "--env", "walker2d-random", "--random-dataset-steps", "1500", "--actor-hidden-dims", "16", "16",
+    "--critic-hidden-dims", "16", "16", "--cql-n-actions", "3", "--pretrain-steps", "20", "--pretrain-eval-every", "10",
+    "--batch-size", "32", "--online-steps", "60", "--eval-every", "30", "--eval-episodes", "2", "--mc-tail-steps", "5",
+    "--kendall-windows", "2",
+]
+RECORD_KEYS = {"phase", "step", "env_steps", "return", "normalized_score", "q_bias", "q_bias_min", "kendall_tau", "q_std_policy", "q_std_random"}
+
+
+def run(args, datasets_root, timeout=600):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=script_env(datasets_root), timeout=timeout, cwd=REPO)
+
+
+def run_dirs(out_dir):
+    return sorted(p for p in out_dir.iterdir() if p.is_dir()) if out_dir.exists() else []
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, datasets_root):
+    """Cal-QL (the default), logged to wandb offline."""
+    out = tmp_path_factory.mktemp("runs")
+    result = run([*TINY, "--out-dir", str(out), "--track"], datasets_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = run_dirs(out)
+    return run_dir
+
+
+def check_records(records, utd=1):
+    assert all(RECORD_KEYS <= set(r) for r in records)
+    assert [(r["phase"], r["step"]) for r in records[:3]] == [("pretrain", 10), ("pretrain", 20), ("finetune", 0)]
+    online = records[2:]
+    # Updates follow whole trajectories: utd updates per env step, the budget exact.
+    assert all(r["step"] == utd * r["env_steps"] for r in online)
+    assert online[-1]["env_steps"] == 60 and len(online) >= 3
+    assert all(r["phase"] == "finetune" for r in online)
+
+
+def test_cal_ql_end_to_end_outputs(tiny_run):
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "pretrain.pt", "final.pt", "wandb"} <= {p.name for p in tiny_run.iterdir()}
+    records = read_metrics(tiny_run)
+    check_records(records)
+    assert {"cql_loss", "bellman_loss", "bound_rate", "alpha"} <= set(records[-1])
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["pretrained_score"] == records[2]["normalized_score"]
+    assert summary["final_score"] == records[-1]["normalized_score"]
+    assert summary["best_score"] == max(r["normalized_score"] for r in records[2:])
+    assert summary["device"] == "cpu" and summary["torch_version"] and summary["wall_time_s"] > 0
+    config = (tiny_run / "config.yaml").read_text()
+    assert "calibrate: true" in config and "dataset_id: local/walker2d/random-n1500-v0" in config
+
+
+def test_same_seed_gives_identical_metrics(tiny_run, tmp_path, datasets_root):
+    result = run([*TINY, "--out-dir", str(tmp_path)], datasets_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (again,) = run_dirs(tmp_path)
+    assert (again / "metrics.jsonl").read_text() == (tiny_run / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("variant,name", [
+    (["--no-calibrate"], "cql"),
+    (["--sera", "--sera-k", "5", "--sera-lambda", "0.5", "--utd", "2", "--cql-lagrange"], "sera"),
+])
+def test_variants_run(variant, name, tmp_path, datasets_root):
+    result = run([*TINY, "--out-dir", str(tmp_path), *variant], datasets_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = run_dirs(tmp_path)
+    records = read_metrics(run_dir)
+    check_records(records, utd=2 if name == "sera" else 1)
+    assert (run_dir / "final.pt").exists() and (run_dir / "pretrain.pt").exists()
+    if name == "cql":
+        assert "CQL" in result.stderr and "calibrate: false" in (run_dir / "config.yaml").read_text()
+    else:
+        assert "Cal-QL + SERA" in result.stderr
+        assert "sera_reward" in records[-1] and "cql_multiplier" in records[-1]
+        assert "sera_reward" not in records[1]  # offline: no augmentation
+
+
+def test_pretrained_checkpoint_with_loose_finetuning(tiny_run, tmp_path, datasets_root):
+    result = run([*TINY, "--out-dir", str(tmp_path), "--pretrained", str(tiny_run / "pretrain.pt"), "--loose"], datasets_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = run_dirs(tmp_path)
+    records = read_metrics(run_dir)
+    assert {r["phase"] for r in records} == {"finetune"} and not (run_dir / "pretrain.pt").exists()
+    # The first evaluation is the loaded pretrained policy (same eval seeds as the original run).
+    assert records[0]["normalized_score"] == read_metrics(tiny_run)[2]["normalized_score"]
+    assert "cql_loss" not in records[-1] and records[-1]["critic_loss"] == records[-1]["bellman_loss"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--env", "walker2d-expertt"], "unknown env"),
+    (["--utd", "0"], "utd must be >= 1"),
+    (["--mixing-ratio", "1.0"], "mixing_ratio must be in"),
+    (["--sera", "--sera-k", "16"], "sera_k must be in"),
+    (["--env", "walker2d-medium"], "unavailable offline"),
+    (["--config", "/nonexistent/cpu.yaml"], "cannot use config file"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(args, message, tmp_path, datasets_root):
+    result = run([*TINY, "--out-dir", str(tmp_path / "runs"), *args], datasets_root)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unreadable_or_mismatched_checkpoint(tiny_run, tmp_path, datasets_root):
+    bad = tmp_path / "pretrain.pt"
+    bad.write_bytes(b"not a checkpoint")
+    result = run([*TINY, "--out-dir", str(tmp_path / "runs"), "--pretrained", str(bad)], datasets_root)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "cannot read checkpoint" in result.stderr and not (tmp_path / "runs").exists()
+    result = run([*TINY, "--out-dir", str(tmp_path / "runs"), "--pretrained", str(tiny_run / "pretrain.pt"), "--critic-hidden-dims", "8", "8"], datasets_root)
+    assert result.returncode == 2 and "hidden dims" in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_help_documents_every_field(cal_ql, datasets_root):
+    result = run(["--help"], datasets_root)
+    assert result.returncode == 0
+    for field in cal_ql.Config.__dataclass_fields__:
+        assert "--" + field.replace("_", "-") in result.stdout, field
+
+
+def test_bench_sera_prints_one_json_line(datasets_root):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_sera.py"), "--batch-size", "32", "--steps", "1", "--rounds", "1", "--hidden-dim", "16"],
+        capture_output=True, text=True, env=script_env(datasets_root), timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (line,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert line["batch_size"] == 32 and line["device"] == "cpu"
+    assert line["ms_per_update"] > 0 and line["ms_per_update_sera"] > 0 and line["ms_sera_reward"] > 0
