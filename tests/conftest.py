@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,3 +53,42 @@ def script_env(datasets_root) -> dict[str, str]:
     """Environment for subprocess runs of the scripts. One torch thread: two threads of a child
     competing with pytest and other children for 2 cores are many times slower, not faster."""
     return {**os.environ, "MINARI_DATASETS_PATH": str(datasets_root), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+
+
+def run_script(relative: str, args: list[str], datasets_root, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a script of the repository as a user would, from the repository root."""
+    return subprocess.run([sys.executable, str(REPO / relative), *args], capture_output=True, text=True, env=script_env(datasets_root), timeout=timeout, cwd=REPO)
+
+
+def run_dirs(out_dir: Path) -> list[Path]:
+    return sorted(p for p in out_dir.iterdir() if p.is_dir()) if out_dir.exists() else []
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_summary(run_dir: Path, records: list[dict]) -> None:
+    """summary.json of an offline-to-online run agrees with its metrics: the first finetuning
+    evaluation is the pretrained score, then the last and the best ones."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    online = [r for r in records if r["phase"] == "finetune"]
+    assert summary["pretrained_score"] == online[0]["normalized_score"]
+    assert summary["final_score"] == online[-1]["normalized_score"]
+    assert summary["best_score"] == max(r["normalized_score"] for r in online)
+    assert summary["device"] == "cpu" and summary["torch_version"] and summary["wall_time_s"] > 0
+
+
+def finished_run(relative: str, args: list[str], out_dir: Path, datasets_root) -> tuple[Path, subprocess.CompletedProcess]:
+    """Run a script into out_dir, assert that it succeeded, and return its one run folder."""
+    result = run_script(relative, [*args, "--out-dir", str(out_dir)], datasets_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = run_dirs(out_dir)
+    return run_dir, result
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
+    """Bad input: exit code 2 and one line on stderr that says what is wrong, no traceback."""
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+    assert "Traceback" not in result.stderr

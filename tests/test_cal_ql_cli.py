@@ -2,14 +2,12 @@
 determinism, --pretrained with --loose, bad input, and the SERA benchmark script."""
 
 import json
-import subprocess
-import sys
+from functools import partial
 
 import pytest
 
-from conftest import REPO, script_env
+from conftest import assert_one_line_error, check_summary, finished_run, read_metrics, run_script
 
-SCRIPT = str(REPO / "algorithms" / "cal_ql.py")
 # Tiny budget: a 1,500-step random dataset, 20 pretraining and 60 online steps, 16-wide networks.
 TINY = [
     "--env", "walker2d-random", "--random-dataset-steps", "1500", "--actor-hidden-dims", "16", "16",
@@ -20,26 +18,14 @@ TINY = [
 RECORD_KEYS = {"phase", "step", "env_steps", "return", "normalized_score", "q_bias", "q_bias_min", "kendall_tau", "q_std_policy", "q_std_random"}
 
 
-def run(args, datasets_root, timeout=600):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=script_env(datasets_root), timeout=timeout, cwd=REPO)
-
-
-def run_dirs(out_dir):
-    return sorted(p for p in out_dir.iterdir() if p.is_dir()) if out_dir.exists() else []
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+run = partial(run_script, "algorithms/cal_ql.py")
+finished = partial(finished_run, "algorithms/cal_ql.py")
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, datasets_root):
     """Cal-QL (the default), logged to wandb offline."""
-    out = tmp_path_factory.mktemp("runs")
-    result = run([*TINY, "--out-dir", str(out), "--track"], datasets_root)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = run_dirs(out)
-    return run_dir
+    return finished(TINY + ["--track"], tmp_path_factory.mktemp("runs"), datasets_root)[0]
 
 
 def check_records(records, utd=1):
@@ -57,19 +43,13 @@ def test_cal_ql_end_to_end_outputs(tiny_run):
     records = read_metrics(tiny_run)
     check_records(records)
     assert {"cql_loss", "bellman_loss", "bound_rate", "alpha"} <= set(records[-1])
-    summary = json.loads((tiny_run / "summary.json").read_text())
-    assert summary["pretrained_score"] == records[2]["normalized_score"]
-    assert summary["final_score"] == records[-1]["normalized_score"]
-    assert summary["best_score"] == max(r["normalized_score"] for r in records[2:])
-    assert summary["device"] == "cpu" and summary["torch_version"] and summary["wall_time_s"] > 0
+    check_summary(tiny_run, records)
     config = (tiny_run / "config.yaml").read_text()
     assert "calibrate: true" in config and "dataset_id: local/walker2d/random-n1500-v0" in config
 
 
 def test_same_seed_gives_identical_metrics(tiny_run, tmp_path, datasets_root):
-    result = run([*TINY, "--out-dir", str(tmp_path)], datasets_root)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (again,) = run_dirs(tmp_path)
+    again, _ = finished(TINY, tmp_path, datasets_root)
     assert (again / "metrics.jsonl").read_text() == (tiny_run / "metrics.jsonl").read_text()
 
 
@@ -78,9 +58,7 @@ def test_same_seed_gives_identical_metrics(tiny_run, tmp_path, datasets_root):
     (["--sera", "--sera-k", "5", "--sera-lambda", "0.5", "--utd", "2", "--cql-lagrange"], "sera"),
 ])
 def test_variants_run(variant, name, tmp_path, datasets_root):
-    result = run([*TINY, "--out-dir", str(tmp_path), *variant], datasets_root)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = run_dirs(tmp_path)
+    run_dir, result = finished([*TINY, *variant], tmp_path, datasets_root)
     records = read_metrics(run_dir)
     check_records(records, utd=2 if name == "sera" else 1)
     assert (run_dir / "final.pt").exists() and (run_dir / "pretrain.pt").exists()
@@ -93,9 +71,7 @@ def test_variants_run(variant, name, tmp_path, datasets_root):
 
 
 def test_pretrained_checkpoint_with_loose_finetuning(tiny_run, tmp_path, datasets_root):
-    result = run([*TINY, "--out-dir", str(tmp_path), "--pretrained", str(tiny_run / "pretrain.pt"), "--loose"], datasets_root)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = run_dirs(tmp_path)
+    run_dir, _ = finished([*TINY, "--pretrained", str(tiny_run / "pretrain.pt"), "--loose"], tmp_path, datasets_root)
     records = read_metrics(run_dir)
     assert {r["phase"] for r in records} == {"finetune"} and not (run_dir / "pretrain.pt").exists()
     # The first evaluation is the loaded pretrained policy (same eval seeds as the original run).
@@ -113,9 +89,7 @@ def test_pretrained_checkpoint_with_loose_finetuning(tiny_run, tmp_path, dataset
 ])
 def test_bad_input_one_line_exit_2_nothing_written(args, message, tmp_path, datasets_root):
     result = run([*TINY, "--out-dir", str(tmp_path / "runs"), *args], datasets_root)
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
-    assert "Traceback" not in result.stderr
+    assert_one_line_error(result, message)
     assert not (tmp_path / "runs").exists()
 
 
@@ -123,24 +97,14 @@ def test_unreadable_or_mismatched_checkpoint(tiny_run, tmp_path, datasets_root):
     bad = tmp_path / "pretrain.pt"
     bad.write_bytes(b"not a checkpoint")
     result = run([*TINY, "--out-dir", str(tmp_path / "runs"), "--pretrained", str(bad)], datasets_root)
-    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
-    assert "cannot read checkpoint" in result.stderr and not (tmp_path / "runs").exists()
+    assert_one_line_error(result, "cannot read checkpoint")
+    assert not (tmp_path / "runs").exists()
     result = run([*TINY, "--out-dir", str(tmp_path / "runs"), "--pretrained", str(tiny_run / "pretrain.pt"), "--critic-hidden-dims", "8", "8"], datasets_root)
     assert result.returncode == 2 and "hidden dims" in result.stderr and not (tmp_path / "runs").exists()
 
 
-def test_help_documents_every_field(cal_ql, datasets_root):
-    result = run(["--help"], datasets_root)
-    assert result.returncode == 0
-    for field in cal_ql.Config.__dataclass_fields__:
-        assert "--" + field.replace("_", "-") in result.stdout, field
-
-
 def test_bench_sera_prints_one_json_line(datasets_root):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_sera.py"), "--batch-size", "32", "--steps", "1", "--rounds", "1", "--hidden-dim", "16"],
-        capture_output=True, text=True, env=script_env(datasets_root), timeout=300,
-    )
+    result = run_script("scripts/bench_sera.py", ["--batch-size", "32", "--steps", "1", "--rounds", "1", "--hidden-dim", "16"], datasets_root)
     assert result.returncode == 0, result.stderr[-2000:]
     (line,) = [json.loads(line) for line in result.stdout.splitlines()]
     assert line["batch_size"] == 32 and line["device"] == "cpu"

@@ -6,11 +6,12 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
 
-from conftest import REPO, load_script, script_env
+from conftest import REPO, assert_one_line_error, load_script, read_metrics, run_dirs, run_script, script_env
 
 SCRIPT = str(REPO / "algorithms" / "sac.py")
 TINY = ["--env", "hopper", "--total-steps", "600", "--learning-starts", "100", "--eval-every", "150", "--eval-episodes", "2", "--hidden-dim", "32", "--batch-size", "32", "--checkpoint-every", "200"]
@@ -21,12 +22,11 @@ def sac():
     return load_script("algorithms/sac.py")
 
 
-def run(args, datasets_root):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=script_env(datasets_root), timeout=600, cwd=REPO)
+run = partial(run_script, "algorithms/sac.py")
 
 
 def only_dir(folder):
-    (run_dir,) = [p for p in folder.iterdir() if p.is_dir()]
+    (run_dir,) = run_dirs(folder)
     return run_dir
 
 
@@ -61,7 +61,7 @@ def uninterrupted(tmp_path_factory, datasets_root):
 
 def test_end_to_end_outputs(uninterrupted):
     assert {"config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt", "actor.pt", "wandb"} <= {p.name for p in uninterrupted.iterdir()}
-    records = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(uninterrupted)
     assert [r["step"] for r in records] == [150, 300, 450, 600]
     assert {"normalized_score", "q_bias", "kendall_tau", "alpha"} <= set(records[-1])
     summary = json.loads((uninterrupted / "summary.json").read_text())
@@ -106,5 +106,5 @@ def test_ctrl_c_then_resume_equals_uninterrupted(uninterrupted, tmp_path, datase
 @pytest.mark.parametrize("args,message", [(["--env", "humanoid"], "unknown env"), (["--resume", "/nonexistent/run"], "cannot resume"), (["--batch-size", "0"], "batch_size")])
 def test_bad_input(args, message, tmp_path, datasets_root):
     result = run([*TINY, "--out-dir", str(tmp_path / "runs"), *args], datasets_root)
-    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and message in result.stderr
+    assert_one_line_error(result, message)
     assert not (tmp_path / "runs").exists()

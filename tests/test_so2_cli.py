@@ -1,14 +1,12 @@
 """algorithms/so2.py end to end as a user runs it: tiny runs, determinism, bad input."""
 
 import json
-import subprocess
-import sys
+from functools import partial
 
 import pytest
 
-from conftest import REPO, script_env
+from conftest import assert_one_line_error, check_summary, finished_run, read_metrics, run_script
 
-SCRIPT = str(REPO / "algorithms" / "so2.py")
 # Tiny budget: a 1,500-step random dataset, 30 pretraining and 60 online steps, 2 critics.
 TINY = [
     "--env", "walker2d-random", "--random-dataset-steps", "1500", "--num-critics", "2", "--hidden-dim", "32",
@@ -19,25 +17,13 @@ TINY = [
 RECORD_KEYS = {"phase", "step", "env_steps", "return", "normalized_score", "q_bias", "kendall_tau", "q_std_policy", "q_std_random"}
 
 
-def run(args, datasets_root, timeout=600):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=script_env(datasets_root), timeout=timeout, cwd=REPO)
-
-
-def run_dirs(out_dir):
-    return sorted(p for p in out_dir.iterdir() if p.is_dir()) if out_dir.exists() else []
+run = partial(run_script, "algorithms/so2.py")
+finished = partial(finished_run, "algorithms/so2.py")
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, datasets_root):
-    out = tmp_path_factory.mktemp("runs")
-    result = run([*TINY, "--out-dir", str(out), "--track"], datasets_root)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = run_dirs(out)
-    return run_dir
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return finished(TINY + ["--track"], tmp_path_factory.mktemp("runs"), datasets_root)[0]
 
 
 def test_end_to_end_outputs(tiny_run):
@@ -50,26 +36,18 @@ def test_end_to_end_outputs(tiny_run):
         ("finetune", 0, 0), ("finetune", 0, 20), ("finetune", 40, 40), ("finetune", 80, 60),
     ]
     assert records[-1]["alpha"] == 0.2  # fixed temperature while finetuning (released code)
-    summary = json.loads((tiny_run / "summary.json").read_text())
-    assert summary["pretrained_score"] == records[2]["normalized_score"]
-    assert summary["final_score"] == records[-1]["normalized_score"]
-    assert summary["best_score"] == max(r["normalized_score"] for r in records[2:])
-    assert summary["device"] == "cpu" and summary["torch_version"] and summary["wall_time_s"] > 0
+    check_summary(tiny_run, records)
     config = (tiny_run / "config.yaml").read_text()
     assert "num_critics: 2" in config and "dataset_id: local/walker2d/random-n1500-v0" in config
 
 
 def test_same_seed_gives_identical_metrics(tiny_run, tmp_path, datasets_root):
-    result = run([*TINY, "--out-dir", str(tmp_path)], datasets_root)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (again,) = run_dirs(tmp_path)
+    again, _ = finished(TINY, tmp_path, datasets_root)
     assert (again / "metrics.jsonl").read_text() == (tiny_run / "metrics.jsonl").read_text()
 
 
 def test_pretrained_checkpoint_skips_pretraining(tiny_run, tmp_path, datasets_root):
-    result = run([*TINY, "--out-dir", str(tmp_path), "--pretrained", str(tiny_run / "pretrain.pt"), "--sigma", "0", "--utd", "1"], datasets_root)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = run_dirs(tmp_path)
+    run_dir, _ = finished([*TINY, "--pretrained", str(tiny_run / "pretrain.pt"), "--sigma", "0", "--utd", "1"], tmp_path, datasets_root)
     records = read_metrics(run_dir)
     assert {r["phase"] for r in records} == {"finetune"}
     assert not (run_dir / "pretrain.pt").exists()
@@ -79,9 +57,8 @@ def test_pretrained_checkpoint_skips_pretraining(tiny_run, tmp_path, datasets_ro
 
 @pytest.mark.parametrize("variant", [["--batch-mode", "union", "--actor-update", "per-critic-step", "--auto-alpha", "--target", "min"]])
 def test_paper_variants_run(tiny_run, tmp_path, datasets_root, variant):
-    result = run([*TINY, "--out-dir", str(tmp_path), "--pretrained", str(tiny_run / "pretrain.pt"), *variant], datasets_root)
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = read_metrics(run_dirs(tmp_path)[0])
+    run_dir, _ = finished([*TINY, "--pretrained", str(tiny_run / "pretrain.pt"), *variant], tmp_path, datasets_root)
+    records = read_metrics(run_dir)
     assert records[-1]["alpha"] != 0.2  # tuned, not fixed
     assert records[-1]["step"] == 80
 
@@ -95,9 +72,7 @@ def test_paper_variants_run(tiny_run, tmp_path, datasets_root, variant):
 ])
 def test_bad_input_one_line_exit_2_nothing_written(args, message, tmp_path, datasets_root):
     result = run([*TINY, "--out-dir", str(tmp_path / "runs"), *args], datasets_root)
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
-    assert "Traceback" not in result.stderr
+    assert_one_line_error(result, message)
     assert not (tmp_path / "runs").exists()
 
 
@@ -105,8 +80,8 @@ def test_unreadable_checkpoint(tmp_path, datasets_root):
     bad = tmp_path / "pretrain.pt"
     bad.write_bytes(b"not a checkpoint")
     result = run([*TINY, "--out-dir", str(tmp_path / "runs"), "--pretrained", str(bad)], datasets_root)
-    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
-    assert "cannot read checkpoint" in result.stderr and not (tmp_path / "runs").exists()
+    assert_one_line_error(result, "cannot read checkpoint")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_checkpoint_from_another_env_is_refused(tiny_run, tmp_path, datasets_root):
@@ -116,18 +91,8 @@ def test_checkpoint_from_another_env_is_refused(tiny_run, tmp_path, datasets_roo
     assert result.returncode == 2 and "pretrained on walker2d-random" in result.stderr
 
 
-def test_help_documents_every_field(so2, datasets_root):
-    result = run(["--help"], datasets_root)
-    assert result.returncode == 0
-    for field in so2.Config.__dataclass_fields__:
-        assert "--" + field.replace("_", "-") in result.stdout, field
-
-
 def test_bench_updates_prints_one_json_line_per_phase(datasets_root):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_updates.py"), "--num-critics", "3", "--batch-size", "16", "--steps", "1"],
-        capture_output=True, text=True, env=script_env(datasets_root), timeout=300,
-    )
+    result = run_script("scripts/bench_updates.py", ["--num-critics", "3", "--batch-size", "16", "--steps", "1"], datasets_root)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["phase"] for line in lines] == ["pretrain", "finetune"]
