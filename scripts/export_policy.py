@@ -48,7 +48,6 @@ def main(args: Args) -> None:
         config = json.loads(json.dumps(torch.load(run / "checkpoint.pt", weights_only=False)["config"]))
         summary = json.loads((run / "summary.json").read_text())
         last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
-        POLICIES.mkdir(parents=True, exist_ok=True)
         shutil.copy(run / "actor.pt", POLICIES / f"{args.name}.pt")
         flags = f" --stop-score {config['stop_score']}" if config["stop_score"] is not None else ""
         manifest[args.name] = {
@@ -58,6 +57,7 @@ def main(args: Args) -> None:
             "command": f"OMP_NUM_THREADS={args.torch_threads} python algorithms/sac.py --env {config['env']} --seed {config['seed']}{flags} --eval-every {config['eval_every']} --checkpoint-every {config['checkpoint_every']}",
             "hardware": f"{platform.machine()} CPU, {summary['device']}, torch {summary['torch_version']}", "sac_config": {**config, "out_dir": "runs", "resume": None},
         }
+    POLICIES.mkdir(parents=True, exist_ok=True)
     manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
     print(json.dumps({args.name: manifest[args.name]}, indent=2))
 
