@@ -16,20 +16,14 @@ the overhead without the noise of two full updates.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import tyro
-from timing import time_updates
+from common import load_algorithm, time_updates
 
-spec = importlib.util.spec_from_file_location("cal_ql", Path(__file__).resolve().parent.parent / "algorithms" / "cal_ql.py")
-cal_ql = importlib.util.module_from_spec(spec)
-sys.modules["cal_ql"] = cal_ql  # dataclasses look the module up while cal_ql.py is being executed
-spec.loader.exec_module(cal_ql)
+cal_ql = load_algorithm("cal_ql")
 
 
 @dataclass

@@ -14,21 +14,15 @@ synthetic batch, interleaved, so machine noise affects them alike; report the ra
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Literal
 
 import torch
 import tyro
-from timing import time_updates
+from common import load_algorithm, time_updates
 
-spec = importlib.util.spec_from_file_location("so2", Path(__file__).resolve().parent.parent / "algorithms" / "so2.py")
-so2 = importlib.util.module_from_spec(spec)
-sys.modules["so2"] = so2  # dataclasses look the module up while so2.py is being executed
-spec.loader.exec_module(so2)
+so2 = load_algorithm("so2")
 
 
 @dataclass

@@ -21,7 +21,6 @@ rollouts run as 2 fixed shards (so the data do not depend on --workers), in para
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import tempfile
@@ -35,21 +34,12 @@ import numpy as np
 import torch
 import tyro
 
-REPO = Path(__file__).resolve().parent.parent
 NUM_SHARDS = 2
-# Spawned rollout workers import this file by name (they inherit sys.path) to find collect_shard.
+# Spawned rollout workers import this file by name (they inherit sys.path) to find collect_shard;
+# the same path entry makes the shared helpers importable when this file is loaded as a module.
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def load_algorithm(name: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "algorithms" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses resolve their module while it executes
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
+from common import REPO, load_algorithm  # noqa: E402
 
 so2 = load_algorithm("so2")
 sac = load_algorithm("sac")
