@@ -897,6 +897,8 @@ def finetune(agent: CalQLAgent, offline: ReplayBuffer, base: str, dataset_id: st
 
     env = make_env(base, dataset_id)
     obs, _ = env.reset(seed=cfg.seed)
+    # Host staging row for the policy input: filled in place each env step, no new tensor.
+    obs_stage = torch.zeros(obs_dim, pin_memory=device.type == "cuda")
     env_steps, updates, losses = 0, 0, {}
     log.write({"phase": "finetune", "step": 0, "env_steps": 0, **evaluate(agent)})
     progress = tqdm(total=cfg.online_steps, desc="finetune (Cal-QL)" if calibrate else "finetune (CQL)", unit="env step", mininterval=1)
@@ -907,7 +909,8 @@ def finetune(agent: CalQLAgent, offline: ReplayBuffer, base: str, dataset_id: st
         done = False
         while not done:
             with torch.no_grad():
-                action = agent.actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0][0].cpu().numpy()
+                obs_stage.numpy()[:] = obs
+                action = agent.actor(obs_stage.to(device)[None])[0][0].cpu().numpy()
             next_obs, reward, terminated, truncated, _ = env.step(action)
             env_steps += 1
             truncated = truncated or env_steps == cfg.online_steps

@@ -489,6 +489,8 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
     agent = SACAgent(obs_dim, act_dim, cfg, device)
     buffer = ReplayBuffer(cfg.buffer_size, obs_dim, act_dim, device)
     obs, _ = env.reset(seed=cfg.seed)
+    # Host staging row for the policy input: filled in place each env step, no new tensor.
+    obs_stage = torch.zeros(obs_dim, pin_memory=device.type == "cuda")
     start_step, wall_before, records = 1, 0.0, []
     if checkpoint is None:
         run_dir = Path(cfg.out_dir) / f"{cfg.env}__sac__{cfg.seed}__{int(time.time())}"
@@ -526,7 +528,8 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
             if step <= cfg.learning_starts:
                 action = (torch.rand(act_dim) * 2 - 1).numpy()
             else:
-                action = agent.actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0][0].cpu().numpy()
+                obs_stage.numpy()[:] = obs
+                action = agent.actor(obs_stage.to(device)[None])[0][0].cpu().numpy()
         next_obs, reward, terminated, truncated, _ = env.step(action)
         # done = termination only; a time-limit truncation still bootstraps from next_obs.
         buffer.add(obs, action, reward, next_obs, float(terminated))

@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import platform
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 import tyro
+from common import load_algorithm
 
 POLICIES = Path(__file__).resolve().parent.parent / "results" / "policies"
 
@@ -39,25 +40,27 @@ class Args:
 
 
 def main(args: Args) -> None:
+    POLICIES.mkdir(parents=True, exist_ok=True)
     manifest_path = POLICIES / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     if args.missing is not None:
         manifest[args.name] = {"file": None, "status": args.missing}
     else:
         run = Path(args.run)
-        config = json.loads(json.dumps(torch.load(run / "checkpoint.pt", weights_only=False)["config"]))
+        config = torch.load(run / "checkpoint.pt", weights_only=False)["config"]
         summary = json.loads((run / "summary.json").read_text())
         last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
         shutil.copy(run / "actor.pt", POLICIES / f"{args.name}.pt")
-        flags = f" --stop-score {config['stop_score']}" if config["stop_score"] is not None else ""
+        # Every training field that differs from sac.py's defaults, so the command reproduces the run.
+        defaults = asdict(load_algorithm("sac").Config())
+        flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in config.items() if v != defaults[k] and k not in ("env", "seed", "resume", "out_dir", "track", "device"))
         manifest[args.name] = {
             "file": f"{args.name}.pt", "env": config["env"], "training_env_steps": summary["env_steps"], "seed": config["seed"],
             "eval_episodes": config["eval_episodes"], "eval_return": round(last["return"], 1), "eval_normalized_score": round(last["normalized_score"], 1),
             "score_band": list(args.band), "wall_time_s": summary["wall_time_s"], "torch_threads": args.torch_threads,
-            "command": f"OMP_NUM_THREADS={args.torch_threads} python algorithms/sac.py --env {config['env']} --seed {config['seed']}{flags} --eval-every {config['eval_every']} --checkpoint-every {config['checkpoint_every']}",
+            "command": f"OMP_NUM_THREADS={args.torch_threads} python algorithms/sac.py --env {config['env']} --seed {config['seed']}{flags}",
             "hardware": f"{platform.machine()} CPU, {summary['device']}, torch {summary['torch_version']}", "sac_config": {**config, "out_dir": "runs", "resume": None},
         }
-    POLICIES.mkdir(parents=True, exist_ok=True)
     manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
     print(json.dumps({args.name: manifest[args.name]}, indent=2))
 

@@ -88,7 +88,6 @@ def collect_shard(task: tuple) -> list[dict]:
 
 
 def policy_episodes(args: Args, env: str, quality: str, steps: int) -> list[dict]:
-    load_policy(args.policy_dir, env, quality)  # fail here, not inside a worker
     shard_steps = [steps // NUM_SHARDS + (k < steps % NUM_SHARDS) for k in range(NUM_SHARDS)]
     tasks = [(args.policy_dir, env, quality, n, args.seed * NUM_SHARDS + k) for k, n in enumerate(shard_steps) if n > 0]
     if args.workers == 1:
