@@ -3,6 +3,7 @@
   python scripts/make_dataset.py walker2d-random          # -> local/walker2d/random-v0
   python scripts/make_dataset.py hopper-medium            # needs results/policies/hopper-medium.pt
   python scripts/make_dataset.py hopper-medium-replay     # re-runs the seeded SAC run of that policy
+  python scripts/make_dataset.py hopper-medium-replay --from-run runs/hopper__sac__0__...  # or reads its buffer
   python scripts/make_dataset.py hopper-medium --steps 5000   # small set: local/hopper/medium-n5000-v0
 
 Protocols (D4RL, Fu et al. 2020):
@@ -12,7 +13,8 @@ Protocols (D4RL, Fu et al. 2020):
                  stochastic actions;
   medium-replay  the replay buffer of the seeded SAC run that produced the medium policy, regenerated
                  by running it again with the recorded config and thread count (bit-identical on the
-                 same CPU and torch build; the script checks its final actor against the shipped one);
+                 same CPU and torch build; the script checks its final actor against the shipped one),
+                 or read from that run's final checkpoint when you still have it (--from-run);
   medium-expert  the medium and expert datasets concatenated.
 Sizes other than the default get their own id (<quality>-n<steps>). The D4RL reference scores
 are stored in the metadata; writes are atomic; the same seed gives the same dataset. Policy
@@ -59,6 +61,10 @@ class Args:
     """Processes for policy rollouts (1 or 2; the data are the same either way)."""
     policy_dir: str = str(REPO / "results" / "policies")
     """Folder with the behaviour policies (<env>-<quality>.pt) and manifest.json."""
+    from_run: Optional[str] = None
+    """medium-replay only: take the replay buffer from this finished sac.py run folder (the run
+    that trained the shipped medium policy) instead of re-running it; refused unless its final
+    actor is the shipped one."""
 
 
 def dataset_id(env: str, quality: str, steps: Optional[int]) -> str:
@@ -118,16 +124,27 @@ def rows_to_episodes(rows: np.ndarray, obs_dim: int, act_dim: int) -> list[dict]
 
 
 def replay_episodes(args: Args, env: str) -> tuple[list[dict], str]:
-    """Re-run the seeded SAC run behind the medium policy and return its replay buffer."""
+    """The replay buffer of the seeded SAC run behind the medium policy: re-run it, or read it
+    from the run's own final checkpoint (--from-run)."""
     _, entry = load_policy(args.policy_dir, env, "medium")
-    cfg = sac.Config(**entry["sac_config"])
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = replace(cfg, out_dir=tmp, track=False, total_steps=min(cfg.total_steps, args.steps or cfg.total_steps))
-        torch.set_num_threads(entry["torch_threads"])
-        run_dir = sac.train(sac.resolve_config(cfg), None)
-        rows = torch.load(run_dir / "checkpoint.pt", weights_only=False)["buffer"]["rows"].numpy()
-        same = all(torch.equal(a, b) for a, b in zip(torch.load(run_dir / "actor.pt").values(), torch.load(Path(args.policy_dir) / entry["file"]).values()))
-    note = "its final actor equals the shipped medium policy" if same else "WARNING: its final actor differs from the shipped medium policy (other hardware, threads or --steps)"
+    shipped = torch.load(Path(args.policy_dir) / entry["file"])
+    if args.from_run is not None:
+        checkpoint_path = Path(args.from_run) / "checkpoint.pt"
+        if not checkpoint_path.exists():
+            raise so2.ConfigError(f"--from-run: no {checkpoint_path}")
+        checkpoint = torch.load(checkpoint_path, weights_only=False)
+        if not all(torch.equal(a, b) for a, b in zip(checkpoint["agent"]["actor"].values(), shipped.values())):
+            raise so2.ConfigError(f"--from-run: the actor in {checkpoint_path} is not the shipped {env}-medium policy")
+        rows, note = checkpoint["buffer"]["rows"].numpy(), "read from the final checkpoint of that run, whose actor is the shipped medium policy"
+    else:
+        cfg = sac.Config(**entry["sac_config"])
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = replace(cfg, out_dir=tmp, track=False, total_steps=min(cfg.total_steps, args.steps or cfg.total_steps))
+            torch.set_num_threads(entry["torch_threads"])
+            run_dir = sac.train(sac.resolve_config(cfg), None)
+            rows = torch.load(run_dir / "checkpoint.pt", weights_only=False)["buffer"]["rows"].numpy()
+            same = all(torch.equal(a, b) for a, b in zip(torch.load(run_dir / "actor.pt").values(), shipped.values()))
+        note = "regenerated; its final actor equals the shipped medium policy" if same else "WARNING: regenerated, but its final actor differs from the shipped medium policy (other hardware, threads or --steps)"
     gym_env = so2.gym.make(so2.GYM_IDS[env])
     return rows_to_episodes(rows, gym_env.observation_space.shape[0], gym_env.action_space.shape[0]), note
 
@@ -147,6 +164,8 @@ def make(args: Args) -> str:
         raise so2.ConfigError("Adroit datasets come from the Minari hub (D4RL/<env>/<quality>-v2), not from this script")
     if args.workers not in (1, 2) or (args.steps is not None and args.steps < 1):
         raise so2.ConfigError("workers must be 1 or 2 and steps >= 1")
+    if args.from_run is not None and quality != "medium-replay":
+        raise so2.ConfigError("--from-run is for medium-replay datasets only")
     if quality == "random":  # so2.py's on-the-spot generator: one meaning per id
         arrays, target = so2.load_dataset(env, "random", args.steps or 1_000_000)
         ends = np.flatnonzero(arrays["terminals"] + arrays["timeouts"]) + 1
@@ -171,7 +190,7 @@ def make(args: Args) -> str:
         for half in ("medium", "expert"):
             half_id = dataset_id(env, half, args.steps)
             if not (get_dataset_path(half_id) / "data").exists():
-                make(Args(f"{env}-{half}", args.steps, args.seed, args.workers, args.policy_dir))
+                make(replace(args, name=f"{env}-{half}"))
             halves.append(half_id)
         episodes = stored_episodes(halves[0]) + stored_episodes(halves[1])
         algorithm = f"{halves[0]} + {halves[1]}"

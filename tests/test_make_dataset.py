@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 from dataclasses import asdict, replace
 
 import minari
@@ -104,6 +105,21 @@ def test_medium_replay_regenerates_the_seeded_run(md, policy_dir, capsys):
     assert dataset_id == "local/hopper/medium-replay-v0"
     check_dataset(dataset_id, 300, (-20.272305, 3234.3))
     assert "its final actor equals the shipped medium policy" in capsys.readouterr().err
+
+
+def test_medium_replay_from_run_reads_the_same_buffer(md, policy_dir, tmp_path):
+    run_dir = next((Path(policy_dir) / "runs").iterdir())  # the tiny SAC run behind hopper-medium
+    regenerated, _ = md.replay_episodes(args(md, "hopper-medium-replay", policy_dir, steps=None), "hopper")
+    read, note = md.replay_episodes(args(md, "hopper-medium-replay", policy_dir, steps=None, from_run=str(run_dir)), "hopper")
+    assert note.startswith("read from the final checkpoint") and len(read) == len(regenerated)
+    for a, b in zip(read, regenerated):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    # A run whose final actor is not the shipped policy is refused.
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    next(iter(checkpoint["agent"]["actor"].values())).add_(1.0)
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    with pytest.raises(md.so2.ConfigError, match="is not the shipped hopper-medium policy"):
+        md.replay_episodes(args(md, "hopper-medium-replay", policy_dir, steps=None, from_run=str(tmp_path)), "hopper")
 
 
 def test_rows_to_episodes_hand_example(md):
