@@ -123,27 +123,38 @@ def rows_to_episodes(rows: np.ndarray, obs_dim: int, act_dim: int) -> list[dict]
     return episodes
 
 
+def same_actor(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def buffer_in_insertion_order(buffer: dict) -> np.ndarray:
+    """sac.py's buffer state -> rows oldest first (a full buffer has overwritten from row 0 on,
+    its oldest row is at ptr; a buffer that is not full has ptr == len(rows), a no-op roll)."""
+    return np.roll(buffer["rows"].numpy(), -buffer["ptr"], axis=0)
+
+
 def replay_episodes(args: Args, env: str) -> tuple[list[dict], str]:
     """The replay buffer of the seeded SAC run behind the medium policy: re-run it, or read it
     from the run's own final checkpoint (--from-run)."""
-    _, entry = load_policy(args.policy_dir, env, "medium")
-    shipped = torch.load(Path(args.policy_dir) / entry["file"])
+    actor, entry = load_policy(args.policy_dir, env, "medium")
+    shipped = actor.state_dict()
     if args.from_run is not None:
         checkpoint_path = Path(args.from_run) / "checkpoint.pt"
         if not checkpoint_path.exists():
             raise so2.ConfigError(f"--from-run: no {checkpoint_path}")
-        checkpoint = torch.load(checkpoint_path, weights_only=False)
-        if not all(torch.equal(a, b) for a, b in zip(checkpoint["agent"]["actor"].values(), shipped.values())):
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        if not same_actor(checkpoint["agent"]["actor"], shipped):
             raise so2.ConfigError(f"--from-run: the actor in {checkpoint_path} is not the shipped {env}-medium policy")
-        rows, note = checkpoint["buffer"]["rows"].numpy(), "read from the final checkpoint of that run, whose actor is the shipped medium policy"
+        rows, note = buffer_in_insertion_order(checkpoint["buffer"]), "read from the final checkpoint of that run, whose actor is the shipped medium policy"
     else:
         cfg = sac.Config(**entry["sac_config"])
         with tempfile.TemporaryDirectory() as tmp:
             cfg = replace(cfg, out_dir=tmp, track=False, total_steps=min(cfg.total_steps, args.steps or cfg.total_steps))
             torch.set_num_threads(entry["torch_threads"])
             run_dir = sac.train(sac.resolve_config(cfg), None)
-            rows = torch.load(run_dir / "checkpoint.pt", weights_only=False)["buffer"]["rows"].numpy()
-            same = all(torch.equal(a, b) for a, b in zip(torch.load(run_dir / "actor.pt").values(), shipped.values()))
+            checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+        rows = buffer_in_insertion_order(checkpoint["buffer"])
+        same = same_actor(checkpoint["agent"]["actor"], shipped)
         note = "regenerated; its final actor equals the shipped medium policy" if same else "WARNING: regenerated, but its final actor differs from the shipped medium policy (other hardware, threads or --steps)"
     gym_env = so2.gym.make(so2.GYM_IDS[env])
     return rows_to_episodes(rows, gym_env.observation_space.shape[0], gym_env.action_space.shape[0]), note
@@ -164,8 +175,8 @@ def make(args: Args) -> str:
         raise so2.ConfigError("Adroit datasets come from the Minari hub (D4RL/<env>/<quality>-v2), not from this script")
     if args.workers not in (1, 2) or (args.steps is not None and args.steps < 1):
         raise so2.ConfigError("workers must be 1 or 2 and steps >= 1")
-    if args.from_run is not None and quality != "medium-replay":
-        raise so2.ConfigError("--from-run is for medium-replay datasets only")
+    if args.from_run is not None and (quality != "medium-replay" or args.steps is not None):
+        raise so2.ConfigError("--from-run is for full-size medium-replay datasets only (no --steps: the run's whole buffer is the dataset)")
     if quality == "random":  # so2.py's on-the-spot generator: one meaning per id
         arrays, target = so2.load_dataset(env, "random", args.steps or 1_000_000)
         ends = np.flatnonzero(arrays["terminals"] + arrays["timeouts"]) + 1

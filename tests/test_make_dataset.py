@@ -120,6 +120,20 @@ def test_medium_replay_from_run_reads_the_same_buffer(md, policy_dir, tmp_path):
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
     with pytest.raises(md.so2.ConfigError, match="is not the shipped hopper-medium policy"):
         md.replay_episodes(args(md, "hopper-medium-replay", policy_dir, steps=None, from_run=str(tmp_path)), "hopper")
+    with pytest.raises(md.so2.ConfigError, match="--from-run: no "):
+        md.replay_episodes(args(md, "hopper-medium-replay", policy_dir, steps=None, from_run=str(tmp_path / "none")), "hopper")
+    # Only for full-size medium-replay: the run's whole buffer is the dataset.
+    for name, steps in [("hopper-medium", None), ("hopper-medium-replay", 100)]:
+        with pytest.raises(md.so2.ConfigError, match="--from-run is for full-size medium-replay datasets only"):
+            md.make(args(md, name, policy_dir, steps=steps, from_run=str(run_dir)))
+
+
+def test_full_replay_buffer_is_read_oldest_first(md):
+    # capacity 4, six rows added: rows 0-1 were overwritten by the 5th and 6th, ptr = 2.
+    full = {"rows": torch.tensor([[5.0], [6.0], [3.0], [4.0]]), "ptr": 2}
+    assert md.buffer_in_insertion_order(full)[:, 0].tolist() == [3, 4, 5, 6]
+    partial = {"rows": torch.tensor([[1.0], [2.0]]), "ptr": 2}
+    assert md.buffer_in_insertion_order(partial)[:, 0].tolist() == [1, 2]
 
 
 def test_rows_to_episodes_hand_example(md):

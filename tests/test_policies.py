@@ -1,5 +1,6 @@
 """The shipped behaviour policies (results/policies/): the manifest is complete, and each policy
-reaches its documented score band through the README's command on held-out start states."""
+reaches its documented score band through the README's command (scripts/eval_policy.py) on the
+first 5 of its 10 held-out start states (results/policies/heldout_eval.jsonl records both)."""
 
 import json
 
@@ -26,6 +27,7 @@ def test_every_entry_is_shipped_or_says_why():
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_policy_reaches_its_band(name, datasets_root):
     result = run_script("scripts/eval_policy.py", [name, "--episodes", "5"], datasets_root)
+    assert result.returncode in (0, 1), result.stderr[-3000:]  # 1 = out of band, anything else a crash
     report = json.loads(result.stdout)
     assert report["policy"] == name and report["episodes"] == 5
     assert result.returncode == 0 and report["in_band"], report
