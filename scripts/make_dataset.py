@@ -54,7 +54,8 @@ class Args:
     medium, medium-replay, medium-expert, expert."""
     steps: Optional[int] = None
     """Transitions (default 1M; medium-expert: per half). medium-replay: cap on the SAC run, which
-    by default runs until the medium policy's stop score, as the shipped one did."""
+    by default runs until the medium policy's stop score, as the shipped one did (not with
+    --from-run)."""
     seed: int = 0
     """Seed of the rollouts (random: ignored, so2.py's fixed seed keeps one random dataset per size)."""
     workers: int = 2
