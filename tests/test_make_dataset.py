@@ -2,8 +2,8 @@
 
 import json
 import shutil
-from pathlib import Path
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import minari
 import numpy as np

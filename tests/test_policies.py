@@ -1,8 +1,11 @@
-"""The shipped behaviour policies (results/policies/): the manifest is complete, and a shipped
-policy reaches its documented score band through the README's command (scripts/eval_policy.py,
-10 held-out start states; results/policies/heldout_eval.jsonl records every policy's result)."""
+"""The shipped behaviour policies (results/policies/): the manifest is complete, and the
+halfcheetah and hopper medium policies reach their documented score band through the README's
+command (scripts/eval_policy.py, 10 held-out start states; results/policies/heldout_eval.jsonl
+records every policy's result)."""
 
 import json
+
+import pytest
 
 from conftest import REPO, run_script
 
@@ -22,13 +25,14 @@ def test_every_entry_is_shipped_or_says_why():
             assert entry["sac_config"]["env"] == entry["env"] and entry["training_env_steps"] > 0
 
 
-# halfcheetah only: it never terminates early, so its 10-episode mean barely moves when another
-# CPU rounds the policy's matmuls differently. Hopper and walker2d episodes end where the robot
-# falls; their deterministic rollouts are chaotic in the last bits of the actions, and walker2d's
-# episodes spread by 14.7 normalised points (std over 50), so their 10-episode means would cross
-# the band edge on some machines for reasons unrelated to the policy.
-def test_shipped_policy_reaches_its_band(datasets_root):
-    name = "halfcheetah-medium"
+# Not walker2d-medium: deterministic rollouts are chaotic in the last bits of the actions, so on
+# another CPU the 10 held-out episodes become 10 other draws from the policy's return
+# distribution. Measured on 50 other start states (seeds 20000-20049): halfcheetah std 3.8 and
+# hopper minimum 28.0 normalised, so their 10-episode means stay inside 25-55 on any draw;
+# walker2d std 14.7, and a resampled 10-episode mean falls below 25 in 18% of draws, a failure
+# that would say nothing about the policy. Its held-out result is in heldout_eval.jsonl.
+@pytest.mark.parametrize("name", ["halfcheetah-medium", "hopper-medium"])
+def test_shipped_policy_reaches_its_band(name, datasets_root):
     assert name in SHIPPED
     result = run_script("scripts/eval_policy.py", [name, "--episodes", "10"], datasets_root)
     assert result.returncode in (0, 1), result.stderr[-3000:]  # 1 = out of band, anything else a crash
