@@ -4,8 +4,8 @@
 
 Runs the deterministic policy (tanh of the mean) for --episodes episodes from held-out seeded
 start states (not the ones training evaluated on), all episodes batched into one policy forward
-per step, and prints one JSON line: mean return, normalised score, the band and whether the score
-lies inside it. Exit code 1 when it does not.
+per step, and prints one JSON line: mean return, normalised score (and its spread over the episodes),
+the band and whether the score lies inside it. Exit code 1 when it does not.
 """
 
 from __future__ import annotations
@@ -51,9 +51,13 @@ def evaluate(args: Args) -> dict:
             if not (terminated or truncated):
                 still.append(i)
         active = still
-    score = float(make_dataset.so2.normalized_score(env_name, returns).mean())
+    scores = make_dataset.so2.normalized_score(env_name, returns)
+    score = float(scores.mean())
     low, high = entry["score_band"]
-    return {"policy": args.name, "episodes": args.episodes, "return": round(float(returns.mean()), 1), "normalized_score": round(score, 1), "band": [low, high], "in_band": low <= score <= high}
+    return {
+        "policy": args.name, "episodes": args.episodes, "seed": args.seed, "return": round(float(returns.mean()), 1), "normalized_score": round(score, 1),
+        "episode_score_std": round(float(scores.std()), 1), "episode_score_min": round(float(scores.min()), 1), "band": [low, high], "in_band": low <= score <= high,
+    }
 
 
 def main() -> None:
