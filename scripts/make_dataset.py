@@ -7,8 +7,8 @@
   python scripts/make_dataset.py hopper-medium --steps 5000   # small set: local/hopper/medium-n5000-v0
 
 Protocols (D4RL, Fu et al. 2020):
-  random         1M steps of a randomly initialised tanh-Gaussian policy (the same generator and
-                 seed as algorithms/so2.py uses on the spot, so the id has one meaning);
+  random         1M steps of a randomly initialised tanh-Gaussian policy, seed 0 (the algorithm
+                 files run this script when a *-random set is missing, so the id has one meaning);
   medium, expert 1M steps of the shipped SAC policy (results/policies/, see manifest.json) with
                  stochastic actions;
   medium-replay  the replay buffer of the seeded SAC run that produced the medium policy, regenerated
@@ -17,26 +17,35 @@ Protocols (D4RL, Fu et al. 2020):
                  or read from that run's final checkpoint when you still have it (--from-run);
   medium-expert  the medium and expert datasets concatenated.
 Sizes other than the default get their own id (<quality>-n<steps>). The D4RL reference scores
-are stored in the metadata; writes are atomic; the same seed gives the same dataset. Policy
-rollouts run as 2 fixed shards (so the data do not depend on --workers), in parallel processes.
+are stored in the metadata; the same seed gives the same dataset. Writes are atomic and locked per
+id: a second process making the same id waits and reuses it; folders left by a killed write
+(.tmp-<pid>) are removed by the next write. Policy rollouts run as 2 fixed shards (so the data do
+not depend on --workers), in parallel processes.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import shutil
+import signal
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Optional
 
+import gymnasium as gym
 import numpy as np
 import torch
 import tyro
+from tqdm import tqdm
 
 NUM_SHARDS = 2
+RANDOM_DATASET_SEED = 0  # one random dataset per size, whatever the run's seed
 # Spawned rollout workers import this file by name (they inherit sys.path) to find collect_shard;
 # the same path entry makes the shared helpers importable when this file is loaded as a module.
 if str(Path(__file__).resolve().parent) not in sys.path:
@@ -69,7 +78,116 @@ class Args:
 
 
 def dataset_id(env: str, quality: str, steps: Optional[int]) -> str:
-    return f"local/{env}/{quality}-v0" if steps is None else f"local/{env}/{quality}-n{steps}-v0"
+    return f"local/{env}/{quality}-v0" if steps in (None, 1_000_000) else f"local/{env}/{quality}-n{steps}-v0"
+
+
+def random_policy(gym_id: str, seed: int) -> torch.nn.Module:
+    """D4RL 'random' behaviour policy: a randomly initialised tanh-Gaussian policy (so2.py's
+    actor, 3x256), the same for every caller so that local/<env>/random-v0 has one meaning."""
+    env = gym.make(gym_id)
+    torch.manual_seed(seed)
+    return so2.Actor(env.observation_space.shape[0], env.action_space.shape[0], (256, 256, 256))
+
+
+def collect_episodes(gym_id: str, policy: torch.nn.Module, steps: int, seed: int, n_envs: int = 16):
+    """D4RL protocol: roll out `policy` with stochastic actions (drawn from the global torch RNG,
+    which the caller seeds) until `steps` transitions exist. n_envs copies step in lockstep so
+    that one batched policy forward serves them all; episodes still running at the budget are
+    cut as truncated."""
+    envs = [gym.make(gym_id) for _ in range(n_envs)]
+    keys = ("observations", "actions", "rewards", "terminations", "truncations")
+    obs = np.stack([env.reset(seed=seed * 1000 + i)[0] for i, env in enumerate(envs)])
+    current = [{"observations": [o], **{k: [] for k in keys[1:]}} for o in obs]
+    episodes, collected = [], 0
+    progress = tqdm(total=steps, desc=f"generate {gym_id}", unit="step", mininterval=2)
+    with torch.no_grad():
+        while collected < steps:
+            actions = policy(torch.as_tensor(obs, dtype=torch.float32))[0].numpy()
+            for i, env in enumerate(envs):
+                next_obs, reward, terminated, truncated, _ = env.step(actions[i])
+                collected += 1
+                ep = current[i]
+                for key, value in zip(keys, (next_obs, actions[i], reward, terminated, truncated)):
+                    ep[key].append(value)
+                if terminated or truncated:
+                    episodes.append({k: np.asarray(v) for k, v in ep.items()})
+                    next_obs = env.reset()[0]
+                    current[i] = {"observations": [next_obs], **{k: [] for k in keys[1:]}}
+                obs[i] = next_obs
+                if collected >= steps:
+                    break
+            progress.update(min(n_envs, steps - progress.n))
+    progress.close()
+    # Episodes still running at the budget end there, as time-limit truncations.
+    for ep in current:
+        if ep["actions"]:
+            ep["truncations"][-1] = True
+            episodes.append({k: np.asarray(v) for k, v in ep.items()})
+    return episodes
+
+
+def write_minari_dataset(dataset_id: str, episodes, gym_id: str, base: str, algorithm_name: str, description: str, code: str) -> None:
+    """Write episodes as a real Minari dataset, atomically: build it under a temporary root next to
+    the datasets folder and move it into place, so an interrupted write never blocks the id."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    root = so2.dataset_path()
+    tmp_root = root / f".tmp-{os.getpid()}"
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    try:
+        os.environ["MINARI_DATASETS_PATH"] = str(tmp_root)
+        buffers = [EpisodeBuffer(id=i, observations=ep["observations"], actions=ep["actions"].astype(np.float32), rewards=ep["rewards"], terminations=ep["terminations"], truncations=ep["truncations"]) for i, ep in enumerate(episodes)]
+        low, high = so2.REF_SCORES[base]
+        minari.create_dataset_from_buffers(
+            dataset_id, buffers, env=gym_id, algorithm_name=algorithm_name,
+            author="offline-to-online RL reference implementations", author_email="n/a", code_permalink=code,
+            description=description, ref_min_score=low, ref_max_score=high, eval_env=gym_id,
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = previous
+    try:
+        target = so2.dataset_path(dataset_id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for level in range(1, len(Path(dataset_id).parts)):  # namespace metadata minari expects
+            meta = Path(*Path(dataset_id).parts[:level]) / "namespace_metadata.json"
+            if not (root / meta).exists():
+                shutil.copy(tmp_root / meta, root / meta)
+        os.replace(tmp_root / dataset_id, target)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def remove_stale_writes(root: Path) -> None:
+    """Temporary roots (.tmp-<pid>) of writes whose process is gone, e.g. killed mid-write."""
+    for tmp in root.glob(".tmp-*"):
+        try:
+            os.kill(int(tmp.name.removeprefix(".tmp-")), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # a live process of another user
+            pass
+
+
+@contextmanager
+def dataset_lock(target: str):
+    """Exclusive lock of one dataset id in the datasets folder, held while it is made."""
+    root = so2.dataset_path()
+    problem = so2.writable_dir_problem(root)
+    if problem:
+        raise so2.ConfigError(f"cannot write datasets to MINARI_DATASETS_PATH '{root}': {problem}")
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".lock-{target.replace('/', '__')}", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process making {target}", file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        remove_stale_writes(root)
+        yield
 
 
 def load_policy(policy_dir: str, env: str, quality: str) -> tuple[torch.nn.Module, dict]:
@@ -85,13 +203,18 @@ def load_policy(policy_dir: str, env: str, quality: str) -> tuple[torch.nn.Modul
     return actor, entry
 
 
+def ignore_sigint() -> None:
+    """Rollout workers leave Ctrl-C to the main process, which stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def collect_shard(task: tuple) -> list[dict]:
     """One shard of a policy rollout, in its own process."""
     policy_dir, env, quality, steps, seed = task
     torch.set_num_threads(1)
     actor, _ = load_policy(policy_dir, env, quality)
     torch.manual_seed(seed)
-    return so2.collect_episodes(so2.GYM_IDS[env], actor, steps, seed)
+    return collect_episodes(so2.GYM_IDS[env], actor, steps, seed)
 
 
 def policy_episodes(args: Args, env: str, quality: str, steps: int) -> list[dict]:
@@ -100,8 +223,8 @@ def policy_episodes(args: Args, env: str, quality: str, steps: int) -> list[dict
     if args.workers == 1:
         shards = [collect_shard(t) for t in tasks]
     else:
-        with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
-            shards = list(pool.map(collect_shard, tasks))
+        with get_context("spawn").Pool(args.workers, initializer=ignore_sigint) as pool:  # exit terminates it
+            shards = pool.map(collect_shard, tasks)
     return [ep for shard in shards for ep in shard]
 
 
@@ -169,8 +292,6 @@ def stored_episodes(dataset: str) -> list[dict]:
 
 def make(args: Args) -> str:
     """Write the dataset named by args (and, for medium-expert, its missing halves); its id."""
-    from minari.storage.datasets_root_dir import get_dataset_path
-
     env, quality = so2.parse_env_name(args.name)
     if env in so2.ADROIT:
         raise so2.ConfigError("Adroit datasets come from the Minari hub (D4RL/<env>/<quality>-v2), not from this script")
@@ -178,39 +299,48 @@ def make(args: Args) -> str:
         raise so2.ConfigError("workers must be 1 or 2 and steps >= 1")
     if args.from_run is not None and (quality != "medium-replay" or args.steps is not None):
         raise so2.ConfigError("--from-run is for full-size medium-replay datasets only (no --steps: the run's whole buffer is the dataset)")
-    if quality == "random":  # so2.py's on-the-spot generator: one meaning per id
-        arrays, target = so2.load_dataset(env, "random", args.steps or 1_000_000)
-        ends = np.flatnonzero(arrays["terminals"] + arrays["timeouts"]) + 1
-        print_summary(target, env, [r.sum() for r in np.split(arrays["rewards"], ends[:-1])])
-        return target
     target = dataset_id(env, quality, args.steps)
-    if (get_dataset_path(target) / "data").exists():
-        raise so2.ConfigError(f"{target} already exists under {get_dataset_path()}; delete that folder to make it again")
+    with dataset_lock(target):
+        exists = (so2.dataset_path(target) / "data").exists()
+        if exists and quality == "random":  # made by a run or a concurrent process: reuse it
+            arrays = so2.load_dataset(env, "random", args.steps or 1_000_000)[0]
+            ends = np.flatnonzero(arrays["terminals"] + arrays["timeouts"]) + 1
+            print_summary(target, env, [r.sum() for r in np.split(arrays["rewards"], ends[:-1])])
+            return target
+        if exists:
+            raise so2.ConfigError(f"{target} already exists under {so2.dataset_path()}; delete that folder to make it again")
+        episodes, algorithm, description = make_episodes(args, env, quality)
+        write_minari_dataset(target, episodes, so2.GYM_IDS[env], env, algorithm, description, "scripts/make_dataset.py")
+        so2.save_flat_cache(target, so2.flatten_episodes(episodes))
+    print_summary(target, env, [e["rewards"].sum() for e in episodes], sum(len(e["rewards"]) for e in episodes))
+    return target
+
+
+def make_episodes(args: Args, env: str, quality: str) -> tuple[list[dict], str, str]:
+    """(episodes, algorithm name, description) of a dataset by its D4RL protocol."""
     gym_id, steps = so2.GYM_IDS[env], args.steps or 1_000_000
+    if quality == "random":
+        episodes = collect_episodes(gym_id, random_policy(gym_id, RANDOM_DATASET_SEED), steps, RANDOM_DATASET_SEED)
+        algorithm = "randomly initialised tanh-Gaussian policy (D4RL random protocol)"
+        return episodes, algorithm, f"{steps} steps of a {algorithm} on {gym_id}, seed {RANDOM_DATASET_SEED}."
     if quality in ("medium", "expert"):
         _, entry = load_policy(args.policy_dir, env, quality)
-        episodes = policy_episodes(args, env, quality, steps)
         algorithm = f"SAC {quality} policy {entry['file']} (normalised score {entry['eval_normalized_score']:.1f}), stochastic actions"
         description = f"{steps} steps of {algorithm} on {gym_id}, seed {args.seed} (D4RL {quality} protocol). Policy trained by: {entry['command']}"
-    elif quality == "medium-replay":
+        return policy_episodes(args, env, quality, steps), algorithm, description
+    if quality == "medium-replay":
         episodes, note = replay_episodes(args, env)
         print(note, file=sys.stderr)
         algorithm = "replay buffer of the seeded SAC run that produced the medium policy"
-        description = f"{sum(len(e['rewards']) for e in episodes)} transitions: the {algorithm} on {gym_id} ({note})."
-    else:  # medium-expert: both halves, generated when missing
-        halves = []
-        for half in ("medium", "expert"):
-            half_id = dataset_id(env, half, args.steps)
-            if not (get_dataset_path(half_id) / "data").exists():
-                make(replace(args, name=f"{env}-{half}"))
-            halves.append(half_id)
-        episodes = stored_episodes(halves[0]) + stored_episodes(halves[1])
-        algorithm = f"{halves[0]} + {halves[1]}"
-        description = f"D4RL medium-expert protocol: {halves[0]} followed by {halves[1]} on {gym_id}."
-    so2.write_minari_dataset(target, episodes, gym_id, env, algorithm, description, "scripts/make_dataset.py")
-    so2.save_flat_cache(target, so2.flatten_episodes(episodes))
-    print_summary(target, env, [e["rewards"].sum() for e in episodes], sum(len(e["rewards"]) for e in episodes))
-    return target
+        return episodes, algorithm, f"{sum(len(e['rewards']) for e in episodes)} transitions: the {algorithm} on {gym_id} ({note})."
+    halves = []  # medium-expert: both halves, made when missing
+    for half in ("medium", "expert"):
+        half_id = dataset_id(env, half, args.steps)
+        if not (so2.dataset_path(half_id) / "data").exists():
+            make(replace(args, name=f"{env}-{half}"))
+        halves.append(half_id)
+    episodes = stored_episodes(halves[0]) + stored_episodes(halves[1])
+    return episodes, f"{halves[0]} + {halves[1]}", f"D4RL medium-expert protocol: {halves[0]} followed by {halves[1]} on {gym_id}."
 
 
 def print_summary(target: str, env: str, returns: list[float], steps: Optional[int] = None) -> None:
@@ -220,11 +350,16 @@ def print_summary(target: str, env: str, returns: list[float], steps: Optional[i
 
 
 def main() -> None:
+    # SIGTERM stops the script as Ctrl-C does: temporary files are removed on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         make(tyro.cli(Args))
     except so2.ConfigError as exc:
         print(f"make_dataset.py: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("make_dataset.py: interrupted; no dataset was written", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
