@@ -5,8 +5,8 @@ Fine-Tuning", NeurIPS 2023 (arXiv 2303.05479); Kumar et al., "Conservative Q-Lea
 Reinforcement Learning", NeurIPS 2020 (CQL); Zhang et al., "Improving Offline-to-Online
 Reinforcement Learning with Q Conditioned State Entropy Exploration" (SERA, arXiv 2310.19805).
 Pipeline in this file, top to bottom:
-  1. the D4RL-style dataset, resolved to a Minari dataset (generated on the spot for *-random),
-     with the Monte-Carlo return-to-go of every transition;
+  1. the D4RL-style dataset, resolved to a Minari dataset (generated on the spot for *-random by
+     scripts/make_dataset.py), with the Monte-Carlo return-to-go of every transition;
   2. offline pretraining: SAC with twin critics and the CQL regulariser (importance-sampled
      logsumexp over random actions and policy actions sampled at s and s'); Cal-QL lower-bounds
      the policy-action Q values inside that logsumexp by the return-to-go;
@@ -14,6 +14,7 @@ Pipeline in this file, top to bottom:
      trajectory getting its return-to-go; optionally without the conservative term (--loose) and
      with SERA's Q-conditioned state-entropy reward (--sera);
   4. batched deterministic evaluation with the same Q diagnostics as algorithms/so2.py.
+The run folder (checkpoint, --resume, signals, divergence) is the same in every algorithm file.
 
 Defaults follow the authors' released code (nakamotoo/Cal-QL, JAX), which produced the published
 numbers: twin critics, max-backup TD target over 10 next actions without entropy, 10 random + 10
@@ -31,6 +32,8 @@ Deliberate differences from the released code:
     then runs len(trajectory) * utd updates; so does this file, but the last trajectory is cut
     (as a time-limit truncation) when the `online_steps` budget is reached, so that the budget is
     exact. Online transitions enter the buffer when their trajectory ends, with their return-to-go.
+    A checkpoint can fall inside a trajectory or inside its updates: it holds the trajectory so
+    far and the updates still owed, so a resumed run does exactly what the uninterrupted one does.
   - networks: actor and critic initialisation of algorithms/so2.py (EDAC: hidden biases 0.1, small
     last layers) instead of orthogonal init; the actor's log-std is head - 1 clamped to [-5, 2]
     (released code: head * 1 - 1 clamped to [-20, 2]); the twin critics are one vectorised module.
@@ -59,20 +62,27 @@ SERA (no official code; choices, all in `sera_reward`):
     itself); `--sera-include-self` reproduces that.
 """
 
+
 from __future__ import annotations
 
 import copy
+import hashlib
+import itertools
 import json
 import math
 import os
-import shutil
+import platform
+import signal
+import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
@@ -80,6 +90,7 @@ import tyro
 import yaml
 from tqdm import tqdm
 
+ALGO = "cal_ql"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NUM_CRITICS = 2  # twin critics, as in the released code (min over the twin in targets and actor)
 
@@ -96,6 +107,9 @@ class Config:
     config: Optional[str] = None
     """YAML file of field values (e.g. configs/cal_ql/antmaze.yaml); flags given on the command
     line override it."""
+    resume: Optional[str] = None
+    """Run folder to continue from its checkpoint.pt, in either phase; its saved config is the
+    default and flags override it (not env, seed, rewards or the network sizes)."""
     seed: int = 0
     """Seed of torch, numpy and the environments; same seed on CPU gives identical metrics."""
     device: str = "auto"
@@ -146,7 +160,7 @@ class Config:
     pretrain_eval_every: int = 10_000
     """Evaluate every this many pretraining steps (and at the end of pretraining)."""
     pretrained: Optional[str] = None
-    """Path of a pretraining checkpoint (pretrain.pt of an earlier run); skips pretraining."""
+    """Path of a finished pretraining (pretrain.pt of an earlier run); skips pretraining."""
     random_dataset_steps: int = 1_000_000
     """Size of a *-random dataset generated when none is on disk (D4RL: 1M). Other sizes are
     stored under their own id (local/<env>/random-n<steps>-v0), never as the 1M dataset."""
@@ -178,25 +192,183 @@ class Config:
     """Q diagnostics skip the last steps of a time-limit-truncated evaluation episode, whose
     Monte-Carlo return misses the cut-off tail (0.99^460 < 1%)."""
 
+    checkpoint_every: int = 10_000
+    """Write checkpoint.pt every this many steps of the phase (gradient steps in pretraining, env
+    steps online), besides the phase boundary, the end and a SIGINT / SIGTERM."""
     out_dir: str = "runs"
-    """Runs are written to <out_dir>/<env>__cal_ql__<seed>__<unix time>/."""
+    """Runs are written to <out_dir>/<env>__cal_ql[-<run_name>]__<seed>__<unix time>/."""
+    run_name: Optional[str] = None
+    """Name added to the run folder to tell variants apart (letters, digits, '.', '-')."""
     track: bool = False
     """Log to Weights & Biases (works with WANDB_MODE=offline)."""
-    wandb_project: str = "cal_ql"
-    """W&B project name."""
+    wandb_project: str = "offline-to-online"
+    """W&B project name (runs are grouped by algorithm)."""
 
 
-class ConfigError(Exception):
-    """Bad input: reported as one line on stderr, exit code 2."""
+# Fields a resumed run cannot change: they define the data, the rewards, the networks or the evaluation.
+RESUME_FIXED = (
+    "env", "seed", "actor_hidden_dims", "critic_hidden_dims", "random_dataset_steps", "eval_episodes", "pretrained",
+    "reward_scale", "reward_bias", "gamma", "sparse_fail_reward",
+)
 
 
-def fail(message: str) -> None:
-    print(f"cal_ql.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+def resolve_config(cfg: Config) -> Config:
+    """Check every value; ConfigError if bad."""
+    parse_env_name(cfg.env)
+    check_common(cfg)
+    online_batch = cfg.batch_size - int(cfg.batch_size * cfg.mixing_ratio)
+    sera_k_max = online_batch - (0 if cfg.sera_include_self else 1)
+    check([
+        (cfg.utd >= 1, "utd must be >= 1"), (cfg.pretrain_steps >= 0, "pretrain_steps must be >= 0"),
+        (cfg.online_steps >= 1, "online_steps must be >= 1"), (cfg.batch_size >= 2, "batch_size must be >= 2"),
+        (0 <= cfg.mixing_ratio < 1, "mixing_ratio must be in [0, 1): finetuning batches need online rows"),
+        (int(cfg.batch_size * cfg.mixing_ratio) >= 1 or cfg.mixing_ratio == 0, "batch_size * mixing_ratio must give at least one offline row"),
+        (1 <= cfg.cql_n_actions <= 1000, "cql_n_actions must be in [1, 1000]"), (cfg.cql_alpha >= 0, "cql_alpha must be >= 0"),
+        (cfg.pretrain_eval_every >= 1, "pretrain_eval_every must be >= 1"),
+        (1 <= cfg.random_dataset_steps <= 100_000_000, "random_dataset_steps must be in [1, 1e8]"),
+        (0 < cfg.gamma < 1 and 0 < cfg.tau <= 1, "gamma must be in (0, 1) and tau in (0, 1]"),
+        (0 < cfg.actor_lr <= 1 and 0 < cfg.critic_lr <= 1, "learning rates must be in (0, 1]"),
+        (len(cfg.actor_hidden_dims) >= 1 and len(cfg.critic_hidden_dims) >= 1 and 1 <= min(*cfg.actor_hidden_dims, *cfg.critic_hidden_dims) and max(*cfg.actor_hidden_dims, *cfg.critic_hidden_dims) <= 65536, "hidden dims must be non-empty and in [1, 65536]"),
+        (cfg.sera_lambda >= 0, "sera_lambda must be >= 0"),
+        (not cfg.sera or 1 <= cfg.sera_k <= sera_k_max, f"sera_k must be in [1, {sera_k_max}] (the online rows of a batch{'' if cfg.sera_include_self else ', minus the sample itself'})"),
+    ])
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
-# Datasets: D4RL names -> Minari datasets, random-dataset generation, flattening, scores
+# Config parsing and checks (the same block in every algorithm file)
+# ----------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = 1  # of checkpoint.pt, pretrain.pt and final.pt
+
+
+class ConfigError(Exception):
+    """Bad input: reported as one line on stderr, exit code 2, before any compute or run folder."""
+
+
+def fail(message: str) -> None:
+    print(f"{ALGO}.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def type_problem(value, hint) -> bool:
+    """True if value does not fit the type hint (int, float, bool, str, Optional, Literal, tuple);
+    floats must be finite."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return all(type_problem(value, arg) for arg in args)
+    if origin is Literal:
+        return value not in args
+    if origin is tuple:
+        return not isinstance(value, tuple) or any(type_problem(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is not None
+    if hint is float:
+        return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if hint is int:
+        return isinstance(value, bool) or not isinstance(value, int)
+    return not isinstance(value, hint)
+
+
+def check_types(cfg: Config, source: str) -> None:
+    hints = typing.get_type_hints(Config)
+    for f in fields(Config):
+        value = getattr(cfg, f.name)
+        if type_problem(value, hints[f.name]):
+            raise ConfigError(f"{source}{f.name} must be {str(hints[f.name]).replace('typing.', '')}, got {value!r}")
+
+
+def check(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def writable_dir_problem(path: Path) -> Optional[str]:
+    """Why files cannot be created under path (a file in the way, no write permission), or None."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"'{existing}' is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"'{existing}' is not writable"
+    return None
+
+
+def check_common(cfg: Config) -> None:
+    """Types (from the --config file too), finite numbers, seed, evaluation, paths and device."""
+    check_types(cfg, "")
+    check([
+        (0 <= cfg.seed < 2**31, "seed must be in [0, 2^31)"),
+        (1 <= cfg.eval_episodes <= 1000, "eval_episodes must be in [1, 1000]"),
+        (cfg.eval_every >= 1 and cfg.checkpoint_every >= 1, "eval_every and checkpoint_every must be >= 1"),
+        (cfg.kendall_windows >= 1 and cfg.mc_tail_steps >= 0, "kendall_windows must be >= 1 and mc_tail_steps >= 0"),
+        (cfg.run_name is None or (cfg.run_name.replace("-", "").replace(".", "").isalnum() and "__" not in cfg.run_name), "run_name may hold letters, digits, '.' and '-' only"),
+    ])
+    problem = writable_dir_problem(Path(cfg.out_dir))
+    if problem:
+        raise ConfigError(f"out_dir '{cfg.out_dir}' cannot hold run folders: {problem}")
+    if cfg.device != "auto":
+        try:
+            torch.empty(0, device=cfg.device)
+        except (RuntimeError, AssertionError) as exc:
+            raise ConfigError(f"device '{cfg.device}' is not usable: {first_line(exc)}")
+
+
+def read_config_file(path: str) -> Config:
+    """Field values from a YAML file (lists become tuples); the type checks come later."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise TypeError("expected a mapping of field names to values")
+        return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except (OSError, yaml.YAMLError, TypeError) as exc:
+        raise ConfigError(f"cannot use config file '{path}': {first_line(exc)}")
+
+
+def read_checkpoint(run_dir: str) -> dict:
+    """RUN_DIR/checkpoint.pt of this algorithm; ConfigError otherwise."""
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        raise ConfigError(f"--resume: no checkpoint.pt in '{run_dir}' (a run folder of this project's algorithm files, after its first checkpoint)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        fmt, algo = checkpoint["format"], checkpoint["algo"]
+    except Exception as exc:
+        raise ConfigError(f"--resume: cannot read '{path}': {first_line(exc)}")
+    if fmt != CHECKPOINT_FORMAT or algo != ALGO:
+        raise ConfigError(f"--resume: '{path}' is a checkpoint of algorithms/{algo}.py (format {fmt}), not of algorithms/{ALGO}.py (format {CHECKPOINT_FORMAT})")
+    return checkpoint
+
+
+def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
+    """tyro CLI -> (config, checkpoint to resume or None). --config FILE: the file's values are
+    the defaults that flags override. --resume RUN_DIR: the run's saved config is the default;
+    flags override it, except the RESUME_FIXED fields."""
+    cfg = tyro.cli(Config, args=argv)
+    if cfg.resume is not None:
+        if cfg.config is not None:
+            raise ConfigError("--resume continues with the run's saved config; leave out --config")
+        checkpoint = read_checkpoint(cfg.resume)
+        saved = replace(Config(**checkpoint["config"]), resume=cfg.resume)
+        cfg = tyro.cli(Config, args=argv, default=saved)
+        changed = [name for name in RESUME_FIXED if getattr(cfg, name) != getattr(saved, name)]
+        if changed:
+            raise ConfigError(f"--resume: {', '.join(changed)} cannot change in a resumed run (saved: {', '.join(f'{n}={getattr(saved, n)}' for n in changed)})")
+        return cfg, checkpoint
+    if cfg.config is not None:
+        defaults = read_config_file(cfg.config)
+        check_types(defaults, f"config file '{cfg.config}': ")  # before tyro sees the defaults
+        cfg = tyro.cli(Config, args=argv, default=replace(defaults, config=cfg.config))
+    return cfg, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets: D4RL names -> Minari datasets -> flat transition arrays (cached), scores
 # ----------------------------------------------------------------------------------------------
 GYM_IDS = {
     "halfcheetah": "HalfCheetah-v5",
@@ -207,6 +379,7 @@ GYM_IDS = {
     "door": "AdroitHandDoor-v1",
 }
 ADROIT = ("pen", "door")
+GENERATED = ("halfcheetah", "hopper", "walker2d", "ant")  # scripts/make_dataset.py makes their sets
 LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
 ADROIT_QUALITIES = ("human", "cloned", "expert")
 # AntMaze: one base, the maze and its data in the quality; the environment comes from the dataset.
@@ -221,7 +394,6 @@ REF_SCORES = {
     "door": (-56.512833, 2880.569),
     "antmaze": (0.0, 1.0),
 }
-RANDOM_DATASET_SEED = 0  # one shared *-random dataset per size, whatever the run's seed
 
 
 def parse_env_name(name: str) -> tuple[str, str]:
@@ -291,152 +463,37 @@ def return_to_go(rewards: np.ndarray, terminals: np.ndarray, timeouts: np.ndarra
     return out.astype(np.float32)
 
 
-def random_policy(gym_id: str, seed: int) -> Actor:
-    """D4RL 'random' behaviour policy: a randomly initialised tanh-Gaussian policy, built exactly as
-    algorithms/so2.py builds it (3x256, no log-std offset), so that both files generate the same
-    dataset under the same id."""
-    env = gym.make(gym_id)
-    torch.manual_seed(seed)
-    return Actor(env.observation_space.shape[0], env.action_space.shape[0], (256, 256, 256), log_std_offset=0.0)
+def dataset_path(dataset_id: str = "") -> Path:
+    """Minari's folder of a dataset ($MINARI_DATASETS_PATH, default ~/.minari/datasets), without
+    creating anything, so that a read-only store can be read."""
+    return Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets") / dataset_id
 
 
-def collect_episodes(gym_id: str, policy: nn.Module, steps: int, seed: int, n_envs: int = 16):
-    """D4RL protocol: roll out `policy` with stochastic actions (drawn from the global torch RNG,
-    which the caller seeds) until `steps` transitions exist. n_envs copies step in lockstep so
-    that one batched policy forward serves them all; episodes still running at the budget are
-    cut as truncated."""
-    envs = [gym.make(gym_id) for _ in range(n_envs)]
-    keys = ("observations", "actions", "rewards", "terminations", "truncations")
-    obs = np.stack([env.reset(seed=seed * 1000 + i)[0] for i, env in enumerate(envs)])
-    current = [{"observations": [o], **{k: [] for k in keys[1:]}} for o in obs]
-    episodes, collected = [], 0
-    progress = tqdm(total=steps, desc=f"generate {gym_id}", unit="step", mininterval=2)
-    with torch.no_grad():
-        while collected < steps:
-            actions = policy(torch.as_tensor(obs, dtype=torch.float32))[0].numpy()
-            for i, env in enumerate(envs):
-                next_obs, reward, terminated, truncated, _ = env.step(actions[i])
-                collected += 1
-                ep = current[i]
-                for key, value in zip(keys, (next_obs, actions[i], reward, terminated, truncated)):
-                    ep[key].append(value)
-                if terminated or truncated:
-                    episodes.append({k: np.asarray(v) for k, v in ep.items()})
-                    next_obs = env.reset()[0]
-                    current[i] = {"observations": [next_obs], **{k: [] for k in keys[1:]}}
-                obs[i] = next_obs
-                if collected >= steps:
-                    break
-            progress.update(min(n_envs, steps - progress.n))
-    progress.close()
-    # Episodes still running at the budget end there, as time-limit truncations.
-    for ep in current:
-        if ep["actions"]:
-            ep["truncations"][-1] = True
-            episodes.append({k: np.asarray(v) for k, v in ep.items()})
-    return episodes
-
-
-def write_minari_dataset(dataset_id: str, episodes, gym_id: str, base: str, algorithm_name: str, description: str, code: str) -> None:
-    """Write episodes as a real Minari dataset, atomically: build it under a temporary root next to
-    the datasets folder and move it into place, so an interrupted write never blocks the id."""
-    import minari
-    from minari.data_collector import EpisodeBuffer
-    from minari.storage.datasets_root_dir import get_dataset_path
-
-    root = get_dataset_path()
-    tmp_root = root / f".tmp-{os.getpid()}"
-    previous = os.environ.get("MINARI_DATASETS_PATH")
-    try:
-        os.environ["MINARI_DATASETS_PATH"] = str(tmp_root)
-        buffers = [EpisodeBuffer(id=i, observations=ep["observations"], actions=ep["actions"].astype(np.float32), rewards=ep["rewards"], terminations=ep["terminations"], truncations=ep["truncations"]) for i, ep in enumerate(episodes)]
-        low, high = REF_SCORES[base]
-        minari.create_dataset_from_buffers(
-            dataset_id, buffers, env=gym_id, algorithm_name=algorithm_name,
-            author="offline-to-online RL reference implementations", author_email="n/a", code_permalink=code,
-            description=description, ref_min_score=low, ref_max_score=high, eval_env=gym_id,
-        )
-    finally:
-        if previous is None:
-            os.environ.pop("MINARI_DATASETS_PATH", None)
-        else:
-            os.environ["MINARI_DATASETS_PATH"] = previous
-    try:
-        target = get_dataset_path(dataset_id)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for level in range(1, len(Path(dataset_id).parts)):  # namespace metadata minari expects
-            meta = Path(*Path(dataset_id).parts[:level]) / "namespace_metadata.json"
-            if not (root / meta).exists():
-                shutil.copy(tmp_root / meta, root / meta)
-        os.replace(tmp_root / dataset_id, target)
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
-
-
-def load_dataset(base: str, quality: str, random_steps: int) -> tuple[dict[str, np.ndarray], str]:
-    """Flat transition arrays and the Minari id they came from. Order: local/<env>/<quality>-v0,
-    then the hub id on disk, then a download (needs the network), and for *-random a dataset
-    generated here. The flattened arrays are cached next to the dataset (flat_cache.npz)."""
-    import minari
-    from minari.storage.datasets_root_dir import get_dataset_path
-
-    local_id, hub_ids = dataset_ids(base, quality, random_steps)
-    on_disk = [i for i in [local_id, *hub_ids] if (get_dataset_path(i) / "data").exists()]
-    if on_disk:
-        dataset_id = on_disk[0]
-    elif quality == "random":
-        dataset_id = local_id
-        gym_id = GYM_IDS[base]
-        episodes = collect_episodes(gym_id, random_policy(gym_id, RANDOM_DATASET_SEED), random_steps, RANDOM_DATASET_SEED)
-        description = f"{random_steps} steps of a randomly initialised policy on {gym_id} (D4RL random protocol), seed {RANDOM_DATASET_SEED}."
-        write_minari_dataset(local_id, episodes, gym_id, base, "randomly initialised tanh-Gaussian policy (D4RL random protocol)", description, "algorithms/cal_ql.py")
-        save_flat_cache(local_id, flatten_episodes(episodes))
-    else:
-        errors = []
-        for hub_id in hub_ids:
-            try:
-                minari.download_dataset(hub_id)
-                dataset_id = hub_id
-                break
-            except Exception as exc:  # no network, missing hf extra, id gone: all mean "unavailable"
-                errors.append(f"{hub_id}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-        else:
-            tried = f"; download failed ({'; '.join(errors)})" if errors else " and the Minari hub has no such dataset"
-            make = "" if base in ADROIT or base == "antmaze" else f"; generate it with: python scripts/make_dataset.py {base}-{quality}"
-            raise ConfigError(f"dataset '{base}-{quality}' is not on disk (looked for {', '.join([local_id, *hub_ids])}){tried}. It is unavailable offline{make}")
-    return read_flat_cache(dataset_id) or build_flat_cache(dataset_id), dataset_id
-
-
-def _cache_key(dataset_id: str) -> str:
-    from minari.storage.datasets_root_dir import get_dataset_path
-
-    stat = (get_dataset_path(dataset_id) / "data" / "main_data.hdf5").stat()
+def cache_key(dataset_id: str) -> str:
+    stat = (dataset_path(dataset_id) / "data" / "main_data.hdf5").stat()
     return f"flat-v1:{dataset_id}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def save_flat_cache(dataset_id: str, arrays: dict[str, np.ndarray]) -> None:
-    from minari.storage.datasets_root_dir import get_dataset_path
-
-    path = get_dataset_path(dataset_id) / "flat_cache.npz"
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    path = dataset_path(dataset_id) / "flat_cache.npz"
+    tmp = path.with_name(f".flat_cache.tmp{os.getpid()}.npz")
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, key=np.array(_cache_key(dataset_id)), **arrays)
+            np.savez(f, key=np.array(cache_key(dataset_id)), **arrays)
         os.replace(tmp, path)
-    except OSError:  # a read-only dataset folder only costs the next load its flattening time
+    except OSError:  # a read-only store only costs the next load its flattening time
         tmp.unlink(missing_ok=True)
 
 
 def read_flat_cache(dataset_id: str) -> Optional[dict[str, np.ndarray]]:
-    from minari.storage.datasets_root_dir import get_dataset_path
-
-    path = get_dataset_path(dataset_id) / "flat_cache.npz"
-    if not path.exists():
+    """The cached arrays, or None when the cache is missing, stale or unreadable (a cache miss)."""
+    try:
+        with np.load(dataset_path(dataset_id) / "flat_cache.npz") as cache:
+            if str(cache["key"]) != cache_key(dataset_id):
+                return None
+            return {k: cache[k] for k in cache.files if k != "key"}
+    except Exception:  # missing, truncated or garbage file: flatten the dataset again
         return None
-    with np.load(path) as cache:
-        if str(cache["key"]) != _cache_key(dataset_id):
-            return None
-        return {k: cache[k] for k in cache.files if k != "key"}
 
 
 def flat_observations(observations) -> np.ndarray:
@@ -457,6 +514,71 @@ def build_flat_cache(dataset_id: str) -> dict[str, np.ndarray]:
     return arrays
 
 
+def generate_random_dataset(base: str, steps: int) -> None:
+    """*-random sets are made on the spot by scripts/make_dataset.py (D4RL random protocol), so a
+    first run needs no network. That script locks the id: concurrent first runs make it once."""
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "make_dataset.py"), f"{base}-random", "--steps", str(steps)]
+    print(f"{ALGO}.py: {base}-random is not on disk; generating it: python scripts/make_dataset.py {base}-random --steps {steps}", file=sys.stderr)
+    code = subprocess.run(command).returncode
+    if code in (2, 130, 143):  # bad input or a signal: the script has said why in one line
+        sys.exit(code)
+    if code != 0:
+        raise ConfigError(f"generating {base}-random failed (exit code {code}); see its output above")
+
+
+def load_dataset(base: str, quality: str, random_steps: int) -> tuple[dict[str, np.ndarray], str]:
+    """Flat transition arrays and the Minari id they came from. Order: local/<env>/<quality>-v0,
+    then the hub id on disk, then for *-random a set generated here, then a download (needs the
+    network). A damaged dataset is a ConfigError that says how to make it again."""
+    root = dataset_path()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"MINARI_DATASETS_PATH '{root}' is a file, not a folder")
+    local_id, hub_ids = dataset_ids(base, quality, random_steps)
+    on_disk = [i for i in [local_id, *hub_ids] if (dataset_path(i) / "data").exists()]
+    if not on_disk and quality == "random":
+        generate_random_dataset(base, random_steps)
+        on_disk = [local_id]
+    if not on_disk:
+        on_disk = [download_dataset(base, quality, local_id, hub_ids)]
+    dataset_id = on_disk[0]
+    remedy = f"delete {dataset_path(dataset_id)} and " + (f"make it again with: python scripts/make_dataset.py {base}-{quality}" if dataset_id == local_id else "run again to download it")
+    if not (dataset_path(dataset_id) / "data" / "main_data.hdf5").is_file():
+        raise ConfigError(f"dataset {dataset_id} is damaged (data/main_data.hdf5 is missing); {remedy}")
+    arrays = read_flat_cache(dataset_id)
+    if arrays is None:
+        try:
+            arrays = build_flat_cache(dataset_id)
+        except Exception as exc:  # h5py / minari errors of a truncated or corrupt file
+            raise ConfigError(f"dataset {dataset_id} is damaged ({first_line(exc)}); {remedy}")
+    return arrays, dataset_id
+
+
+def download_dataset(base: str, quality: str, local_id: str, hub_ids: list[str]) -> str:
+    """Minari's download of the first hub id that works; ConfigError naming the way to make the
+    dataset offline. Without network, huggingface_hub's retries are skipped (HF_HUB_OFFLINE)."""
+    import minari
+
+    errors = []
+    for hub_id in hub_ids:
+        try:
+            minari.download_dataset(hub_id)
+            return hub_id
+        except Exception as exc:  # no network, missing hf extra, id gone: all mean "unavailable"
+            errors.append(f"{hub_id}: {first_line(exc)}")
+    tried = f"; download failed ({'; '.join(errors)})" if errors else " and the Minari hub has no such dataset"
+    make = "" if base not in GENERATED else f"; generate it with: python scripts/make_dataset.py {base}-{quality}"
+    raise ConfigError(f"dataset '{base}-{quality}' is not on disk (looked for {', '.join([local_id, *hub_ids])}){tried}. It is unavailable offline{make}")
+
+
+def dataset_fingerprint(arrays: dict[str, np.ndarray]) -> str:
+    """Content hash of the flat dataset arrays: a resumed run checks that it reloaded the same data
+    (the checkpoint does not copy the dataset)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(arrays):
+        digest.update(key.encode() + np.ascontiguousarray(arrays[key]).tobytes())
+    return f"{len(arrays['rewards'])} transitions, blake2b {digest.hexdigest()}"
+
+
 def make_env(base: str, dataset_id: str) -> gym.Env:
     """The environment of the dataset. AntMaze mazes and goals are defined by the dataset's
     evaluation-env spec, so that env is recovered from the dataset."""
@@ -470,6 +592,16 @@ def make_env(base: str, dataset_id: str) -> gym.Env:
 
         return gym.wrappers.FlattenObservation(minari.load_dataset(dataset_id).recover_environment(eval_env=True))
     return gym.make(GYM_IDS[base])
+
+
+def transition_rows(arrays: dict[str, np.ndarray], cfg: Config) -> torch.Tensor:
+    """Flat arrays (a dataset or one online trajectory) -> buffer rows with scaled rewards and
+    their return-to-go. done = terminals only: a truncation keeps bootstrapping."""
+    rewards = (arrays["rewards"] * cfg.reward_scale + cfg.reward_bias).astype(np.float32)
+    fail = None if cfg.sparse_fail_reward is None else cfg.sparse_fail_reward * cfg.reward_scale + cfg.reward_bias
+    mc = return_to_go(rewards, arrays["terminals"], arrays["timeouts"], cfg.gamma, fail)
+    columns = [arrays["observations"], arrays["actions"], rewards[:, None], arrays["next_observations"], arrays["terminals"][:, None], mc[:, None]]
+    return torch.from_numpy(np.concatenate([np.asarray(c, dtype=np.float32) for c in columns], axis=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -498,15 +630,12 @@ class ReplayBuffer:
         obs, act, rew, next_obs, done, mc = torch.split(batch, self.sizes, dim=-1)
         return obs, act, rew.squeeze(-1), next_obs, done.squeeze(-1), mc.squeeze(-1)
 
+    def state_dict(self) -> dict:
+        return {"rows": self.rows[: self.size].cpu()}
 
-def transition_rows(arrays: dict[str, np.ndarray], cfg: Config) -> torch.Tensor:
-    """Flat arrays (a dataset or one online trajectory) -> buffer rows with scaled rewards and
-    their return-to-go. done = terminals only: a truncation keeps bootstrapping."""
-    rewards = (arrays["rewards"] * cfg.reward_scale + cfg.reward_bias).astype(np.float32)
-    fail = None if cfg.sparse_fail_reward is None else cfg.sparse_fail_reward * cfg.reward_scale + cfg.reward_bias
-    mc = return_to_go(rewards, arrays["terminals"], arrays["timeouts"], cfg.gamma, fail)
-    columns = [arrays["observations"], arrays["actions"], rewards[:, None], arrays["next_observations"], arrays["terminals"][:, None], mc[:, None]]
-    return torch.from_numpy(np.concatenate([np.asarray(c, dtype=np.float32) for c in columns], axis=1))
+    def load_state_dict(self, state: dict) -> None:
+        self.size = 0
+        self.extend(state["rows"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,9 +643,9 @@ def transition_rows(arrays: dict[str, np.ndarray], cfg: Config) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 class Actor(nn.Module):
     """Tanh-Gaussian policy, ReLU trunk of the given widths; log-std = head + log_std_offset,
-    clipped to [-5, 2]. Released Cal-QL code: offset -1 (initial std about e^-1)."""
+    clipped to [-5, 2] (EDAC). Hidden biases 0.1, heads U(-1e-3, 1e-3)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], log_std_offset: float = -1.0):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], log_std_offset: float = 0.0):
         super().__init__()
         layers, fan_in = [], obs_dim
         for width in hidden_dims:
@@ -565,15 +694,19 @@ class VectorizedCritic(nn.Module):
             self.biases.append(nn.Parameter(torch.empty(num_critics, 1, fan_out).uniform_(-3e-3, 3e-3) if last else torch.full((num_critics, 1, fan_out), 0.1)))
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """obs [B, S]; action [B, A], shared by the members -> Q [N, B]."""
-        x = torch.cat([obs, action], dim=-1).expand(self.num_critics, -1, -1)  # a view: no copy per member
+        """obs [B, S]; action [B, A] (shared by the members) or [N, B, A] (one per member) -> Q [N, B]."""
+        n = self.num_critics
+        if action.dim() == 2:
+            x = torch.cat([obs, action], dim=-1).expand(n, -1, -1)  # a view: no copy per member
+        else:
+            x = torch.cat([obs.expand(n, -1, -1), action], dim=-1)
         for w, b in zip(self.weights[:-1], self.biases[:-1]):
             x = torch.relu(torch.baddbmm(b, x, w))
         return torch.baddbmm(self.biases[-1], x, self.weights[-1]).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses and updates
+# Losses and updates: the Cal-QL / CQL learning rule (calibrated CQL term, max backup) and SERA
 # ----------------------------------------------------------------------------------------------
 def cql_logsumexp(q_random, q_current, log_pi_current, q_next, log_pi_next, act_dim: int, mc_bound: Optional[torch.Tensor]) -> torch.Tensor:
     """Importance-sampled CQL logsumexp (released code's cql_importance_sample) at states s.
@@ -624,7 +757,7 @@ class CalQLAgent:
 
     def __init__(self, obs_dim: int, act_dim: int, cfg: Config, device: torch.device):
         self.cfg, self.device, self.act_dim = cfg, device, act_dim
-        self.actor = Actor(obs_dim, act_dim, cfg.actor_hidden_dims).to(device)
+        self.actor = Actor(obs_dim, act_dim, cfg.actor_hidden_dims, log_std_offset=-1.0).to(device)  # released code: std about e^-1 at init
         self.critic = VectorizedCritic(obs_dim, act_dim, cfg.critic_hidden_dims, NUM_CRITICS).to(device)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.zeros((), device=device, requires_grad=True)
@@ -742,25 +875,24 @@ def kendall_tau(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def windowed_kendall_tau(q_est: np.ndarray, q_true: np.ndarray, windows: int) -> list[float]:
-    """The SO2 paper's rank metric for one episode: cut the state-action pairs into `windows`
+    """The paper's rank metric for one episode: cut the state-action pairs into `windows`
     consecutive windows and compute Kendall's tau between estimated and true Q in each."""
     taus = [kendall_tau(a, b) for a, b in zip(np.array_split(q_est, windows), np.array_split(q_true, windows)) if len(a) > 1]
     return [t for t in taus if not math.isnan(t)]
 
 
 class Evaluator:
-    """Runs eval_episodes episodes together (one batched deterministic policy forward per step)
-    and computes the normalised score and the Q diagnostics on the collected rollouts. Every
-    evaluation starts from the same seeded initial states, so scores compare across evaluations
-    and runs; it draws nothing from the training RNG."""
+    """Runs one episode per env in `envs` together (one batched deterministic policy forward per
+    step) and computes the normalised score and the Q diagnostics on the collected rollouts.
+    Every evaluation starts from the same seeded initial states, so scores compare across
+    evaluations and runs; it draws nothing from the training RNG."""
 
-    def __init__(self, base: str, dataset_id: str, cfg: Config, device: torch.device):
-        self.base, self.cfg, self.device = base, cfg, device
-        self.envs = [make_env(base, dataset_id) for _ in range(cfg.eval_episodes)]
-        self.seeds = [cfg.seed * 1000 + 500 + i for i in range(cfg.eval_episodes)]
+    def __init__(self, base: str, envs: list[gym.Env], cfg: Config, device: torch.device):
+        self.base, self.envs, self.cfg, self.device = base, envs, cfg, device
+        self.seeds = [cfg.seed * 1000 + 500 + i for i in range(len(envs))]
 
     @torch.no_grad()
-    def __call__(self, agent: CalQLAgent) -> dict[str, float]:
+    def __call__(self, agent) -> dict[str, float]:
         obs = np.stack([env.reset(seed=s)[0] for env, s in zip(self.envs, self.seeds)]).astype(np.float32)
         episodes = [{"obs": [], "act": [], "rew": [], "terminated": False} for _ in self.envs]
         active = list(range(len(self.envs)))
@@ -784,7 +916,7 @@ class Evaluator:
         result.update(self.q_diagnostics(agent, episodes))
         return result
 
-    def q_diagnostics(self, agent: CalQLAgent, episodes: list[dict]) -> dict[str, float]:
+    def q_diagnostics(self, agent, episodes: list[dict]) -> dict[str, float]:
         obs, act, q_true, lengths = [], [], [], []
         for ep in episodes:
             n = len(ep["rew"]) if ep["terminated"] else max(len(ep["rew"]) - self.cfg.mc_tail_steps, 0)
@@ -792,8 +924,7 @@ class Evaluator:
                 continue
             obs.append(np.asarray(ep["obs"][:n]))
             act.append(np.asarray(ep["act"][:n]))
-            # The critic learns scaled rewards: compare it with the scaled return.
-            q_true.append(discounted_returns(np.asarray(ep["rew"]) * self.cfg.reward_scale + self.cfg.reward_bias, self.cfg.gamma)[:n])
+            q_true.append(discounted_returns(np.asarray(ep["rew"]), self.cfg.gamma)[:n])
             lengths.append(n)
         nan = float("nan")
         if not lengths:
@@ -820,25 +951,77 @@ class Evaluator:
 
 
 # ----------------------------------------------------------------------------------------------
-# Train loop
+# Run folder: name, metrics, checkpoint, signals, divergence (the same block in every algorithm file)
 # ----------------------------------------------------------------------------------------------
-class RunLog:
-    """metrics.jsonl (one record per evaluation), optional wandb, and the progress-bar text."""
+# Exit codes: 0 finished, 2 bad input, 3 diverged; a SIGINT / SIGTERM exits with 128 + its number
+# (130 / 143) once the checkpoint is written.
+EXIT_DIVERGED = 3
+# Keys of every metrics.jsonl record, in this order, in every algorithm file (None where a value
+# does not exist yet); an algorithm's own losses follow them.
+RECORD_KEYS = ("phase", "step", "env_steps", "return", "return_std", "normalized_score", "q_true", "q_bias", "q_bias_min", "kendall_tau", "q_std_policy", "q_std_random", "alpha", "critic_loss", "actor_loss")
+MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads, warm-start included
 
-    def __init__(self, run_dir: Path, cfg: Config, run_name: str):
+
+class Stopped(Exception):
+    """A SIGINT or SIGTERM arrived; the checkpoint holds the state after the step in progress."""
+
+
+class Diverged(Exception):
+    """A loss or a parameter is not finite; the last checkpoint is the last good state."""
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp) then rename tmp over path: a reader, a crash or a kill never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def new_run_dir(cfg: Config) -> Path:
+    """<out_dir>/<env>__<algo>[-<run_name>]__<seed>__<unix time>; '-1', '-2', ... is appended when
+    that folder exists (mkdir is atomic, so two runs started in the same second never share one)."""
+    stem = f"{cfg.env}__{ALGO}{'-' + cfg.run_name if cfg.run_name else ''}__{cfg.seed}__{int(time.time())}"
+    for k in itertools.count():
+        try:
+            path = Path(cfg.out_dir) / (stem if k == 0 else f"{stem}-{k}")
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {"python": platform.python_version(), **{name: version(name) for name in ("torch", "numpy", "gymnasium", "mujoco", "minari")}}
+
+
+class RunLog:
+    """metrics.jsonl (one record per evaluation, the whole file rewritten atomically per record)
+    and optional wandb. A resumed run starts from its checkpoint's records, so records written
+    after that checkpoint are replaced by their identical re-run."""
+
+    def __init__(self, run_dir: Path, cfg: Config, records: list[dict]):
         self.path = run_dir / "metrics.jsonl"
-        self.records: list[dict] = []
+        self.records = list(records)
+        self.text = "".join(json.dumps(r) + "\n" for r in self.records)
+        atomic_write(self.path, lambda tmp: tmp.write_text(self.text))
         self.wandb = None
         if cfg.track:
             import wandb
 
-            self.wandb = wandb.init(project=cfg.wandb_project, name=run_name, config=asdict(cfg), dir=str(run_dir))
+            # The id follows the folder, so a resumed run continues the same wandb run.
+            run_id = hashlib.blake2b(str(run_dir.resolve()).encode(), digest_size=8).hexdigest()
+            self.wandb = wandb.init(project=cfg.wandb_project, group=ALGO, name=run_dir.name, id=run_id, resume="allow", config=asdict(cfg), dir=str(run_dir))
 
     def write(self, record: dict) -> None:
-        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        record = {**dict.fromkeys(RECORD_KEYS), **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}}
         self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.text += json.dumps(record) + "\n"
+        atomic_write(self.path, lambda tmp: tmp.write_text(self.text))
         if self.wandb is not None:
             self.wandb.log({f"{record['phase']}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
 
@@ -847,210 +1030,346 @@ class RunLog:
             self.wandb.finish()
 
 
-def save_checkpoint(path: Path, agent: CalQLAgent, cfg: Config, obs_dim: int, act_dim: int) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"agent": agent.state_dict(), "config": asdict(cfg), "obs_dim": obs_dim, "act_dim": act_dim}, tmp)
-    os.replace(tmp, path)
+class StopSignal:
+    """SIGINT and SIGTERM only record the signal; the train loop finishes the step in progress,
+    writes the checkpoint and exits with 128 + the signal number."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
-def load_checkpoint(path: str, cfg: Config) -> dict:
+class FiniteCheck:
+    """Whether a loss or a parameter stopped being finite. Losses are folded into one flag per
+    name on the device (no host sync per update); check() reads the flags and the parameters at
+    evaluations and checkpoints."""
+
+    def __init__(self, parameters: dict[str, list[torch.Tensor]]):
+        self.parameters = parameters
+        self.bad: dict[str, torch.Tensor] = {}
+
+    def watch(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            flag = ~torch.isfinite(torch.as_tensor(value)).all()
+            self.bad[name] = flag if name not in self.bad else self.bad[name] | flag
+
+    def check(self, phase: str, step: int) -> None:
+        flags = {**self.bad, **{f"{name} parameters": torch.stack([~torch.isfinite(p).all() for p in ps]).any() for name, ps in self.parameters.items()}}
+        for name, bad in zip(flags, torch.stack(list(flags.values())).cpu().tolist()):
+            if bad:
+                raise Diverged(f"{name} not finite in {phase} at step {step}")
+
+
+def env_state(env: gym.Env) -> dict:
+    """The running episode exactly: MuJoCo integration state, time-limit counter, env RNG."""
+    u, limit = env.unwrapped, env
+    while not isinstance(limit, gym.wrappers.TimeLimit):
+        limit = limit.env
+    state = np.empty(mujoco.mj_stateSize(u.model, MJ_STATE))
+    mujoco.mj_getState(u.model, u.data, state, MJ_STATE)
+    return {"mujoco": state, "elapsed_steps": limit._elapsed_steps, "np_random": u.np_random.bit_generator.state}
+
+
+def restore_env_state(env: gym.Env, saved: dict) -> None:
+    u, limit = env.unwrapped, env
+    while not isinstance(limit, gym.wrappers.TimeLimit):
+        limit = limit.env
+    mujoco.mj_setState(u.model, u.data, saved["mujoco"], MJ_STATE)
+    mujoco.mj_forward(u.model, u.data)
+    limit._elapsed_steps = saved["elapsed_steps"]
+    u.np_random.bit_generator.state = saved["np_random"]
+
+
+def rng_state(device: torch.device) -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "numpy": np.random.get_state()}
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    np.random.set_state(state["numpy"])
+
+
+def read_export(path: str, kind: str) -> dict:
+    """An exported agent (pretrain.pt or final.pt) of this algorithm; ConfigError otherwise."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        saved = checkpoint["config"]
-        checkpoint["agent"]["actor"]
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        fmt, algo, saved_kind = saved["format"], saved["algo"], saved.get("kind")
+        saved["agent"]["actor"]
     except Exception as exc:
-        raise ConfigError(f"cannot read checkpoint '{path}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-    if saved["env"] != cfg.env:
-        raise ConfigError(f"checkpoint '{path}' was pretrained on {saved['env']}, not {cfg.env}")
-    saved_dims = (tuple(saved["actor_hidden_dims"]), tuple(saved["critic_hidden_dims"]))
-    if saved_dims != (tuple(cfg.actor_hidden_dims), tuple(cfg.critic_hidden_dims)):
-        raise ConfigError(f"checkpoint '{path}' has actor/critic hidden dims {saved_dims}; this run has {(cfg.actor_hidden_dims, cfg.critic_hidden_dims)}")
-    return checkpoint
+        raise ConfigError(f"cannot read checkpoint '{path}': {first_line(exc)}")
+    if saved_kind is None:
+        raise ConfigError(f"'{path}' is the training state of a run, not a finished {kind}; continue that run with --resume {Path(path).parent}")
+    if (fmt, algo, saved_kind) != (CHECKPOINT_FORMAT, ALGO, kind):
+        raise ConfigError(f"'{path}' is a {saved_kind} export of algorithms/{algo}.py (format {fmt}), not a {kind} of algorithms/{ALGO}.py")
+    return saved
 
 
+@dataclass
+class Run:
+    """Everything a train loop touches besides its own loop variables."""
+
+    cfg: Config
+    dir: Path
+    device: torch.device
+    agent: object
+    evaluate: Evaluator
+    log: RunLog
+    dataset: Optional[dict]  # {"id", "fingerprint"}; None for a run without a dataset
+    obs_dim: int
+    act_dim: int
+    stop: StopSignal
+    finite: FiniteCheck
+    wall_before: float  # seconds run before this process (resumed runs)
+    pretrain_time_s: Optional[float] = None
+    started: float = field(default_factory=time.time)
+
+    def wall_time(self) -> float:
+        return self.wall_before + time.time() - self.started
+
+    def save_checkpoint(self, phase: str, step: int, loop: dict) -> None:
+        """checkpoint.pt: the whole training state after `step` steps of `phase`. It is written only
+        after the finite check passes, so it always holds the last good state."""
+        self.finite.check(phase, step)
+        state = {
+            "format": CHECKPOINT_FORMAT, "algo": ALGO, "config": asdict(self.cfg), "dataset": self.dataset, "phase": phase, "step": step,
+            "agent": self.agent.state_dict(), "loop": loop, "rng": rng_state(self.device), "records": self.log.records,
+            "wall_time_s": self.wall_time(), "pretrain_time_s": self.pretrain_time_s,
+        }
+        atomic_write(self.dir / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+
+    def export(self, kind: str) -> None:
+        """pretrain.pt / final.pt: the agent (networks, optimisers, temperature) and its config."""
+        state = {"format": CHECKPOINT_FORMAT, "algo": ALGO, "kind": kind, "config": asdict(self.cfg), "dataset": self.dataset, "obs_dim": self.obs_dim, "act_dim": self.act_dim, "agent": self.agent.state_dict()}
+        atomic_write(self.dir / f"{kind}.pt", lambda tmp: torch.save(state, tmp))
+
+    def write_summary(self, status: str, error: Optional[str] = None) -> None:
+        """summary.json: status (finished / interrupted / diverged), scores, final Q diagnostics,
+        wall time, device and versions; the same keys in every algorithm file."""
+        online = [r for r in self.log.records if r["phase"] != "pretrain"]
+        last = online[-1] if online else {}
+        scores = [r["normalized_score"] for r in online if r["normalized_score"] is not None]
+        summary = {
+            "status": status, "error": error, "algo": ALGO, "env": self.cfg.env, "seed": self.cfg.seed, "run_name": self.cfg.run_name,
+            "dataset": self.dataset, "env_steps": last.get("env_steps", 0),
+            "pretrained_score": online[0]["normalized_score"] if online and online[0]["env_steps"] == 0 else None,
+            "final_score": last.get("normalized_score"), "best_score": max(scores) if scores else None, "final_return": last.get("return"),
+            "final_q_bias": last.get("q_bias"), "final_kendall_tau": last.get("kendall_tau"), "final_q_std_policy": last.get("q_std_policy"),
+            "wall_time_s": round(self.wall_time(), 1), "pretrain_time_s": None if self.pretrain_time_s is None else round(self.pretrain_time_s, 1),
+            "resume_command": None if status == "finished" else f"python algorithms/{ALGO}.py --resume {self.dir}",
+            "device": str(self.device), "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),
+            "versions": versions(),
+        }
+        atomic_write(self.dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+
+
+def run_to_end(run: Run, train_phases) -> Path:
+    """Run the phases; on a signal or divergence write the summary and exit with its code."""
+    try:
+        train_phases(run)
+    except Stopped:
+        run.write_summary("interrupted")
+        run.log.close()
+        print(f"{ALGO}.py: stopped by signal {run.stop.signum}; checkpoint written. Resume with: python algorithms/{ALGO}.py --resume {run.dir}", file=sys.stderr)
+        sys.exit(128 + run.stop.signum)
+    except Diverged as exc:
+        run.write_summary("diverged", str(exc))
+        run.log.close()
+        print(f"{ALGO}.py: error: diverged: {exc}; the last good state is {run.dir / 'checkpoint.pt'}", file=sys.stderr)
+        sys.exit(EXIT_DIVERGED)
+    finally:
+        run.stop.restore()
+    run.write_summary("finished")
+    run.log.close()
+    return run.dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Train loop
+# ----------------------------------------------------------------------------------------------
 def losses_record(losses: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v) for k, v in losses.items()}
 
 
-def pretrain(agent: CalQLAgent, data: ReplayBuffer, cfg: Config, evaluate: Evaluator, log: RunLog) -> None:
-    losses = {}
-    progress = tqdm(range(1, cfg.pretrain_steps + 1), desc="pretrain (Cal-QL)" if cfg.calibrate else "pretrain (CQL)", unit="upd", mininterval=1)
+def pretrain(run: Run, data: ReplayBuffer, step: int, loop: dict) -> None:
+    """Cal-QL / CQL gradient steps step+1 .. pretrain_steps; loop holds the drawn batch indices."""
+    cfg, agent = run.cfg, run.agent
     # Indices for many steps are drawn at once; a batch is gathered per step from the device buffer.
-    chunk = 1000
+    chunk, indices = 1000, None if loop["indices"] is None else loop["indices"].to(run.device)
+    desc = "pretrain (Cal-QL)" if cfg.calibrate else "pretrain (CQL)"
+    progress = tqdm(range(step + 1, cfg.pretrain_steps + 1), desc=desc, unit="upd", mininterval=1, initial=step, total=cfg.pretrain_steps)
     for step in progress:
         if (step - 1) % chunk == 0:
             indices = torch.randint(0, data.size, (chunk, cfg.batch_size), device=data.rows.device)
         losses = agent.update(data.rows[indices[(step - 1) % chunk]], data.split, conservative=True, calibrate=cfg.calibrate)
+        run.finite.watch(losses)
         if step % cfg.pretrain_eval_every == 0 or step == cfg.pretrain_steps:
-            record = {"phase": "pretrain", "step": step, "env_steps": 0, **evaluate(agent), **losses_record(losses)}
-            log.write(record)
+            run.finite.check("pretrain", step)
+            record = {"phase": "pretrain", "step": step, "env_steps": 0, **run.evaluate(agent), **losses_record(losses)}
+            run.log.write(record)
             progress.set_postfix(score=f"{record['normalized_score']:.1f}")
+        if run.stop.signum is not None or step % cfg.checkpoint_every == 0:
+            run.save_checkpoint("pretrain", step, {"indices": indices})
+        if run.stop.signum is not None:
+            raise Stopped
+    progress.close()
 
 
-def finetune(agent: CalQLAgent, offline: ReplayBuffer, base: str, dataset_id: str, cfg: Config, evaluate: Evaluator, log: RunLog, obs_dim: int, act_dim: int, device: torch.device) -> None:
-    online = ReplayBuffer(cfg.online_steps, obs_dim, act_dim, device)
+def new_trajectory() -> dict[str, list]:
+    return {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
+
+
+def finetune(run: Run, offline: ReplayBuffer, step: int, loop: Optional[dict]) -> None:
+    """Online env steps step+1 .. online_steps. Released code: one whole trajectory with the current
+    stochastic policy, then len(trajectory) * utd updates; the budget cuts the last trajectory,
+    as a truncation. Each iteration below is one env step or one update, so a signal stops the
+    run between any two; loop (None at the start) holds the online rows, the running episode,
+    the trajectory so far, the updates still owed and the frozen critic of SERA."""
+    cfg, agent, device = run.cfg, run.agent, run.device
+    online = ReplayBuffer(cfg.online_steps, run.obs_dim, run.act_dim, device)
     offline_batch = int(cfg.batch_size * cfg.mixing_ratio)
     online_batch = cfg.batch_size - offline_batch
     calibrate = cfg.calibrate and cfg.calibrate_online
+    env = make_env(parse_env_name(cfg.env)[0], run.dataset["id"])
+    obs, _ = env.reset(seed=cfg.seed)
     # SERA conditions on the critic as pretraining left it, frozen for the whole finetuning.
     frozen_critic = copy.deepcopy(agent.critic).requires_grad_(False) if cfg.sera else None
-
-    env = make_env(base, dataset_id)
-    obs, _ = env.reset(seed=cfg.seed)
-    # Host staging row for the policy input: filled in place each env step, no new tensor.
-    obs_stage = torch.zeros(obs_dim, pin_memory=device.type == "cuda")
-    env_steps, updates, losses = 0, 0, {}
-    log.write({"phase": "finetune", "step": 0, "env_steps": 0, **evaluate(agent)})
-    progress = tqdm(total=cfg.online_steps, desc="finetune (Cal-QL)" if calibrate else "finetune (CQL)", unit="env step", mininterval=1)
-    while env_steps < cfg.online_steps:
-        # Released code: one whole trajectory with the current stochastic policy, then
-        # len(trajectory) * utd updates. The budget cuts the last one, as a truncation.
-        trajectory = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
-        done = False
-        while not done:
+    if loop is None:
+        env_steps, updates, pending, trajectory_start, trajectory, losses = 0, 0, 0, 0, new_trajectory(), {}
+        run.finite.check("finetune", 0)
+        run.log.write({"phase": "finetune", "step": 0, "env_steps": 0, **run.evaluate(agent)})
+    else:
+        online.load_state_dict(loop["online"])
+        restore_env_state(env, loop["env"])
+        if frozen_critic is not None:
+            frozen_critic.load_state_dict(loop["frozen_critic"])
+        env_steps, obs, updates, pending, trajectory_start, trajectory, losses = step, *(loop[k] for k in ("obs", "updates", "pending", "trajectory_start", "trajectory", "losses"))
+    obs_stage = torch.zeros(run.obs_dim, pin_memory=device.type == "cuda")
+    progress = tqdm(total=cfg.online_steps, initial=env_steps, desc="finetune (Cal-QL)" if calibrate else "finetune (CQL)", unit="env step", mininterval=1)
+    while env_steps < cfg.online_steps or pending > 0:
+        stepped = pending == 0
+        if stepped:  # one env step of the running trajectory
             with torch.no_grad():
                 obs_stage.numpy()[:] = obs
                 action = agent.actor(obs_stage.to(device)[None])[0][0].cpu().numpy()
             next_obs, reward, terminated, truncated, _ = env.step(action)
             env_steps += 1
+            progress.update(1)
             truncated = truncated or env_steps == cfg.online_steps
             for key, value in zip(trajectory, (obs, action, reward, next_obs, terminated, truncated and not terminated)):
                 trajectory[key].append(value)
-            done = terminated or truncated
             obs = next_obs
-        obs = env.reset()[0]
-        online.extend(transition_rows({k: np.asarray(v, dtype=np.float32) for k, v in trajectory.items()}, cfg))
-        progress.update(len(trajectory["rewards"]))
-
-        for _ in range(len(trajectory["rewards"]) * cfg.utd):
+            if terminated or truncated:
+                obs = env.reset()[0]
+                online.extend(transition_rows({k: np.asarray(v, dtype=np.float32) for k, v in trajectory.items()}, cfg))
+                pending = len(trajectory["rewards"]) * cfg.utd
+                trajectory_start, trajectory = env_steps - len(trajectory["rewards"]), new_trajectory()
+        else:  # one of the updates owed to the last trajectory
             batch = torch.cat([offline.sample((offline_batch,)), online.sample((online_batch,))])
             bonus, r_int = sera_bonus(frozen_critic, batch, offline_batch, online.split, cfg) if frozen_critic is not None else (None, None)
             losses = agent.update(batch, online.split, conservative=not cfg.loose, calibrate=calibrate, bonus=bonus)
             if r_int is not None:
                 losses["sera_reward"] = r_int.mean()
-            updates += 1
-
-        previous = env_steps - len(trajectory["rewards"])
-        if env_steps // cfg.eval_every > previous // cfg.eval_every or env_steps == cfg.online_steps:
-            record = {"phase": "finetune", "step": updates, "env_steps": env_steps, **evaluate(agent), **losses_record(losses)}
-            log.write(record)
-            progress.set_postfix(score=f"{record['normalized_score']:.1f}")
+            run.finite.watch(losses)
+            updates, pending = updates + 1, pending - 1
+            if pending == 0 and (env_steps // cfg.eval_every > trajectory_start // cfg.eval_every or env_steps == cfg.online_steps):
+                run.finite.check("finetune", env_steps)
+                record = {"phase": "finetune", "step": updates, "env_steps": env_steps, **run.evaluate(agent), **losses_record(losses)}
+                run.log.write(record)
+                progress.set_postfix(score=f"{record['normalized_score']:.1f}")
+        done = env_steps == cfg.online_steps and pending == 0
+        if run.stop.signum is not None or (stepped and env_steps % cfg.checkpoint_every == 0) or done:
+            loop = {
+                "online": online.state_dict(), "env": env_state(env), "obs": obs, "updates": updates, "pending": pending, "trajectory_start": trajectory_start,
+                "trajectory": trajectory, "losses": losses, "frozen_critic": None if frozen_critic is None else frozen_critic.state_dict(),
+            }
+            run.save_checkpoint("finetune", env_steps, loop)
+        if run.stop.signum is not None:
+            raise Stopped
     progress.close()
 
 
-def resolve_config(cfg: Config) -> Config:
-    """Check every value; ConfigError if bad."""
-    parse_env_name(cfg.env)
-    online_batch = cfg.batch_size - int(cfg.batch_size * cfg.mixing_ratio)
-    checks = [
-        (cfg.utd >= 1, "utd must be >= 1"), (cfg.pretrain_steps >= 0, "pretrain_steps must be >= 0"),
-        (cfg.online_steps >= 1, "online_steps must be >= 1"), (cfg.batch_size >= 2, "batch_size must be >= 2"),
-        (0 <= cfg.mixing_ratio < 1, "mixing_ratio must be in [0, 1): finetuning batches need online rows"),
-        (int(cfg.batch_size * cfg.mixing_ratio) >= 1 or cfg.mixing_ratio == 0, "batch_size * mixing_ratio must give at least one offline row"),
-        (cfg.cql_n_actions >= 1, "cql_n_actions must be >= 1"), (cfg.cql_alpha >= 0, "cql_alpha must be >= 0"),
-        (cfg.eval_every >= 1 and cfg.pretrain_eval_every >= 1, "eval_every and pretrain_eval_every must be >= 1"),
-        (cfg.eval_episodes >= 1, "eval_episodes must be >= 1"), (cfg.kendall_windows >= 1, "kendall_windows must be >= 1"),
-        (cfg.mc_tail_steps >= 0, "mc_tail_steps must be >= 0"), (cfg.random_dataset_steps >= 1, "random_dataset_steps must be >= 1"),
-        (0 < cfg.gamma < 1 and 0 < cfg.tau <= 1, "gamma must be in (0, 1) and tau in (0, 1]"),
-        (min(cfg.actor_lr, cfg.critic_lr) > 0, "learning rates must be > 0"),
-        (len(cfg.actor_hidden_dims) >= 1 and len(cfg.critic_hidden_dims) >= 1 and min(*cfg.actor_hidden_dims, *cfg.critic_hidden_dims) >= 1, "hidden dims must be positive and non-empty"),
-        (cfg.sera_lambda >= 0, "sera_lambda must be >= 0"),
-        (not cfg.sera or 1 <= cfg.sera_k <= online_batch - (0 if cfg.sera_include_self else 1), f"sera_k must be in [1, {online_batch - (0 if cfg.sera_include_self else 1)}] (the online rows of a batch{'' if cfg.sera_include_self else ', minus the sample itself'})"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    if cfg.device != "auto":
-        try:
-            torch.empty(0, device=cfg.device)
-        except (RuntimeError, AssertionError) as exc:
-            raise ConfigError(f"device '{cfg.device}' is not usable: {str(exc).splitlines()[0]}")
-    return cfg
+def read_pretrained(cfg: Config) -> dict:
+    """A finished pretraining (pretrain.pt) that fits this run; ConfigError otherwise."""
+    saved = read_export(cfg.pretrained, "pretrain")
+    config = saved["config"]
+    if config["env"] != cfg.env:
+        raise ConfigError(f"checkpoint '{cfg.pretrained}' was pretrained on {config['env']}, not {cfg.env}")
+    saved_dims = (tuple(config["actor_hidden_dims"]), tuple(config["critic_hidden_dims"]))
+    if saved_dims != (tuple(cfg.actor_hidden_dims), tuple(cfg.critic_hidden_dims)):
+        raise ConfigError(f"checkpoint '{cfg.pretrained}' has actor/critic hidden dims {saved_dims}; this run has {(cfg.actor_hidden_dims, cfg.critic_hidden_dims)}")
+    return saved
 
 
-def parse_args(argv: list[str]) -> Config:
-    """tyro CLI; --config loads a YAML file of field values that the other flags override."""
-    cfg = tyro.cli(Config, args=argv)
-    if cfg.config is not None:
-        try:
-            values = yaml.safe_load(Path(cfg.config).read_text()) or {}
-            # YAML has lists, the config tuples.
-            defaults = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-        except (OSError, yaml.YAMLError, TypeError, AttributeError) as exc:
-            raise ConfigError(f"cannot use config file '{cfg.config}': {str(exc).splitlines()[0]}")
-        cfg = tyro.cli(Config, args=argv, default=replace(defaults, config=cfg.config))
-    return cfg
-
-
-def train(cfg: Config) -> Path:
+def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
+    """A new run (checkpoint None) or the continuation of a checkpointed one, to its end."""
     base, quality = parse_env_name(cfg.env)
-    checkpoint = load_checkpoint(cfg.pretrained, cfg) if cfg.pretrained else None
+    pretrained = read_pretrained(cfg) if cfg.pretrained is not None and checkpoint is None else None
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     arrays, dataset_id = load_dataset(base, quality, cfg.random_dataset_steps)
     obs_dim, act_dim = arrays["observations"].shape[1], arrays["actions"].shape[1]
+    data_info = {"id": dataset_id, "fingerprint": dataset_fingerprint(arrays)}
+    if checkpoint is not None and checkpoint["dataset"] != data_info:
+        raise ConfigError(f"--resume: dataset {dataset_id} on disk is not the one the run started with ({checkpoint['dataset']['fingerprint']}, now {data_info['fingerprint']})")
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    evaluate = Evaluator(base, dataset_id, cfg, device)
-    run_name = f"{cfg.env}__cal_ql__{cfg.seed}__{int(time.time())}"
-    run_dir = Path(cfg.out_dir) / run_name
-    run_dir.mkdir(parents=True, exist_ok=False)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({**asdict(cfg), "dataset_id": dataset_id, "device_resolved": str(device)}, sort_keys=False))
-    variant = ("Cal-QL" if cfg.calibrate else "CQL") + (" loose" if cfg.loose else "") + (" + SERA" if cfg.sera else "")
-    print(f"run {run_dir}: dataset {dataset_id} ({len(arrays['rewards'])} transitions), {variant}, device {device}", file=sys.stderr)
-
+    evaluate = Evaluator(base, [make_env(base, dataset_id) for _ in range(cfg.eval_episodes)], cfg, device)
     agent = CalQLAgent(obs_dim, act_dim, cfg, device)
-    log = RunLog(run_dir, cfg, run_name)
-    dataset = transition_rows(arrays, cfg)
-    offline = ReplayBuffer(len(dataset), obs_dim, act_dim, device)
-    offline.extend(dataset)
-    start = time.time()
-    stage = "pretrain"
-    try:
-        if checkpoint is not None:
-            agent.load_state_dict(checkpoint["agent"])
-        else:
-            pretrain(agent, offline, cfg, evaluate, log)
-            save_checkpoint(run_dir / "pretrain.pt", agent, cfg, obs_dim, act_dim)
-        pretrain_time = time.time() - start
-        stage = "finetune"
-        finetune(agent, offline, base, dataset_id, cfg, evaluate, log, obs_dim, act_dim, device)
-        save_checkpoint(run_dir / "final.pt", agent, cfg, obs_dim, act_dim)
-    except KeyboardInterrupt:
-        # Keep what was learned: the agent as it is now, and a summary saying where it stopped.
-        save_checkpoint(run_dir / f"interrupted_{stage}.pt", agent, cfg, obs_dim, act_dim)
-        write_summary(run_dir, log, cfg, device, dataset_id, time.time() - start, None, interrupted=stage)
-        log.close()
-        print(f"interrupted during {stage}; agent saved to {run_dir / f'interrupted_{stage}.pt'}", file=sys.stderr)
-        sys.exit(130)
-    write_summary(run_dir, log, cfg, device, dataset_id, time.time() - start, pretrain_time, interrupted=None)
-    log.close()
-    return run_dir
+    if pretrained is not None:
+        agent.load_state_dict(pretrained["agent"])
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint["agent"])
+        restore_rng_state(checkpoint["rng"], device)
+    run_dir = new_run_dir(cfg) if checkpoint is None else Path(cfg.resume)
+    atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump({**asdict(cfg), "dataset_id": dataset_id, "device_resolved": str(device)}, sort_keys=False)))
+    parameters = {"actor": list(agent.actor.parameters()), "critic": list(agent.critic.parameters()), "alpha": [agent.log_alpha, agent.log_cql_alpha]}
+    run = Run(
+        cfg, run_dir, device, agent, evaluate, RunLog(run_dir, cfg, [] if checkpoint is None else checkpoint["records"]), data_info,
+        obs_dim, act_dim, StopSignal(), FiniteCheck(parameters), 0.0 if checkpoint is None else checkpoint["wall_time_s"],
+        None if checkpoint is None else checkpoint["pretrain_time_s"],
+    )
+    if checkpoint is None:
+        phase, step, loop = ("pretrain", 0, {"indices": None}) if pretrained is None else ("finetune", 0, None)
+        run.save_checkpoint(phase, step, loop)  # from here on, --resume works
+    else:
+        phase, step, loop = checkpoint["phase"], checkpoint["step"], checkpoint["loop"]
+    variant = ("Cal-QL" if cfg.calibrate else "CQL") + (" loose" if cfg.loose else "") + (" + SERA" if cfg.sera else "")
+    print(f"run {run_dir}: dataset {dataset_id} ({len(arrays['rewards'])} transitions), {variant}, device {device}, {phase} from step {step}", file=sys.stderr)
+    offline = ReplayBuffer(len(arrays["rewards"]), obs_dim, act_dim, device)
+    offline.extend(transition_rows(arrays, cfg))
 
+    def phases(run: Run) -> None:
+        nonlocal step, loop
+        if phase == "pretrain":
+            pretrain(run, offline, step, loop)
+            run.pretrain_time_s = run.wall_time()
+            run.export("pretrain")
+            step, loop = 0, None
+            run.save_checkpoint("finetune", step, loop)
+        finetune(run, offline, step, loop)
+        run.export("final")
 
-def write_summary(run_dir: Path, log: RunLog, cfg: Config, device, dataset_id: str, wall: float, pretrain_time: Optional[float], interrupted: Optional[str]) -> None:
-    online = [r for r in log.records if r["phase"] == "finetune"]
-    scores = [r["normalized_score"] for r in online]
-    summary = {
-        "env": cfg.env, "dataset_id": dataset_id, "seed": cfg.seed,
-        "pretrained_score": scores[0] if scores else None, "final_score": scores[-1] if scores else None,
-        "best_score": max(scores) if scores else None, "final_q_bias": online[-1]["q_bias"] if online else None,
-        "final_kendall_tau": online[-1]["kendall_tau"] if online else None,
-        "wall_time_s": round(wall, 1), "pretrain_time_s": None if pretrain_time is None else round(pretrain_time, 1),
-        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch_version": torch.__version__, "interrupted": interrupted,
-    }
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, run_dir / "summary.json")
+    return run_to_end(run, phases)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     try:
-        cfg = resolve_config(parse_args(sys.argv[1:] if argv is None else argv))
-        run_dir = train(cfg)
+        cfg, checkpoint = parse_args(sys.argv[1:] if argv is None else argv)
+        run_dir = train(resolve_config(cfg), checkpoint)
     except ConfigError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        print(f"{ALGO}.py: interrupted before training started", file=sys.stderr)
+        sys.exit(130)
     print(f"done: {run_dir}", file=sys.stderr)
 
 

@@ -348,6 +348,7 @@ GYM_IDS = {
     "door": "AdroitHandDoor-v1",
 }
 ADROIT = ("pen", "door")
+GENERATED = ("halfcheetah", "hopper", "walker2d", "ant")  # scripts/make_dataset.py makes their sets
 LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
 ADROIT_QUALITIES = ("human", "cloned", "expert")
 # D4RL reference returns (random, expert) that define the normalised score.
@@ -496,14 +497,17 @@ def download_dataset(base: str, quality: str, local_id: str, hub_ids: list[str])
         except Exception as exc:  # no network, missing hf extra, id gone: all mean "unavailable"
             errors.append(f"{hub_id}: {first_line(exc)}")
     tried = f"; download failed ({'; '.join(errors)})" if errors else " and the Minari hub has no such dataset"
-    make = "" if base in ADROIT else f"; generate it with: python scripts/make_dataset.py {base}-{quality}"
+    make = "" if base not in GENERATED else f"; generate it with: python scripts/make_dataset.py {base}-{quality}"
     raise ConfigError(f"dataset '{base}-{quality}' is not on disk (looked for {', '.join([local_id, *hub_ids])}){tried}. It is unavailable offline{make}")
 
 
-def dataset_fingerprint(rows: torch.Tensor) -> str:
-    """Content hash of the dataset's transition rows: a resumed run checks that it reloaded the
-    same data (the checkpoint does not copy the dataset)."""
-    return f"{rows.shape[0]}x{rows.shape[1]}:" + hashlib.blake2b(rows.numpy().tobytes(), digest_size=16).hexdigest()
+def dataset_fingerprint(arrays: dict[str, np.ndarray]) -> str:
+    """Content hash of the flat dataset arrays: a resumed run checks that it reloaded the same data
+    (the checkpoint does not copy the dataset)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(arrays):
+        digest.update(key.encode() + np.ascontiguousarray(arrays[key]).tobytes())
+    return f"{len(arrays['rewards'])} transitions, blake2b {digest.hexdigest()}"
 
 
 def make_env(base: str) -> gym.Env:
@@ -1209,7 +1213,7 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
     arrays, dataset_id = load_dataset(base, quality, cfg.random_dataset_steps)
     dataset = dataset_rows(arrays)
     obs_dim, act_dim = arrays["observations"].shape[1], arrays["actions"].shape[1]
-    data_info = {"id": dataset_id, "fingerprint": dataset_fingerprint(dataset)}
+    data_info = {"id": dataset_id, "fingerprint": dataset_fingerprint(arrays)}
     if checkpoint is not None and checkpoint["dataset"] != data_info:
         raise ConfigError(f"--resume: dataset {dataset_id} on disk is not the one the run started with ({checkpoint['dataset']['fingerprint']}, now {data_info['fingerprint']})")
 
