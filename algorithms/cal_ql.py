@@ -555,11 +555,19 @@ def load_dataset(base: str, quality: str, random_steps: int) -> tuple[dict[str, 
 
 def download_dataset(base: str, quality: str, local_id: str, hub_ids: list[str]) -> str:
     """Minari's download of the first hub id that works; ConfigError naming the way to make the
-    dataset offline. Without network, huggingface_hub's retries are skipped (HF_HUB_OFFLINE)."""
+    dataset offline. Without a network the hub's name does not resolve: that fails at once,
+    where the download itself would retry for ~25 s."""
+    import socket
+
     import minari
 
     errors = []
-    for hub_id in hub_ids:
+    try:
+        if hub_ids:
+            socket.getaddrinfo("huggingface.co", 443)
+    except OSError as exc:
+        errors.append(f"the Minari hub (huggingface.co) is unreachable: {first_line(exc)}")
+    for hub_id in hub_ids if not errors else []:
         try:
             minari.download_dataset(hub_id)
             return hub_id

@@ -9,27 +9,34 @@ scripts/make_dataset.py (`--stop-score` ends training at a target deterministic 
 
 Deliberate differences from the paper and common implementations:
   - networks are 2x256 ReLU (as in the paper and CleanRL); actor init and log-std clip [-5, 2]
-    follow the other files of this project (EDAC), so one Actor class serves everywhere.
+    follow the other files of this project (EDAC), so one Actor class serves everywhere. The
+    critics keep nn.Linear's default init (unlike the EDAC init of so2.py / cal_ql.py): the
+    shipped behaviour policies were trained with it, and make_dataset.py re-runs their training.
   - evaluation is batched (all episodes together, fixed seeded start states) and reports the
     same Q diagnostics as algorithms/so2.py (the paper uses online SAC as its Q reference).
-  - checkpoints hold the whole training state (networks, optimisers, temperature, replay buffer,
-    RNG states and the exact MuJoCo state of the running episode), so a resumed run ends in the
-    same state as an uninterrupted one (on CPU: bit for bit).
+  - the run folder (checkpoint.pt with the whole training state, --resume, signals, divergence)
+    is the same in every algorithm file; a resumed run ends in the same state as an
+    uninterrupted one (on CPU: bit for bit).
   - gymnasium 1.x semantics: done = terminated; a time-limit truncation bootstraps from the real
     final observation, which env.step returns before the manual reset.
 """
 
+
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import math
 import os
+import platform
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import mujoco
@@ -40,6 +47,8 @@ import tyro
 import yaml
 from tqdm import tqdm
 
+ALGO = "sac"
+
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -48,6 +57,11 @@ from tqdm import tqdm
 class Config:
     env: str = "halfcheetah"
     """Environment: halfcheetah, hopper, walker2d or ant (gymnasium v5 MuJoCo)."""
+    config: Optional[str] = None
+    """YAML file of field values; flags given on the command line override it."""
+    resume: Optional[str] = None
+    """Run folder to continue from its checkpoint.pt; its saved config is the default and flags
+    override it (e.g. a larger --total-steps continues a finished run; not env, seed or sizes)."""
     seed: int = 0
     """Seed of torch, numpy and the environments; same seed on CPU gives identical runs."""
     device: str = "auto"
@@ -76,31 +90,171 @@ class Config:
     """Evaluation episodes, run together with one batched policy forward per step."""
     stop_score: Optional[float] = None
     """Stop once an evaluation's normalised score reaches this (e.g. a 'medium' policy)."""
-    checkpoint_every: int = 50_000
-    """Save the whole training state every this many env steps (and at the end / on Ctrl-C)."""
-    resume: Optional[str] = None
-    """Run folder to resume from its checkpoint.pt; its config is the default, flags override it
-    (e.g. a larger --total-steps continues a finished run)."""
     kendall_windows: int = 10
     """M: each evaluation episode is cut into M consecutive windows for Kendall's tau."""
     mc_tail_steps: int = 460
     """Q diagnostics skip the last steps of a time-limit-truncated evaluation episode, whose
     Monte-Carlo return misses the cut-off tail (0.99^460 < 1%)."""
+    checkpoint_every: int = 50_000
+    """Write checkpoint.pt every this many env steps, besides the end and a SIGINT / SIGTERM."""
     out_dir: str = "runs"
-    """Runs are written to <out_dir>/<env>__sac__<seed>__<unix time>/."""
+    """Runs are written to <out_dir>/<env>__sac[-<run_name>]__<seed>__<unix time>/."""
+    run_name: Optional[str] = None
+    """Name added to the run folder to tell variants apart (letters, digits, '.', '-')."""
     track: bool = False
     """Log to Weights & Biases (works with WANDB_MODE=offline)."""
-    wandb_project: str = "so2"
-    """W&B project name."""
+    wandb_project: str = "offline-to-online"
+    """W&B project name (runs are grouped by algorithm)."""
+
+
+# Fields a resumed run cannot change: they define the environment, the networks or the evaluation.
+RESUME_FIXED = ("env", "seed", "hidden_dim", "buffer_size", "eval_episodes")
+
+
+def resolve_config(cfg: Config) -> Config:
+    """Check every value; ConfigError if bad."""
+    check([(cfg.env in GYM_IDS, f"unknown env '{cfg.env}'; expected one of {', '.join(GYM_IDS)}")])
+    check_common(cfg)
+    check([
+        (cfg.total_steps >= 1, "total_steps must be >= 1"), (cfg.learning_starts >= 0, "learning_starts must be >= 0"),
+        (1 <= cfg.buffer_size <= 100_000_000 and cfg.batch_size >= 1, "buffer_size must be in [1, 1e8] and batch_size >= 1"),
+        (1 <= cfg.hidden_dim <= 65536, "hidden_dim must be in [1, 65536]"),
+        (0 < cfg.gamma <= 1 and 0 < cfg.tau <= 1, "gamma and tau must be in (0, 1]"),
+        (0 < cfg.actor_lr <= 1 and 0 < cfg.critic_lr <= 1, "learning rates must be in (0, 1]"),
+    ])
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Config parsing and checks (the same block in every algorithm file)
+# ----------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = 1  # of checkpoint.pt, pretrain.pt and final.pt
 
 
 class ConfigError(Exception):
-    """Bad input: reported as one line on stderr, exit code 2."""
+    """Bad input: reported as one line on stderr, exit code 2, before any compute or run folder."""
 
 
 def fail(message: str) -> None:
-    print(f"sac.py: error: {message}", file=sys.stderr)
+    print(f"{ALGO}.py: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def type_problem(value, hint) -> bool:
+    """True if value does not fit the type hint (int, float, bool, str, Optional, Literal, tuple);
+    floats must be finite."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return all(type_problem(value, arg) for arg in args)
+    if origin is Literal:
+        return value not in args
+    if origin is tuple:
+        return not isinstance(value, tuple) or any(type_problem(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is not None
+    if hint is float:
+        return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if hint is int:
+        return isinstance(value, bool) or not isinstance(value, int)
+    return not isinstance(value, hint)
+
+
+def check_types(cfg: Config, source: str) -> None:
+    hints = typing.get_type_hints(Config)
+    for f in fields(Config):
+        value = getattr(cfg, f.name)
+        if type_problem(value, hints[f.name]):
+            raise ConfigError(f"{source}{f.name} must be {str(hints[f.name]).replace('typing.', '')}, got {value!r}")
+
+
+def check(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def writable_dir_problem(path: Path) -> Optional[str]:
+    """Why files cannot be created under path (a file in the way, no write permission), or None."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"'{existing}' is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"'{existing}' is not writable"
+    return None
+
+
+def check_common(cfg: Config) -> None:
+    """Types (from the --config file too), finite numbers, seed, evaluation, paths and device."""
+    check_types(cfg, "")
+    check([
+        (0 <= cfg.seed < 2**31, "seed must be in [0, 2^31)"),
+        (1 <= cfg.eval_episodes <= 1000, "eval_episodes must be in [1, 1000]"),
+        (cfg.eval_every >= 1 and cfg.checkpoint_every >= 1, "eval_every and checkpoint_every must be >= 1"),
+        (cfg.kendall_windows >= 1 and cfg.mc_tail_steps >= 0, "kendall_windows must be >= 1 and mc_tail_steps >= 0"),
+        (cfg.run_name is None or (cfg.run_name.replace("-", "").replace(".", "").isalnum() and "__" not in cfg.run_name), "run_name may hold letters, digits, '.' and '-' only"),
+    ])
+    problem = writable_dir_problem(Path(cfg.out_dir))
+    if problem:
+        raise ConfigError(f"out_dir '{cfg.out_dir}' cannot hold run folders: {problem}")
+    if cfg.device != "auto":
+        try:
+            torch.empty(0, device=cfg.device)
+        except (RuntimeError, AssertionError) as exc:
+            raise ConfigError(f"device '{cfg.device}' is not usable: {first_line(exc)}")
+
+
+def read_config_file(path: str) -> Config:
+    """Field values from a YAML file (lists become tuples); the type checks come later."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise TypeError("expected a mapping of field names to values")
+        return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except (OSError, yaml.YAMLError, TypeError) as exc:
+        raise ConfigError(f"cannot use config file '{path}': {first_line(exc)}")
+
+
+def read_checkpoint(run_dir: str) -> dict:
+    """RUN_DIR/checkpoint.pt of this algorithm; ConfigError otherwise."""
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        raise ConfigError(f"--resume: no checkpoint.pt in '{run_dir}' (a run folder of this project's algorithm files, after its first checkpoint)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        fmt, algo = checkpoint["format"], checkpoint["algo"]
+    except Exception as exc:
+        raise ConfigError(f"--resume: cannot read '{path}': {first_line(exc)}")
+    if fmt != CHECKPOINT_FORMAT or algo != ALGO:
+        raise ConfigError(f"--resume: '{path}' is a checkpoint of algorithms/{algo}.py (format {fmt}), not of algorithms/{ALGO}.py (format {CHECKPOINT_FORMAT})")
+    return checkpoint
+
+
+def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
+    """tyro CLI -> (config, checkpoint to resume or None). --config FILE: the file's values are
+    the defaults that flags override. --resume RUN_DIR: the run's saved config is the default;
+    flags override it, except the RESUME_FIXED fields."""
+    cfg = tyro.cli(Config, args=argv)
+    if cfg.resume is not None:
+        if cfg.config is not None:
+            raise ConfigError("--resume continues with the run's saved config; leave out --config")
+        checkpoint = read_checkpoint(cfg.resume)
+        saved = replace(Config(**checkpoint["config"]), resume=cfg.resume)
+        cfg = tyro.cli(Config, args=argv, default=saved)
+        changed = [name for name in RESUME_FIXED if getattr(cfg, name) != getattr(saved, name)]
+        if changed:
+            raise ConfigError(f"--resume: {', '.join(changed)} cannot change in a resumed run (saved: {', '.join(f'{n}={getattr(saved, n)}' for n in changed)})")
+        return cfg, checkpoint
+    if cfg.config is not None:
+        defaults = read_config_file(cfg.config)
+        check_types(defaults, f"config file '{cfg.config}': ")  # before tyro sees the defaults
+        cfg = tyro.cli(Config, args=argv, default=replace(defaults, config=cfg.config))
+    return cfg, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,32 +268,15 @@ REF_SCORES = {
     "walker2d": (1.629008, 4592.3),
     "ant": (-325.6, 3879.7),
 }
-MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads, warm-start included
 
 
-def normalized_score(env: str, returns):
-    low, high = REF_SCORES[env]
+def normalized_score(base: str, returns):
+    low, high = REF_SCORES[base]
     return 100.0 * (np.asarray(returns) - low) / (high - low)
 
 
 def make_env(env: str) -> gym.Env:
     return gym.make(GYM_IDS[env])
-
-
-def env_state(env: gym.Env) -> dict:
-    """The running episode exactly: MuJoCo integration state, time-limit counter, env RNG."""
-    u = env.unwrapped
-    state = np.empty(mujoco.mj_stateSize(u.model, MJ_STATE))
-    mujoco.mj_getState(u.model, u.data, state, MJ_STATE)
-    return {"mujoco": state, "elapsed_steps": env._elapsed_steps, "np_random": u.np_random.bit_generator.state}
-
-
-def restore_env_state(env: gym.Env, saved: dict) -> None:
-    u = env.unwrapped
-    mujoco.mj_setState(u.model, u.data, saved["mujoco"], MJ_STATE)
-    mujoco.mj_forward(u.model, u.data)
-    env._elapsed_steps = saved["elapsed_steps"]
-    u.np_random.bit_generator.state = saved["np_random"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,14 +295,24 @@ class ReplayBuffer:
         self.stage_np = self.stage.numpy()
         self.offsets = np.cumsum([0] + self.sizes)
 
+    def extend(self, rows: torch.Tensor) -> None:
+        """Append rows in order, to the same slots as adding them one by one would."""
+        n = rows.shape[0]
+        start = (self.ptr + max(n - self.capacity, 0)) % self.capacity
+        rows = rows[-self.capacity :].to(self.rows.device)
+        first = min(len(rows), self.capacity - start)
+        self.rows[start : start + first] = rows[:first]
+        self.rows[: len(rows) - first] = rows[first:]
+        self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
+
     def add(self, obs, action, reward, next_obs, done) -> None:
         for k, value in enumerate((obs, action, reward, next_obs, done)):
             self.stage_np[self.offsets[k] : self.offsets[k + 1]] = value
         self.rows[self.ptr].copy_(self.stage)  # blocking: the staging row is rewritten next step
         self.ptr, self.size = (self.ptr + 1) % self.capacity, min(self.size + 1, self.capacity)
 
-    def sample(self, batch_size: int) -> torch.Tensor:
-        return self.rows[torch.randint(0, self.size, (batch_size,), device=self.rows.device)]
+    def sample(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.rows[torch.randint(0, self.size, shape, device=self.rows.device)]
 
     def split(self, batch: torch.Tensor):
         """Rows -> (obs, action, reward, next_obs, done), reward and done without the last dim."""
@@ -184,13 +331,19 @@ class ReplayBuffer:
 # Networks
 # ----------------------------------------------------------------------------------------------
 class Actor(nn.Module):
-    """Tanh-Gaussian policy, 2x256 ReLU trunk, log-std clipped to [-5, 2]."""
+    """Tanh-Gaussian policy, ReLU trunk of the given widths; log-std = head + log_std_offset,
+    clipped to [-5, 2] (EDAC). Hidden biases 0.1, heads U(-1e-3, 1e-3)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], log_std_offset: float = 0.0):
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-        self.mu = nn.Linear(hidden, act_dim)
-        self.log_std = nn.Linear(hidden, act_dim)
+        layers, fan_in = [], obs_dim
+        for width in hidden_dims:
+            layers += [nn.Linear(fan_in, width), nn.ReLU()]
+            fan_in = width
+        self.trunk = nn.Sequential(*layers)
+        self.mu = nn.Linear(fan_in, act_dim)
+        self.log_std = nn.Linear(fan_in, act_dim)
+        self.log_std_offset = log_std_offset
         for layer in self.trunk[::2]:
             nn.init.constant_(layer.bias, 0.1)
         for head in (self.mu, self.log_std):
@@ -203,7 +356,7 @@ class Actor(nn.Module):
         mu = self.mu(h)
         if deterministic:
             return torch.tanh(mu), None
-        log_std = self.log_std(h).clamp(-5.0, 2.0)
+        log_std = (self.log_std(h) + self.log_std_offset).clamp(-5.0, 2.0)
         u = mu + log_std.exp() * torch.randn_like(mu)
         # log N(u; mu, std) - log|d tanh(u)/du|, with log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)).
         log_prob = (-0.5 * ((u - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
@@ -235,11 +388,15 @@ class VectorizedCritic(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses and updates
+# Losses and updates: the SAC learning rule (clipped double-Q soft target, auto temperature)
 # ----------------------------------------------------------------------------------------------
-def soft_target(reward, done, next_q, next_log_prob, alpha, gamma: float) -> torch.Tensor:
-    """Clipped double-Q soft target: r + gamma (1 - d) (min_i Q_i(s', a') - alpha log pi(a'|s'))."""
-    return reward + gamma * (1.0 - done) * (next_q.min(0).values - alpha * next_log_prob)
+def td_target(reward, done, next_q, next_log_prob, alpha, gamma: float, target: str) -> torch.Tensor:
+    """Soft TD target from target-network values next_q [N, B]: per member, y_i = r + gamma (1 - d)
+    (Q_i(s', a~') - alpha log pi(a'|s')) -> [N, B]; or with target='min' the min over members
+    -> [B] (EDAC / SAC-N). The entropy term uses the log-prob of the unperturbed next action."""
+    if target == "min":
+        next_q = next_q.min(0).values
+    return reward + gamma * (1.0 - done) * (next_q - alpha * next_log_prob)
 
 
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
@@ -252,7 +409,7 @@ class SACAgent:
 
     def __init__(self, obs_dim: int, act_dim: int, cfg: Config, device: torch.device):
         self.cfg = cfg
-        self.actor = Actor(obs_dim, act_dim, cfg.hidden_dim).to(device)
+        self.actor = Actor(obs_dim, act_dim, (cfg.hidden_dim, cfg.hidden_dim)).to(device)
         self.critic = VectorizedCritic(obs_dim, act_dim, cfg.hidden_dim).to(device)
         self.target_critic = VectorizedCritic(obs_dim, act_dim, cfg.hidden_dim).to(device)
         self.target_critic.load_state_dict(self.critic.state_dict())
@@ -282,7 +439,7 @@ class SACAgent:
         alpha = self.log_alpha.detach().exp()
         with torch.no_grad():
             next_action, next_log_prob = self.actor(next_obs)
-            y = soft_target(rew, done, self.target_critic(next_obs, next_action), next_log_prob, alpha, self.cfg.gamma)
+            y = td_target(rew, done, self.target_critic(next_obs, next_action), next_log_prob, alpha, self.cfg.gamma, "min")
         critic_loss = (self.critic(obs, act) - y).pow(2).mean(1).sum()
         self.critic_optim.zero_grad(set_to_none=True)
         critic_loss.backward()
@@ -324,25 +481,24 @@ def kendall_tau(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def windowed_kendall_tau(q_est: np.ndarray, q_true: np.ndarray, windows: int) -> list[float]:
-    """The SO2 paper's rank metric for one episode: cut the state-action pairs into `windows`
+    """The paper's rank metric for one episode: cut the state-action pairs into `windows`
     consecutive windows and compute Kendall's tau between estimated and true Q in each."""
     taus = [kendall_tau(a, b) for a, b in zip(np.array_split(q_est, windows), np.array_split(q_true, windows)) if len(a) > 1]
     return [t for t in taus if not math.isnan(t)]
 
 
 class Evaluator:
-    """Runs eval_episodes episodes together (one batched deterministic policy forward per step)
-    and computes the normalised score and the Q diagnostics on the collected rollouts. Every
-    evaluation starts from the same seeded initial states, so scores compare across evaluations
-    and runs; it draws nothing from the training RNG."""
+    """Runs one episode per env in `envs` together (one batched deterministic policy forward per
+    step) and computes the normalised score and the Q diagnostics on the collected rollouts.
+    Every evaluation starts from the same seeded initial states, so scores compare across
+    evaluations and runs; it draws nothing from the training RNG."""
 
-    def __init__(self, env: str, cfg: Config, device: torch.device):
-        self.env_name, self.cfg, self.device = env, cfg, device
-        self.envs = [make_env(env) for _ in range(cfg.eval_episodes)]
-        self.seeds = [cfg.seed * 1000 + 500 + i for i in range(cfg.eval_episodes)]
+    def __init__(self, base: str, envs: list[gym.Env], cfg: Config, device: torch.device):
+        self.base, self.envs, self.cfg, self.device = base, envs, cfg, device
+        self.seeds = [cfg.seed * 1000 + 500 + i for i in range(len(envs))]
 
     @torch.no_grad()
-    def __call__(self, agent: SACAgent) -> dict[str, float]:
+    def __call__(self, agent) -> dict[str, float]:
         obs = np.stack([env.reset(seed=s)[0] for env, s in zip(self.envs, self.seeds)]).astype(np.float32)
         episodes = [{"obs": [], "act": [], "rew": [], "terminated": False} for _ in self.envs]
         active = list(range(len(self.envs)))
@@ -362,11 +518,11 @@ class Evaluator:
                     still.append(i)
             active = still
         returns = np.array([sum(ep["rew"]) for ep in episodes])
-        result = {"return": float(returns.mean()), "return_std": float(returns.std()), "normalized_score": float(normalized_score(self.env_name, returns).mean())}
+        result = {"return": float(returns.mean()), "return_std": float(returns.std()), "normalized_score": float(normalized_score(self.base, returns).mean())}
         result.update(self.q_diagnostics(agent, episodes))
         return result
 
-    def q_diagnostics(self, agent: SACAgent, episodes: list[dict]) -> dict[str, float]:
+    def q_diagnostics(self, agent, episodes: list[dict]) -> dict[str, float]:
         obs, act, q_true, lengths = [], [], [], []
         for ep in episodes:
             n = len(ep["rew"]) if ep["terminated"] else max(len(ep["rew"]) - self.cfg.mc_tail_steps, 0)
@@ -401,132 +557,271 @@ class Evaluator:
 
 
 # ----------------------------------------------------------------------------------------------
-# Train loop
+# Run folder: name, metrics, checkpoint, signals, divergence (the same block in every algorithm file)
 # ----------------------------------------------------------------------------------------------
-class RunLog:
-    """metrics.jsonl (one record per evaluation), optional wandb, and the records themselves."""
+# Exit codes: 0 finished, 2 bad input, 3 diverged; a SIGINT / SIGTERM exits with 128 + its number
+# (130 / 143) once the checkpoint is written.
+EXIT_DIVERGED = 3
+# Keys of every metrics.jsonl record, in this order, in every algorithm file (None where a value
+# does not exist yet); an algorithm's own losses follow them.
+RECORD_KEYS = ("phase", "step", "env_steps", "return", "return_std", "normalized_score", "q_true", "q_bias", "q_bias_min", "kendall_tau", "q_std_policy", "q_std_random", "alpha", "critic_loss", "actor_loss")
+MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads, warm-start included
 
-    def __init__(self, run_dir: Path, cfg: Config, run_name: str, records: list[dict]):
+
+class Stopped(Exception):
+    """A SIGINT or SIGTERM arrived; the checkpoint holds the state after the step in progress."""
+
+
+class Diverged(Exception):
+    """A loss or a parameter is not finite; the last checkpoint is the last good state."""
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp) then rename tmp over path: a reader, a crash or a kill never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def new_run_dir(cfg: Config) -> Path:
+    """<out_dir>/<env>__<algo>[-<run_name>]__<seed>__<unix time>; '-1', '-2', ... is appended when
+    that folder exists (mkdir is atomic, so two runs started in the same second never share one)."""
+    stem = f"{cfg.env}__{ALGO}{'-' + cfg.run_name if cfg.run_name else ''}__{cfg.seed}__{int(time.time())}"
+    for k in itertools.count():
+        try:
+            path = Path(cfg.out_dir) / (stem if k == 0 else f"{stem}-{k}")
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {"python": platform.python_version(), **{name: version(name) for name in ("torch", "numpy", "gymnasium", "mujoco", "minari")}}
+
+
+class RunLog:
+    """metrics.jsonl (one record per evaluation, the whole file rewritten atomically per record)
+    and optional wandb. A resumed run starts from its checkpoint's records, so records written
+    after that checkpoint are replaced by their identical re-run."""
+
+    def __init__(self, run_dir: Path, cfg: Config, records: list[dict]):
         self.path = run_dir / "metrics.jsonl"
         self.records = list(records)
-        # On resume the file is rewritten from the checkpoint: records after it are dropped.
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.text = "".join(json.dumps(r) + "\n" for r in self.records)
+        atomic_write(self.path, lambda tmp: tmp.write_text(self.text))
         self.wandb = None
         if cfg.track:
             import wandb
 
-            self.wandb = wandb.init(project=cfg.wandb_project, name=run_name, id=run_name, resume="allow", config=asdict(cfg), dir=str(run_dir))
+            # The id follows the folder, so a resumed run continues the same wandb run.
+            run_id = hashlib.blake2b(str(run_dir.resolve()).encode(), digest_size=8).hexdigest()
+            self.wandb = wandb.init(project=cfg.wandb_project, group=ALGO, name=run_dir.name, id=run_id, resume="allow", config=asdict(cfg), dir=str(run_dir))
 
     def write(self, record: dict) -> None:
-        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        record = {**dict.fromkeys(RECORD_KEYS), **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}}
         self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.text += json.dumps(record) + "\n"
+        atomic_write(self.path, lambda tmp: tmp.write_text(self.text))
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+            self.wandb.log({f"{record['phase']}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
 
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
 
 
-def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+class StopSignal:
+    """SIGINT and SIGTERM only record the signal; the train loop finishes the step in progress,
+    writes the checkpoint and exits with 128 + the signal number."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
-def resolve_config(cfg: Config) -> Config:
-    """Check every value; ConfigError if bad."""
-    checks = [
-        (cfg.env in GYM_IDS, f"unknown env '{cfg.env}'; expected one of {', '.join(GYM_IDS)}"),
-        (cfg.total_steps >= 1, "total_steps must be >= 1"), (cfg.learning_starts >= 0, "learning_starts must be >= 0"),
-        (cfg.buffer_size >= 1 and cfg.batch_size >= 1, "buffer_size and batch_size must be >= 1"),
-        (cfg.eval_every >= 1 and cfg.eval_episodes >= 1, "eval_every and eval_episodes must be >= 1"),
-        (cfg.checkpoint_every >= 1, "checkpoint_every must be >= 1"), (cfg.hidden_dim >= 1, "hidden_dim must be >= 1"),
-        (0 < cfg.gamma <= 1 and 0 < cfg.tau <= 1, "gamma and tau must be in (0, 1]"),
-        (min(cfg.actor_lr, cfg.critic_lr) > 0, "learning rates must be > 0"),
-        (cfg.kendall_windows >= 1 and cfg.mc_tail_steps >= 0, "kendall_windows must be >= 1 and mc_tail_steps >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    if cfg.device != "auto":
-        try:
-            torch.empty(0, device=cfg.device)
-        except (RuntimeError, AssertionError) as exc:
-            raise ConfigError(f"device '{cfg.device}' is not usable: {str(exc).splitlines()[0]}")
-    return cfg
+class FiniteCheck:
+    """Whether a loss or a parameter stopped being finite. Losses are folded into one flag per
+    name on the device (no host sync per update); check() reads the flags and the parameters at
+    evaluations and checkpoints."""
+
+    def __init__(self, parameters: dict[str, list[torch.Tensor]]):
+        self.parameters = parameters
+        self.bad: dict[str, torch.Tensor] = {}
+
+    def watch(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            flag = ~torch.isfinite(torch.as_tensor(value)).all()
+            self.bad[name] = flag if name not in self.bad else self.bad[name] | flag
+
+    def check(self, phase: str, step: int) -> None:
+        flags = {**self.bad, **{f"{name} parameters": torch.stack([~torch.isfinite(p).all() for p in ps]).any() for name, ps in self.parameters.items()}}
+        for name, bad in zip(flags, torch.stack(list(flags.values())).cpu().tolist()):
+            if bad:
+                raise Diverged(f"{name} not finite in {phase} at step {step}")
 
 
-def load_checkpoint(run_dir: str) -> dict:
-    path = Path(run_dir) / "checkpoint.pt"
+def env_state(env: gym.Env) -> dict:
+    """The running episode exactly: MuJoCo integration state, time-limit counter, env RNG."""
+    u, limit = env.unwrapped, env
+    while not isinstance(limit, gym.wrappers.TimeLimit):
+        limit = limit.env
+    state = np.empty(mujoco.mj_stateSize(u.model, MJ_STATE))
+    mujoco.mj_getState(u.model, u.data, state, MJ_STATE)
+    return {"mujoco": state, "elapsed_steps": limit._elapsed_steps, "np_random": u.np_random.bit_generator.state}
+
+
+def restore_env_state(env: gym.Env, saved: dict) -> None:
+    u, limit = env.unwrapped, env
+    while not isinstance(limit, gym.wrappers.TimeLimit):
+        limit = limit.env
+    mujoco.mj_setState(u.model, u.data, saved["mujoco"], MJ_STATE)
+    mujoco.mj_forward(u.model, u.data)
+    limit._elapsed_steps = saved["elapsed_steps"]
+    u.np_random.bit_generator.state = saved["np_random"]
+
+
+def rng_state(device: torch.device) -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "numpy": np.random.get_state()}
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    np.random.set_state(state["numpy"])
+
+
+def read_export(path: str, kind: str) -> dict:
+    """An exported agent (pretrain.pt or final.pt) of this algorithm; ConfigError otherwise."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        Config(**checkpoint["config"])
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        fmt, algo, saved_kind = saved["format"], saved["algo"], saved.get("kind")
+        saved["agent"]["actor"]
     except Exception as exc:
-        raise ConfigError(f"cannot resume from '{run_dir}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-    return checkpoint
+        raise ConfigError(f"cannot read checkpoint '{path}': {first_line(exc)}")
+    if saved_kind is None:
+        raise ConfigError(f"'{path}' is the training state of a run, not a finished {kind}; continue that run with --resume {Path(path).parent}")
+    if (fmt, algo, saved_kind) != (CHECKPOINT_FORMAT, ALGO, kind):
+        raise ConfigError(f"'{path}' is a {saved_kind} export of algorithms/{algo}.py (format {fmt}), not a {kind} of algorithms/{ALGO}.py")
+    return saved
 
 
-def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
-    """tyro CLI; with --resume the saved config is the default that the other flags override."""
-    cfg = tyro.cli(Config, args=argv)
-    if cfg.resume is None:
-        return cfg, None
-    checkpoint = load_checkpoint(cfg.resume)
-    cfg = tyro.cli(Config, args=argv, default=replace(Config(**checkpoint["config"]), resume=cfg.resume))
-    return cfg, checkpoint
+@dataclass
+class Run:
+    """Everything a train loop touches besides its own loop variables."""
+
+    cfg: Config
+    dir: Path
+    device: torch.device
+    agent: object
+    evaluate: Evaluator
+    log: RunLog
+    dataset: Optional[dict]  # {"id", "fingerprint"}; None for a run without a dataset
+    obs_dim: int
+    act_dim: int
+    stop: StopSignal
+    finite: FiniteCheck
+    wall_before: float  # seconds run before this process (resumed runs)
+    pretrain_time_s: Optional[float] = None
+    started: float = field(default_factory=time.time)
+
+    def wall_time(self) -> float:
+        return self.wall_before + time.time() - self.started
+
+    def save_checkpoint(self, phase: str, step: int, loop: dict) -> None:
+        """checkpoint.pt: the whole training state after `step` steps of `phase`. It is written only
+        after the finite check passes, so it always holds the last good state."""
+        self.finite.check(phase, step)
+        state = {
+            "format": CHECKPOINT_FORMAT, "algo": ALGO, "config": asdict(self.cfg), "dataset": self.dataset, "phase": phase, "step": step,
+            "agent": self.agent.state_dict(), "loop": loop, "rng": rng_state(self.device), "records": self.log.records,
+            "wall_time_s": self.wall_time(), "pretrain_time_s": self.pretrain_time_s,
+        }
+        atomic_write(self.dir / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+
+    def export(self, kind: str) -> None:
+        """pretrain.pt / final.pt: the agent (networks, optimisers, temperature) and its config."""
+        state = {"format": CHECKPOINT_FORMAT, "algo": ALGO, "kind": kind, "config": asdict(self.cfg), "dataset": self.dataset, "obs_dim": self.obs_dim, "act_dim": self.act_dim, "agent": self.agent.state_dict()}
+        atomic_write(self.dir / f"{kind}.pt", lambda tmp: torch.save(state, tmp))
+
+    def write_summary(self, status: str, error: Optional[str] = None) -> None:
+        """summary.json: status (finished / interrupted / diverged), scores, final Q diagnostics,
+        wall time, device and versions; the same keys in every algorithm file."""
+        online = [r for r in self.log.records if r["phase"] != "pretrain"]
+        last = online[-1] if online else {}
+        scores = [r["normalized_score"] for r in online if r["normalized_score"] is not None]
+        summary = {
+            "status": status, "error": error, "algo": ALGO, "env": self.cfg.env, "seed": self.cfg.seed, "run_name": self.cfg.run_name,
+            "dataset": self.dataset, "env_steps": last.get("env_steps", 0),
+            "pretrained_score": online[0]["normalized_score"] if online and online[0]["env_steps"] == 0 else None,
+            "final_score": last.get("normalized_score"), "best_score": max(scores) if scores else None, "final_return": last.get("return"),
+            "final_q_bias": last.get("q_bias"), "final_kendall_tau": last.get("kendall_tau"), "final_q_std_policy": last.get("q_std_policy"),
+            "wall_time_s": round(self.wall_time(), 1), "pretrain_time_s": None if self.pretrain_time_s is None else round(self.pretrain_time_s, 1),
+            "resume_command": None if status == "finished" else f"python algorithms/{ALGO}.py --resume {self.dir}",
+            "device": str(self.device), "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),
+            "versions": versions(),
+        }
+        atomic_write(self.dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
 
 
-def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+def run_to_end(run: Run, train_phases) -> Path:
+    """Run the phases; on a signal or divergence write the summary and exit with its code."""
+    try:
+        train_phases(run)
+    except Stopped:
+        run.write_summary("interrupted")
+        run.log.close()
+        print(f"{ALGO}.py: stopped by signal {run.stop.signum}; checkpoint written. Resume with: python algorithms/{ALGO}.py --resume {run.dir}", file=sys.stderr)
+        sys.exit(128 + run.stop.signum)
+    except Diverged as exc:
+        run.write_summary("diverged", str(exc))
+        run.log.close()
+        print(f"{ALGO}.py: error: diverged: {exc}; the last good state is {run.dir / 'checkpoint.pt'}", file=sys.stderr)
+        sys.exit(EXIT_DIVERGED)
+    finally:
+        run.stop.restore()
+    run.write_summary("finished")
+    run.log.close()
+    return run.dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Train loop
+# ----------------------------------------------------------------------------------------------
+def online(run: Run, step: int, loop: Optional[dict]) -> bool:
+    """Env steps step+1 .. total_steps, one update each after learning_starts; loop (None at the
+    start) holds the replay buffer, the running episode and the last losses. True if an
+    evaluation reached stop_score."""
+    cfg, agent, device = run.cfg, run.agent, run.device
+    buffer = ReplayBuffer(cfg.buffer_size, run.obs_dim, run.act_dim, device)
     env = make_env(cfg.env)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    evaluate = Evaluator(cfg.env, cfg, device)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    agent = SACAgent(obs_dim, act_dim, cfg, device)
-    buffer = ReplayBuffer(cfg.buffer_size, obs_dim, act_dim, device)
     obs, _ = env.reset(seed=cfg.seed)
+    losses = {}
+    if loop is not None:
+        buffer.load_state_dict(loop["buffer"])
+        restore_env_state(env, loop["env"])
+        obs, losses = loop["obs"], loop["losses"]
     # Host staging row for the policy input: filled in place each env step, no new tensor.
-    obs_stage = torch.zeros(obs_dim, pin_memory=device.type == "cuda")
-    start_step, wall_before, records = 1, 0.0, []
-    if checkpoint is None:
-        run_dir = Path(cfg.out_dir) / f"{cfg.env}__sac__{cfg.seed}__{int(time.time())}"
-        run_dir.mkdir(parents=True, exist_ok=False)
-    else:
-        run_dir = Path(cfg.resume)
-        agent.load_state_dict(checkpoint["agent"])
-        buffer.load_state_dict(checkpoint["buffer"])
-        restore_env_state(env, checkpoint["env"])
-        obs = checkpoint["obs"]
-        torch.set_rng_state(checkpoint["torch_rng"])
-        if device.type == "cuda" and checkpoint["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
-        start_step, wall_before, records = checkpoint["step"] + 1, checkpoint["wall_time_s"], checkpoint["records"]
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({**asdict(cfg), "device_resolved": str(device)}, sort_keys=False))
-    log = RunLog(run_dir, cfg, run_dir.name, records)
-    print(f"run {run_dir}: {GYM_IDS[cfg.env]}, steps {start_step}..{cfg.total_steps}, device {device}", file=sys.stderr)
-
-    def save(step: int) -> None:
-        atomic_save({
-            "agent": agent.state_dict(), "buffer": buffer.state_dict(), "env": env_state(env), "obs": obs, "step": step,
-            "torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "records": log.records, "config": asdict(cfg), "wall_time_s": wall_before + time.time() - start,
-        }, run_dir / "checkpoint.pt")
-
-    # Ctrl-C / SIGTERM only raise a flag; the step in progress completes, then the state is saved,
-    # so --resume continues exactly where the run stopped.
-    interrupted = []
-    previous_handlers = {sig: signal.signal(sig, lambda *_: interrupted.append(True)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    start = time.time()
-    losses, stopped, step = {}, False, start_step - 1
-    progress = tqdm(range(start_step, cfg.total_steps + 1), desc=f"SAC {cfg.env}", unit="step", mininterval=1, initial=start_step - 1, total=cfg.total_steps)
+    obs_stage = torch.zeros(run.obs_dim, pin_memory=device.type == "cuda")
+    stopped = False
+    progress = tqdm(range(step + 1, cfg.total_steps + 1), desc=f"SAC {cfg.env}", unit="step", mininterval=1, initial=step, total=cfg.total_steps)
     for step in progress:
         with torch.no_grad():
             if step <= cfg.learning_starts:
-                action = (torch.rand(act_dim) * 2 - 1).numpy()
+                action = (torch.rand(run.act_dim) * 2 - 1).numpy()
             else:
                 obs_stage.numpy()[:] = obs
                 action = agent.actor(obs_stage.to(device)[None])[0][0].cpu().numpy()
@@ -535,33 +830,54 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
         buffer.add(obs, action, reward, next_obs, float(terminated))
         obs = env.reset()[0] if terminated or truncated else next_obs
         if step > cfg.learning_starts:
-            losses = agent.update(buffer.sample(cfg.batch_size), buffer.split)
+            losses = agent.update(buffer.sample((cfg.batch_size,)), buffer.split)
+            run.finite.watch(losses)
         if step % cfg.eval_every == 0 or step == cfg.total_steps:
-            record = {"phase": "online", "step": step, "env_steps": step, **evaluate(agent), **{k: float(v) for k, v in losses.items()}}
-            log.write(record)
+            run.finite.check("online", step)
+            record = {"phase": "online", "step": step, "env_steps": step, **run.evaluate(agent), **{k: float(v) for k, v in losses.items()}}
+            run.log.write(record)
             progress.set_postfix(score=f"{record['normalized_score']:.1f}")
             stopped = cfg.stop_score is not None and record["normalized_score"] >= cfg.stop_score
-        if stopped or interrupted or step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-            save(step)
-        if interrupted:
-            log.close()
-            print(f"interrupted at step {step}; resume with: python algorithms/sac.py --resume {run_dir}", file=sys.stderr)
-            sys.exit(130)
+        if run.stop.signum is not None or stopped or step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
+            run.save_checkpoint("online", step, {"buffer": buffer.state_dict(), "env": env_state(env), "obs": obs, "losses": losses})
+        if run.stop.signum is not None:
+            raise Stopped
         if stopped:
             break
-    for sig, handler in previous_handlers.items():
-        signal.signal(sig, handler)
-    torch.save(agent.actor.state_dict(), run_dir / "actor.pt")
-    scores = [r["normalized_score"] for r in log.records]
-    summary = {
-        "env": cfg.env, "seed": cfg.seed, "env_steps": step, "stopped_at_score": cfg.stop_score if stopped else None,
-        "final_score": scores[-1], "final_return": log.records[-1]["return"], "best_score": max(scores),
-        "wall_time_s": round(wall_before + time.time() - start, 1), "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch_version": torch.__version__,
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log.close()
-    return run_dir
+    progress.close()
+    return stopped
+
+
+def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
+    """A new run (checkpoint None) or the continuation of a checkpointed one, to its end."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    evaluate = Evaluator(cfg.env, [make_env(cfg.env) for _ in range(cfg.eval_episodes)], cfg, device)
+    obs_dim, act_dim = evaluate.envs[0].observation_space.shape[0], evaluate.envs[0].action_space.shape[0]
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    agent = SACAgent(obs_dim, act_dim, cfg, device)
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint["agent"])
+        restore_rng_state(checkpoint["rng"], device)
+    run_dir = new_run_dir(cfg) if checkpoint is None else Path(cfg.resume)
+    atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump({**asdict(cfg), "device_resolved": str(device)}, sort_keys=False)))
+    parameters = {"actor": list(agent.actor.parameters()), "critic": list(agent.critic.parameters()), "alpha": [agent.log_alpha]}
+    run = Run(
+        cfg, run_dir, device, agent, evaluate, RunLog(run_dir, cfg, [] if checkpoint is None else checkpoint["records"]), None,
+        obs_dim, act_dim, StopSignal(), FiniteCheck(parameters), 0.0 if checkpoint is None else checkpoint["wall_time_s"],
+    )
+    if checkpoint is None:
+        step, loop = 0, None
+        run.save_checkpoint("online", step, loop)  # from here on, --resume works
+    else:
+        step, loop = checkpoint["step"], checkpoint["loop"]
+    print(f"run {run_dir}: {GYM_IDS[cfg.env]}, steps {step + 1}..{cfg.total_steps}, device {device}", file=sys.stderr)
+
+    def phases(run: Run) -> None:
+        online(run, step, loop)
+        run.export("final")
+
+    return run_to_end(run, phases)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -570,6 +886,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         run_dir = train(resolve_config(cfg), checkpoint)
     except ConfigError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        print(f"{ALGO}.py: interrupted before training started", file=sys.stderr)
+        sys.exit(130)
     print(f"done: {run_dir}", file=sys.stderr)
 
 

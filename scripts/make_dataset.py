@@ -198,7 +198,8 @@ def load_policy(policy_dir: str, env: str, quality: str) -> tuple[torch.nn.Modul
         why = entry.get("status", f"no entry in {manifest_path}")
         raise so2.ConfigError(f"no {env}-{quality} behaviour policy ({why}); train one with algorithms/sac.py (see README)")
     gym_env = so2.gym.make(so2.GYM_IDS[env])
-    actor = sac.Actor(gym_env.observation_space.shape[0], gym_env.action_space.shape[0], entry["sac_config"]["hidden_dim"])
+    hidden = entry["sac_config"]["hidden_dim"]
+    actor = sac.Actor(gym_env.observation_space.shape[0], gym_env.action_space.shape[0], (hidden, hidden))
     actor.load_state_dict(torch.load(Path(policy_dir) / entry["file"], map_location="cpu"))
     return actor, entry
 
@@ -269,7 +270,7 @@ def replay_episodes(args: Args, env: str) -> tuple[list[dict], str]:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         if not same_actor(checkpoint["agent"]["actor"], shipped):
             raise so2.ConfigError(f"--from-run: the actor in {checkpoint_path} is not the shipped {env}-medium policy")
-        rows, note = buffer_in_insertion_order(checkpoint["buffer"]), "read from the final checkpoint of that run, whose actor is the shipped medium policy"
+        rows, note = buffer_in_insertion_order(checkpoint["loop"]["buffer"]), "read from the final checkpoint of that run, whose actor is the shipped medium policy"
     else:
         cfg = sac.Config(**entry["sac_config"])
         with tempfile.TemporaryDirectory() as tmp:
@@ -277,7 +278,7 @@ def replay_episodes(args: Args, env: str) -> tuple[list[dict], str]:
             torch.set_num_threads(entry["torch_threads"])
             run_dir = sac.train(sac.resolve_config(cfg), None)
             checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-        rows = buffer_in_insertion_order(checkpoint["buffer"])
+        rows = buffer_in_insertion_order(checkpoint["loop"]["buffer"])
         same = same_actor(checkpoint["agent"]["actor"], shipped)
         note = "regenerated; its final actor equals the shipped medium policy" if same else "WARNING: regenerated, but its final actor differs from the shipped medium policy (other hardware, threads or --steps)"
     gym_env = so2.gym.make(so2.GYM_IDS[env])
