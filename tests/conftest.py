@@ -5,11 +5,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,14 +73,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def check_summary(run_dir: Path, records: list[dict]) -> None:
-    """summary.json of an offline-to-online run agrees with its metrics: the first finetuning
-    evaluation is the pretrained score, then the last and the best ones."""
+    """summary.json of a finished offline-to-online run agrees with its metrics: the first
+    finetuning evaluation is the pretrained score, then the last and the best ones."""
     summary = json.loads((run_dir / "summary.json").read_text())
     online = [r for r in records if r["phase"] == "finetune"]
+    assert summary["status"] == "finished" and summary["error"] is None and summary["resume_command"] is None
     assert summary["pretrained_score"] == online[0]["normalized_score"]
     assert summary["final_score"] == online[-1]["normalized_score"]
     assert summary["best_score"] == max(r["normalized_score"] for r in online)
-    assert summary["device"] == "cpu" and summary["torch_version"] and summary["wall_time_s"] > 0
+    assert summary["device"] == "cpu" and summary["versions"]["torch"] and summary["wall_time_s"] > 0
 
 
 def finished_run(relative: str, args: list[str], out_dir: Path, datasets_root) -> tuple[Path, subprocess.CompletedProcess]:
@@ -92,3 +97,58 @@ def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> 
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def start_script(relative: str, args: list[str], datasets_root) -> subprocess.Popen:
+    """A script run in the background, stderr captured (for signals and kills)."""
+    return subprocess.Popen([sys.executable, str(REPO / relative), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=script_env(datasets_root), cwd=REPO)
+
+
+def checkpoint_phase(run_dir: Optional[Path], since: float) -> Optional[str]:
+    """The phase of run_dir/checkpoint.pt if it was written after `since`, else None."""
+    path = None if run_dir is None else run_dir / "checkpoint.pt"
+    if path is None or not path.exists() or path.stat().st_mtime < since:
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)["phase"]
+
+
+def wait_for_checkpoint(process: subprocess.Popen, out_dir: Path, phase: str, since: float, timeout: float = 300) -> Path:
+    """Wait until the run in out_dir has checkpointed in `phase` after `since` while still running;
+    its folder. Fails if the run ended first: the signal or kill would then test nothing."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        folders = run_dirs(out_dir)
+        if folders and checkpoint_phase(folders[0], since) == phase:
+            if process.poll() is None:
+                return folders[0]
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (exit {process.returncode}) before a {phase} checkpoint could be interrupted: {process.stderr.read()[-2000:]}")
+        time.sleep(0.02)
+    raise AssertionError(f"no {phase} checkpoint within {timeout} s")
+
+
+def kill_and_resume(relative: str, args: list[str], out_dir: Path, datasets_root, phases: dict[str, int], seed: int) -> Path:
+    """Run a script, SIGKILL it at random moments (a random delay after a fresh checkpoint) the
+    given number of times in each phase, resume it with --resume each time, and let the last
+    process finish; the run folder."""
+    rng = random.Random(seed)
+    since, process = time.time(), start_script(relative, [*args, "--out-dir", str(out_dir)], datasets_root)
+    for phase, kills in phases.items():
+        for _ in range(kills):
+            run_dir = wait_for_checkpoint(process, out_dir, phase, since)
+            time.sleep(rng.uniform(0.0, 0.15))
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            since, process = time.time(), start_script(relative, ["--resume", str(run_dir)], datasets_root)
+    assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
+    (run_dir,) = run_dirs(out_dir)
+    return run_dir
+
+
+def same_run(a: Path, b: Path) -> None:
+    """Two runs wrote the same metrics.jsonl and ended with the same networks."""
+    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+    agent_a, agent_b = (torch.load(run / "final.pt", map_location="cpu", weights_only=False)["agent"] for run in (a, b))
+    for net in ("actor", "critic", "target_critic"):
+        assert all(torch.equal(agent_a[net][k], agent_b[net][k]) for k in agent_a[net]), net

@@ -1,7 +1,6 @@
 """scripts/make_dataset.py on tiny sizes, with stand-in policies in a temporary policy folder."""
 
 import json
-import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -27,9 +26,9 @@ def policy_dir(md, tmp_path_factory):
     cfg = replace(sac.Config(), env="hopper", total_steps=300, learning_starts=100, eval_every=150, eval_episodes=1, hidden_dim=32, batch_size=32, out_dir=str(folder / "runs"))
     torch.set_num_threads(1)
     run_dir = sac.train(cfg, None)
-    shutil.copy(run_dir / "actor.pt", folder / "hopper-medium.pt")
+    torch.save(torch.load(run_dir / "final.pt", weights_only=False)["agent"]["actor"], folder / "hopper-medium.pt")
     torch.manual_seed(1)
-    torch.save(sac.Actor(11, 3, 32).state_dict(), folder / "hopper-expert.pt")
+    torch.save(sac.Actor(11, 3, (32, 32)).state_dict(), folder / "hopper-expert.pt")
     common = {"sac_config": {**asdict(cfg), "hidden_dim": 32}, "torch_threads": 1, "command": "test", "eval_normalized_score": 1.0}
     manifest = {
         "hopper-medium": {"file": "hopper-medium.pt", **common},

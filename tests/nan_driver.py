@@ -1,0 +1,35 @@
+"""Run an algorithm file whose critic becomes NaN after a given number of calls of an agent
+method, as a diverging run would:
+
+  python tests/nan_driver.py algorithms/so2.py SO2Agent.finetune_critic_step 30 --env ... (flags)
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+path, target, calls, *args = sys.argv[1:]
+spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+cls_name, method_name = target.split(".")
+cls = getattr(module, cls_name)
+method = getattr(cls, method_name)
+count = 0
+
+
+def poisoned(self, *a, **kw):
+    global count
+    out = method(self, *a, **kw)
+    count += 1
+    if count == int(calls):
+        with torch.no_grad():
+            next(self.critic.parameters()).fill_(float("nan"))
+    return out
+
+
+setattr(cls, method_name, poisoned)
+module.main(args)
