@@ -245,9 +245,10 @@ def type_problem(value, hint) -> bool:
 def check_types(cfg: Config, source: str) -> None:
     hints = typing.get_type_hints(Config)
     for f in fields(Config):
-        value = getattr(cfg, f.name)
-        if type_problem(value, hints[f.name]):
-            raise ConfigError(f"{source}{f.name} must be {str(hints[f.name]).replace('typing.', '')}, got {value!r}")
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        if type_problem(value, hint):
+            expected = {float: "a finite float", int: "int", str: "str", bool: "bool"}.get(hint, str(hint).replace("typing.", ""))
+            raise ConfigError(f"{source}{f.name} must be {expected}, got {value!r}")
 
 
 def check(checks: list[tuple[bool, str]]) -> None:

@@ -99,6 +99,16 @@ def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> 
     assert "Traceback" not in result.stderr
 
 
+def assert_main_refuses(module, argv: list[str], capsys, message: str) -> None:
+    """module.main(argv) in this process (as `python <script> argv` runs it): exit code 2 and one
+    stderr line with message, before any training."""
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2, stderr
+    assert stderr.strip().count("\n") == 0 and message in stderr, stderr
+
+
 def start_script(relative: str, args: list[str], datasets_root) -> subprocess.Popen:
     """A script run in the background, stderr captured (for signals and kills)."""
     return subprocess.Popen([sys.executable, str(REPO / relative), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=script_env(datasets_root), cwd=REPO)

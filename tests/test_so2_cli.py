@@ -55,9 +55,50 @@ def test_pretrained_checkpoint_skips_pretraining(tiny_run, tmp_path, datasets_ro
     assert records[0]["normalized_score"] == read_metrics(tiny_run)[2]["normalized_score"]
 
 
-@pytest.mark.parametrize("variant", [["--batch-mode", "union", "--actor-update", "per-critic-step", "--auto-alpha", "--target", "min"]])
-def test_paper_variants_run(tiny_run, tmp_path, datasets_root, variant):
-    run_dir, _ = finished([*TINY, "--pretrained", str(tiny_run / "pretrain.pt"), *variant], tmp_path, datasets_root)
+def finetune_calls(so2, monkeypatch, tiny_run, tmp_path, flags: list[str]) -> dict:
+    """A tiny finetuning from tiny_run's pretraining, in this process, recording what it computes:
+    the shapes drawn from each buffer (by capacity), the number of actor steps and the critic
+    targets used."""
+    calls = {"samples": set(), "actor_steps": 0, "targets": set()}
+    sample, actor_step, td_target = so2.ReplayBuffer.sample, so2.SO2Agent.actor_and_alpha_step, so2.td_target
+
+    def record_sample(buffer, shape):
+        calls["samples"].add((buffer.capacity, tuple(shape)))
+        return sample(buffer, shape)
+
+    def record_actor_step(agent, *args):
+        calls["actor_steps"] += 1
+        return actor_step(agent, *args)
+
+    def record_target(*args):
+        calls["targets"].add(args[-1])
+        return td_target(*args)
+
+    monkeypatch.setattr(so2.ReplayBuffer, "sample", record_sample)
+    monkeypatch.setattr(so2.SO2Agent, "actor_and_alpha_step", record_actor_step)
+    monkeypatch.setattr(so2, "td_target", record_target)
+    so2.main([*TINY, "--pretrained", str(tiny_run / "pretrain.pt"), "--out-dir", str(tmp_path), *flags])
+    return calls
+
+
+def test_paper_variants_change_what_is_computed(so2, tiny_run, tmp_path, monkeypatch):
+    """40 env steps after the warm-up, utd 2, from a 1,500-row dataset and a 60-row online buffer."""
+    default = finetune_calls(so2, monkeypatch, tiny_run, tmp_path / "default", [])
+    assert default == {"samples": {(60, (2, 16)), (1500, (2, 48))}, "actor_steps": 40, "targets": {"per-member"}}
+    # --batch-mode union: one batch of 16 + 48 rows from dataset U online (1,500 + 60 rows).
+    union = finetune_calls(so2, monkeypatch, tiny_run, tmp_path / "union", ["--batch-mode", "union"])
+    assert union["samples"] == {(1560, (2, 64))}
+    # --actor-update per-critic-step: an actor step after each of the 2 critic steps.
+    assert finetune_calls(so2, monkeypatch, tiny_run, tmp_path / "actor", ["--actor-update", "per-critic-step"])["actor_steps"] == 80
+    # --target min: the min over the ensemble (its value is checked by test_td_target_per_member_and_min).
+    assert finetune_calls(so2, monkeypatch, tiny_run, tmp_path / "min", ["--target", "min"])["targets"] == {"min"}
+    metrics = {name: read_metrics(next((tmp_path / name).iterdir())) for name in ("default", "union", "actor", "min")}
+    finals = {name: records[-1]["critic_loss"] for name, records in metrics.items()}
+    assert len(set(finals.values())) == 4, finals  # each variant trained differently
+
+
+def test_auto_alpha_tunes_the_temperature(tiny_run, tmp_path, datasets_root):
+    run_dir, _ = finished([*TINY, "--pretrained", str(tiny_run / "pretrain.pt"), "--auto-alpha"], tmp_path, datasets_root)
     records = read_metrics(run_dir)
     assert records[-1]["alpha"] != 0.2  # tuned, not fixed
     assert records[-1]["step"] == 80
@@ -66,7 +107,7 @@ def test_paper_variants_run(tiny_run, tmp_path, datasets_root, variant):
 @pytest.mark.parametrize("args,message", [
     (["--env", "walker2d-expertt"], "unknown env"),
     (["--sigma", "-0.3"], "sigma must be >= 0"),
-    (["--utd", "0"], "utd must be >= 1"),
+    (["--utd", "0"], "utd must be in [1, 10000]"),
     (["--env", "walker2d-medium"], "unavailable offline"),
     (["--config", "/nonexistent/cpu.yaml"], "cannot use config file"),
 ])

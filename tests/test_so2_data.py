@@ -154,9 +154,7 @@ def test_random_dataset_generation_and_cache(so2, tmp_path, monkeypatch):
 
 
 def so2_root(so2):
-    from minari.storage.datasets_root_dir import get_dataset_path
-
-    return get_dataset_path()
+    return so2.dataset_path()
 
 
 def test_stale_cache_is_rebuilt(so2):

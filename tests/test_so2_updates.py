@@ -158,7 +158,7 @@ def test_soft_update(so2):
         assert torch.allclose(new, 0.9 * old + 0.1 * src)
 
 
-def test_pretrain_step_moves_alpha_and_keeps_actor_grads_out_of_critic(so2):
+def test_pretrain_step_moves_alpha_critic_and_target(so2):
     cfg = replace(so2.Config(), num_critics=3, hidden_dim=16, eta=1.0)
     torch.manual_seed(0)
     agent = so2.SO2Agent(4, 2, cfg, torch.device("cpu"))
@@ -168,5 +168,20 @@ def test_pretrain_step_moves_alpha_and_keeps_actor_grads_out_of_critic(so2):
     out = agent.pretrain_step(buffer.rows, buffer.split)
     assert all(math.isfinite(float(v)) for v in out.values())
     assert float(out["alpha"]) != 1.0  # log alpha starts at 0 and took one step
-    assert any(not torch.equal(a, b) for a, b in zip(critic_before, agent.critic.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(critic_before, agent.critic.parameters()))
     assert all(p.grad is None for p in agent.target_critic.parameters())
+
+
+def test_actor_step_leaves_no_gradient_in_the_critic(so2):
+    """The actor loss -min_i Q_i(s, pi(s)) differentiates through the critic but must not leave
+    gradients on its weights (they would leak into the next critic step's Adam moments if a
+    step ever skipped zero_grad, and they cost a backward pass)."""
+    cfg = replace(so2.Config(), num_critics=3, hidden_dim=16)
+    torch.manual_seed(0)
+    agent = so2.SO2Agent(4, 2, cfg, torch.device("cpu"))
+    critic_before = [p.clone() for p in agent.critic.parameters()]
+    _, actor_loss = agent.actor_and_alpha_step(torch.rand(8, 4), None)
+    assert math.isfinite(float(actor_loss))
+    assert all(p.grad is None for p in agent.critic.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(critic_before, agent.critic.parameters()))
+    assert agent.actor.mu.weight.grad is not None and agent.actor.mu.weight.grad.abs().sum() > 0
