@@ -16,6 +16,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+# One torch thread here too: the suite runs as two pytest-xdist workers on two cores, beside
+# single-threaded script subprocesses; more threads would oversubscribe the cores.
+torch.set_num_threads(1)
 
 
 def load_script(relative: str):

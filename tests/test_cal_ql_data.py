@@ -53,7 +53,7 @@ def test_robotics_envs_need_gymnasium_robotics(cal_ql, base):
 
 @pytest.mark.parametrize("name", ["antmaze", "adroit", "locomotion"])
 def test_domain_configs_load(cal_ql, name):
-    cfg = cal_ql.resolve_config(cal_ql.parse_args(["--config", str(REPO / "configs" / "cal_ql" / f"{name}.yaml")]))
+    cfg = cal_ql.resolve_config(cal_ql.parse_args(["--config", str(REPO / "configs" / "cal_ql" / f"{name}.yaml")])[0])
     assert cfg.mixing_ratio == 0.5 and cfg.utd == 1 and cfg.calibrate and cfg.calibrate_online
     if name == "antmaze":
         assert (cfg.cql_alpha, cfg.cql_lagrange, cfg.cql_target_gap) == (5.0, True, 0.8)
@@ -65,7 +65,7 @@ def test_domain_configs_load(cal_ql, name):
 
 
 def test_config_file_with_flag_override(cal_ql):
-    cfg = cal_ql.parse_args(["--config", str(REPO / "configs" / "cal_ql" / "adroit.yaml"), "--cql-alpha", "3", "--critic-hidden-dims", "64", "64"])
+    cfg, _ = cal_ql.parse_args(["--config", str(REPO / "configs" / "cal_ql" / "adroit.yaml"), "--cql-alpha", "3", "--critic-hidden-dims", "64", "64"])
     assert cfg.actor_hidden_dims == (512, 512)  # from the file
     assert cfg.cql_alpha == 3.0 and cfg.critic_hidden_dims == (64, 64)  # the flags win
     with pytest.raises(cal_ql.ConfigError, match="cannot use config file"):

@@ -75,7 +75,7 @@ def test_invalid_values_are_config_errors(so2, field, value):
 
 
 def test_config_file_with_flag_override(so2):
-    cfg = so2.parse_args(["--config", str(so2.REPO_ROOT / "configs" / "so2_cpu.yaml"), "--utd", "3"])
+    cfg, _ = so2.parse_args(["--config", str(so2.REPO_ROOT / "configs" / "so2_cpu.yaml"), "--utd", "3"])
     assert cfg.hidden_dim == 128 and cfg.pretrain_steps == 10_000  # from the file
     assert cfg.utd == 3  # the flag wins
     with pytest.raises(so2.ConfigError, match="cannot use config file"):

@@ -80,7 +80,7 @@ def member_q(critic, i, obs, action):
 
 def test_vectorized_critic_matches_member_mlps(so2):
     torch.manual_seed(0)
-    critic = so2.VectorizedCritic(5, 3, 32, 4)
+    critic = so2.VectorizedCritic(5, 3, (32, 32, 32), 4)
     obs, act = torch.randn(7, 5), torch.rand(7, 3)
     q = critic(obs, act)
     assert q.shape == (4, 7)
@@ -93,7 +93,7 @@ def test_vectorized_critic_matches_member_mlps(so2):
 
 
 def test_critic_init_follows_edac(so2):
-    critic = so2.VectorizedCritic(5, 3, 32, 4)
+    critic = so2.VectorizedCritic(5, 3, (32, 32, 32), 4)
     assert all(torch.all(b == 0.1) for b in critic.biases[:-1])
     assert critic.weights[-1].abs().max() <= 3e-3 and critic.biases[-1].abs().max() <= 3e-3
 
@@ -123,7 +123,7 @@ def test_diversity_loss_matches_masked_gram(so2):
 def test_per_member_action_gradients_from_one_forward(so2):
     """The fused forward gives each member its own dQ_i/da, as separate forwards would."""
     torch.manual_seed(0)
-    critic = so2.VectorizedCritic(4, 2, 16, 3)
+    critic = so2.VectorizedCritic(4, 2, (16, 16, 16), 3)
     obs, act = torch.randn(5, 4), torch.rand(5, 2)
     member_actions = act.expand(3, -1, -1).clone().requires_grad_(True)
     grads = torch.autograd.grad(critic(obs, member_actions).sum(), member_actions)[0]
@@ -135,7 +135,7 @@ def test_per_member_action_gradients_from_one_forward(so2):
 
 def test_actor_log_prob_matches_tanh_transformed_normal(so2):
     torch.manual_seed(0)
-    actor = so2.Actor(4, 3, 16)
+    actor = so2.Actor(4, 3, (16, 16, 16))
     obs = torch.randn(6, 4)
     torch.manual_seed(5)
     action, log_prob = actor(obs)
@@ -151,7 +151,7 @@ def test_actor_log_prob_matches_tanh_transformed_normal(so2):
 
 
 def test_soft_update(so2):
-    source, target = so2.VectorizedCritic(2, 1, 4, 2), so2.VectorizedCritic(2, 1, 4, 2)
+    source, target = so2.VectorizedCritic(2, 1, (4, 4, 4), 2), so2.VectorizedCritic(2, 1, (4, 4, 4), 2)
     before = [p.clone() for p in target.parameters()]
     so2.soft_update(target, source, 0.1)
     for old, new, src in zip(before, target.parameters(), source.parameters()):
