@@ -20,7 +20,7 @@ Defaults follow the authors' released code (nakamotoo/Cal-QL, JAX), which produc
 numbers: twin critics, max-backup TD target over 10 next actions without entropy, 10 random + 10
 policy actions at s + 10 policy actions at s' in the CQL term, auto alpha (lr = policy lr),
 calibration ON online too, batches of 256 = 128 offline + 128 online, 1 update per online env step.
-Switches for the variants the issue asks for:
+Switches for the variants:
   - `--no-calibrate`: plain CQL (offline and online).
   - `--no-calibrate-online`: calibration off during finetuning only, as CORL's port does (a known
     deviation of that port, kept here for comparison).
@@ -61,7 +61,6 @@ SERA (no official code; choices, all in `sera_reward`):
     keeps j = i in both (its eps is the (k-1)-th neighbour of the others, and its count includes i
     itself); `--sera-include-self` reproduces that.
 """
-
 
 from __future__ import annotations
 
@@ -207,8 +206,17 @@ class Config:
 
 # Fields a resumed run cannot change: they define the data, the rewards, the networks or the evaluation.
 RESUME_FIXED = (
-    "env", "seed", "actor_hidden_dims", "critic_hidden_dims", "random_dataset_steps", "eval_episodes", "pretrained",
-    "reward_scale", "reward_bias", "gamma", "sparse_fail_reward",
+    "env",
+    "seed",
+    "actor_hidden_dims",
+    "critic_hidden_dims",
+    "random_dataset_steps",
+    "eval_episodes",
+    "pretrained",
+    "reward_scale",
+    "reward_bias",
+    "gamma",
+    "sparse_fail_reward",
 )
 
 
@@ -218,20 +226,37 @@ def resolve_config(cfg: Config) -> Config:
     check_common(cfg)
     online_batch = cfg.batch_size - int(cfg.batch_size * cfg.mixing_ratio)
     sera_k_max = online_batch - (0 if cfg.sera_include_self else 1)
-    check([
-        (cfg.utd >= 1, "utd must be >= 1"), (cfg.pretrain_steps >= 0, "pretrain_steps must be >= 0"),
-        (cfg.online_steps >= 1, "online_steps must be >= 1"), (cfg.batch_size >= 2, "batch_size must be >= 2"),
-        (0 <= cfg.mixing_ratio < 1, "mixing_ratio must be in [0, 1): finetuning batches need online rows"),
-        (int(cfg.batch_size * cfg.mixing_ratio) >= 1 or cfg.mixing_ratio == 0, "batch_size * mixing_ratio must give at least one offline row"),
-        (1 <= cfg.cql_n_actions <= 1000, "cql_n_actions must be in [1, 1000]"), (cfg.cql_alpha >= 0, "cql_alpha must be >= 0"),
-        (cfg.pretrain_eval_every >= 1, "pretrain_eval_every must be >= 1"),
-        (1 <= cfg.random_dataset_steps <= 100_000_000, "random_dataset_steps must be in [1, 1e8]"),
-        (0 < cfg.gamma < 1 and 0 < cfg.tau <= 1, "gamma must be in (0, 1) and tau in (0, 1]"),
-        (0 < cfg.actor_lr <= 1 and 0 < cfg.critic_lr <= 1, "learning rates must be in (0, 1]"),
-        (len(cfg.actor_hidden_dims) >= 1 and len(cfg.critic_hidden_dims) >= 1 and 1 <= min(*cfg.actor_hidden_dims, *cfg.critic_hidden_dims) and max(*cfg.actor_hidden_dims, *cfg.critic_hidden_dims) <= 65536, "hidden dims must be non-empty and in [1, 65536]"),
-        (cfg.sera_lambda >= 0, "sera_lambda must be >= 0"),
-        (not cfg.sera or 1 <= cfg.sera_k <= sera_k_max, f"sera_k must be in [1, {sera_k_max}] (the online rows of a batch{'' if cfg.sera_include_self else ', minus the sample itself'})"),
-    ])
+    check(
+        [
+            (cfg.utd >= 1, "utd must be >= 1"),
+            (cfg.pretrain_steps >= 0, "pretrain_steps must be >= 0"),
+            (cfg.online_steps >= 1, "online_steps must be >= 1"),
+            (cfg.batch_size >= 2, "batch_size must be >= 2"),
+            (0 <= cfg.mixing_ratio < 1, "mixing_ratio must be in [0, 1): finetuning batches need online rows"),
+            (
+                int(cfg.batch_size * cfg.mixing_ratio) >= 1 or cfg.mixing_ratio == 0,
+                "batch_size * mixing_ratio must give at least one offline row",
+            ),
+            (1 <= cfg.cql_n_actions <= 1000, "cql_n_actions must be in [1, 1000]"),
+            (cfg.cql_alpha >= 0, "cql_alpha must be >= 0"),
+            (cfg.pretrain_eval_every >= 1, "pretrain_eval_every must be >= 1"),
+            (1 <= cfg.random_dataset_steps <= 100_000_000, "random_dataset_steps must be in [1, 1e8]"),
+            (0 < cfg.gamma < 1 and 0 < cfg.tau <= 1, "gamma must be in (0, 1) and tau in (0, 1]"),
+            (0 < cfg.actor_lr <= 1 and 0 < cfg.critic_lr <= 1, "learning rates must be in (0, 1]"),
+            (
+                len(cfg.actor_hidden_dims) >= 1
+                and len(cfg.critic_hidden_dims) >= 1
+                and 1 <= min(*cfg.actor_hidden_dims, *cfg.critic_hidden_dims)
+                and max(*cfg.actor_hidden_dims, *cfg.critic_hidden_dims) <= 65536,
+                "hidden dims must be non-empty and in [1, 65536]",
+            ),
+            (cfg.sera_lambda >= 0, "sera_lambda must be >= 0"),
+            (
+                not cfg.sera or 1 <= cfg.sera_k <= sera_k_max,
+                f"sera_k must be in [1, {sera_k_max}] (the online rows of a batch{'' if cfg.sera_include_self else ', minus the sample itself'})",
+            ),
+        ]
+    )
     return cfg
 
 
@@ -278,7 +303,9 @@ def check_types(cfg: Config, source: str) -> None:
     for f in fields(Config):
         value, hint = getattr(cfg, f.name), hints[f.name]
         if type_problem(value, hint):
-            expected = {float: "a finite float", int: "int", str: "str", bool: "bool"}.get(hint, str(hint).replace("typing.", ""))
+            expected = {float: "a finite float", int: "int", str: "str", bool: "bool"}.get(
+                hint, str(hint).replace("typing.", "")
+            )
             raise ConfigError(f"{source}{f.name} must be {expected}, got {value!r}")
 
 
@@ -303,13 +330,22 @@ def writable_dir_problem(path: Path) -> Optional[str]:
 def check_common(cfg: Config) -> None:
     """Types (from the --config file too), finite numbers, seed, evaluation, paths and device."""
     check_types(cfg, "")
-    check([
-        (0 <= cfg.seed < 2**31, "seed must be in [0, 2^31)"),
-        (1 <= cfg.eval_episodes <= 1000, "eval_episodes must be in [1, 1000]"),
-        (cfg.eval_every >= 1 and cfg.checkpoint_every >= 1, "eval_every and checkpoint_every must be >= 1"),
-        (cfg.kendall_windows >= 1 and cfg.mc_tail_steps >= 0, "kendall_windows must be >= 1 and mc_tail_steps >= 0"),
-        (cfg.run_name is None or (cfg.run_name.replace("-", "").replace(".", "").isalnum() and "__" not in cfg.run_name), "run_name may hold letters, digits, '.' and '-' only"),
-    ])
+    check(
+        [
+            (0 <= cfg.seed < 2**31, "seed must be in [0, 2^31)"),
+            (1 <= cfg.eval_episodes <= 1000, "eval_episodes must be in [1, 1000]"),
+            (cfg.eval_every >= 1 and cfg.checkpoint_every >= 1, "eval_every and checkpoint_every must be >= 1"),
+            (
+                cfg.kendall_windows >= 1 and cfg.mc_tail_steps >= 0,
+                "kendall_windows must be >= 1 and mc_tail_steps >= 0",
+            ),
+            (
+                cfg.run_name is None
+                or (cfg.run_name.replace("-", "").replace(".", "").isalnum() and "__" not in cfg.run_name),
+                "run_name may hold letters, digits, '.' and '-' only",
+            ),
+        ]
+    )
     problem = writable_dir_problem(Path(cfg.out_dir))
     if problem:
         raise ConfigError(f"out_dir '{cfg.out_dir}' cannot hold run folders: {problem}")
@@ -335,14 +371,18 @@ def read_checkpoint(run_dir: str) -> dict:
     """RUN_DIR/checkpoint.pt of this algorithm; ConfigError otherwise."""
     path = Path(run_dir) / "checkpoint.pt"
     if not path.is_file():
-        raise ConfigError(f"--resume: no checkpoint.pt in '{run_dir}' (a run folder of this project's algorithm files, after its first checkpoint)")
+        raise ConfigError(
+            f"--resume: no checkpoint.pt in '{run_dir}' (a run folder of this project's algorithm files, after its first checkpoint)"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         fmt, algo = checkpoint["format"], checkpoint["algo"]
     except Exception as exc:
         raise ConfigError(f"--resume: cannot read '{path}': {first_line(exc)}")
     if fmt != CHECKPOINT_FORMAT or algo != ALGO:
-        raise ConfigError(f"--resume: '{path}' is a checkpoint of algorithms/{algo}.py (format {fmt}), not of algorithms/{ALGO}.py (format {CHECKPOINT_FORMAT})")
+        raise ConfigError(
+            f"--resume: '{path}' is a checkpoint of algorithms/{algo}.py (format {fmt}), not of algorithms/{ALGO}.py (format {CHECKPOINT_FORMAT})"
+        )
     return checkpoint
 
 
@@ -359,7 +399,9 @@ def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
         cfg = tyro.cli(Config, args=argv, default=saved)
         changed = [name for name in RESUME_FIXED if getattr(cfg, name) != getattr(saved, name)]
         if changed:
-            raise ConfigError(f"--resume: {', '.join(changed)} cannot change in a resumed run (saved: {', '.join(f'{n}={getattr(saved, n)}' for n in changed)})")
+            raise ConfigError(
+                f"--resume: {', '.join(changed)} cannot change in a resumed run (saved: {', '.join(f'{n}={getattr(saved, n)}' for n in changed)})"
+            )
         return cfg, checkpoint
     if cfg.config is not None:
         defaults = read_config_file(cfg.config)
@@ -443,7 +485,9 @@ def flatten_episodes(episodes) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
 
 
-def return_to_go(rewards: np.ndarray, terminals: np.ndarray, timeouts: np.ndarray, gamma: float, fail_reward: Optional[float]) -> np.ndarray:
+def return_to_go(
+    rewards: np.ndarray, terminals: np.ndarray, timeouts: np.ndarray, gamma: float, fail_reward: Optional[float]
+) -> np.ndarray:
     """Monte-Carlo return-to-go of flat transitions, episode by episode: an episode ends where
     terminals or timeouts is 1 (or at the last transition). G_t = r_t + gamma G_{t+1} inside an
     episode and G = r at its last step: nothing follows a termination, and after a truncation the
@@ -509,7 +553,16 @@ def build_flat_cache(dataset_id: str) -> dict[str, np.ndarray]:
     import minari
 
     dataset = minari.load_dataset(dataset_id)
-    episodes = ({"observations": flat_observations(e.observations), "actions": e.actions, "rewards": e.rewards, "terminations": e.terminations, "truncations": e.truncations} for e in dataset.iterate_episodes())
+    episodes = (
+        {
+            "observations": flat_observations(e.observations),
+            "actions": e.actions,
+            "rewards": e.rewards,
+            "terminations": e.terminations,
+            "truncations": e.truncations,
+        }
+        for e in dataset.iterate_episodes()
+    )
     arrays = flatten_episodes(episodes)
     save_flat_cache(dataset_id, arrays)
     return arrays
@@ -519,7 +572,10 @@ def generate_random_dataset(base: str, steps: int) -> None:
     """*-random sets are made on the spot by scripts/make_dataset.py (D4RL random protocol), so a
     first run needs no network. That script locks the id: concurrent first runs make it once."""
     command = [sys.executable, str(REPO_ROOT / "scripts" / "make_dataset.py"), f"{base}-random", "--steps", str(steps)]
-    print(f"{ALGO}.py: {base}-random is not on disk; generating it: python scripts/make_dataset.py {base}-random --steps {steps}", file=sys.stderr)
+    print(
+        f"{ALGO}.py: {base}-random is not on disk; generating it: python scripts/make_dataset.py {base}-random --steps {steps}",
+        file=sys.stderr,
+    )
     code = subprocess.run(command).returncode
     if code in (2, 130, 143):  # bad input or a signal: the script has said why in one line
         sys.exit(code)
@@ -542,7 +598,11 @@ def load_dataset(base: str, quality: str, random_steps: int) -> tuple[dict[str, 
     if not on_disk:
         on_disk = [download_dataset(base, quality, local_id, hub_ids)]
     dataset_id = on_disk[0]
-    remedy = f"delete {dataset_path(dataset_id)} and " + (f"make it again with: python scripts/make_dataset.py {base}-{quality}" if dataset_id == local_id else "run again to download it")
+    remedy = f"delete {dataset_path(dataset_id)} and " + (
+        f"make it again with: python scripts/make_dataset.py {base}-{quality}"
+        if dataset_id == local_id
+        else "run again to download it"
+    )
     if not (dataset_path(dataset_id) / "data" / "main_data.hdf5").is_file():
         raise ConfigError(f"dataset {dataset_id} is damaged (data/main_data.hdf5 is missing); {remedy}")
     arrays = read_flat_cache(dataset_id)
@@ -576,7 +636,9 @@ def download_dataset(base: str, quality: str, local_id: str, hub_ids: list[str])
             errors.append(f"{hub_id}: {first_line(exc)}")
     tried = f"; download failed ({'; '.join(errors)})" if errors else " and the Minari hub has no such dataset"
     make = "" if base not in GENERATED else f"; generate it with: python scripts/make_dataset.py {base}-{quality}"
-    raise ConfigError(f"dataset '{base}-{quality}' is not on disk (looked for {', '.join([local_id, *hub_ids])}){tried}. It is unavailable offline{make}")
+    raise ConfigError(
+        f"dataset '{base}-{quality}' is not on disk (looked for {', '.join([local_id, *hub_ids])}){tried}. It is unavailable offline{make}"
+    )
 
 
 def dataset_fingerprint(arrays: dict[str, np.ndarray]) -> str:
@@ -595,7 +657,9 @@ def make_env(base: str, dataset_id: str) -> gym.Env:
         try:
             import gymnasium_robotics  # noqa: F401  (registers the Adroit and AntMaze environments)
         except ImportError:
-            raise ConfigError(f"'{base}' needs the gymnasium-robotics environments: pip install gymnasium-robotics==1.4.2")
+            raise ConfigError(
+                f"'{base}' needs the gymnasium-robotics environments: pip install gymnasium-robotics==1.4.2"
+            )
     if base == "antmaze":
         import minari
 
@@ -609,7 +673,14 @@ def transition_rows(arrays: dict[str, np.ndarray], cfg: Config) -> torch.Tensor:
     rewards = (arrays["rewards"] * cfg.reward_scale + cfg.reward_bias).astype(np.float32)
     fail = None if cfg.sparse_fail_reward is None else cfg.sparse_fail_reward * cfg.reward_scale + cfg.reward_bias
     mc = return_to_go(rewards, arrays["terminals"], arrays["timeouts"], cfg.gamma, fail)
-    columns = [arrays["observations"], arrays["actions"], rewards[:, None], arrays["next_observations"], arrays["terminals"][:, None], mc[:, None]]
+    columns = [
+        arrays["observations"],
+        arrays["actions"],
+        rewards[:, None],
+        arrays["next_observations"],
+        arrays["terminals"][:, None],
+        mc[:, None],
+    ]
     return torch.from_numpy(np.concatenate([np.asarray(c, dtype=np.float32) for c in columns], axis=1))
 
 
@@ -700,7 +771,13 @@ class VectorizedCritic(nn.Module):
             # last layer U(-3e-3, 3e-3).
             bound = 3e-3 if last else 1 / math.sqrt(fan_in)
             self.weights.append(nn.Parameter(torch.empty(num_critics, fan_in, fan_out).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(num_critics, 1, fan_out).uniform_(-3e-3, 3e-3) if last else torch.full((num_critics, 1, fan_out), 0.1)))
+            self.biases.append(
+                nn.Parameter(
+                    torch.empty(num_critics, 1, fan_out).uniform_(-3e-3, 3e-3)
+                    if last
+                    else torch.full((num_critics, 1, fan_out), 0.1)
+                )
+            )
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """obs [B, S]; action [B, A] (shared by the members) or [N, B, A] (one per member) -> Q [N, B]."""
@@ -717,7 +794,9 @@ class VectorizedCritic(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Losses and updates: the Cal-QL / CQL learning rule (calibrated CQL term, max backup) and SERA
 # ----------------------------------------------------------------------------------------------
-def cql_logsumexp(q_random, q_current, log_pi_current, q_next, log_pi_next, act_dim: int, mc_bound: Optional[torch.Tensor]) -> torch.Tensor:
+def cql_logsumexp(
+    q_random, q_current, log_pi_current, q_next, log_pi_next, act_dim: int, mc_bound: Optional[torch.Tensor]
+) -> torch.Tensor:
     """Importance-sampled CQL logsumexp (released code's cql_importance_sample) at states s.
     q_random [N, n, B]: Q(s, a ~ U[-1, 1]^A), density 0.5^A; q_current / q_next [N, n, B]: Q(s, a)
     for a ~ pi(.|s) and a ~ pi(.|s'), with log-probs [n, B]. Cal-QL (mc_bound [B] given): the
@@ -727,7 +806,9 @@ def cql_logsumexp(q_random, q_current, log_pi_current, q_next, log_pi_next, act_
         q_current = torch.maximum(q_current, mc_bound)
         q_next = torch.maximum(q_next, mc_bound)
     random_log_density = act_dim * math.log(0.5)
-    return torch.logsumexp(torch.cat([q_random - random_log_density, q_next - log_pi_next, q_current - log_pi_current], dim=1), dim=1)
+    return torch.logsumexp(
+        torch.cat([q_random - random_log_density, q_next - log_pi_next, q_current - log_pi_current], dim=1), dim=1
+    )
 
 
 def sera_reward(states: torch.Tensor, q: torch.Tensor, k: int, include_self: bool) -> torch.Tensor:
@@ -747,7 +828,9 @@ def sera_reward(states: torch.Tensor, q: torch.Tensor, k: int, include_self: boo
 
 
 @torch.no_grad()
-def sera_bonus(frozen_critic: VectorizedCritic, batch: torch.Tensor, n_offline: int, split, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+def sera_bonus(
+    frozen_critic: VectorizedCritic, batch: torch.Tensor, n_offline: int, split, cfg: Config
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SERA on a mixed batch whose first n_offline rows come from the dataset: (reward bonus [B],
     0 on the dataset rows and sera_lambda * r_int on the online rows; r_int of the online rows),
     with q = min over the twin of the frozen pretrained critic."""
@@ -766,7 +849,9 @@ class CalQLAgent:
 
     def __init__(self, obs_dim: int, act_dim: int, cfg: Config, device: torch.device):
         self.cfg, self.device, self.act_dim = cfg, device, act_dim
-        self.actor = Actor(obs_dim, act_dim, cfg.actor_hidden_dims, log_std_offset=-1.0).to(device)  # released code: std about e^-1 at init
+        self.actor = Actor(obs_dim, act_dim, cfg.actor_hidden_dims, log_std_offset=-1.0).to(
+            device
+        )  # released code: std about e^-1 at init
         self.critic = VectorizedCritic(obs_dim, act_dim, cfg.critic_hidden_dims, NUM_CRITICS).to(device)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.zeros((), device=device, requires_grad=True)
@@ -780,20 +865,35 @@ class CalQLAgent:
 
     def state_dict(self) -> dict:
         return {
-            "actor": self.actor.state_dict(), "critic": self.critic.state_dict(), "target_critic": self.target_critic.state_dict(),
-            "log_alpha": self.log_alpha.detach().cpu(), "log_cql_alpha": self.log_cql_alpha.detach().cpu(),
-            "actor_optim": self.actor_optim.state_dict(), "critic_optim": self.critic_optim.state_dict(),
-            "alpha_optim": self.alpha_optim.state_dict(), "cql_alpha_optim": self.cql_alpha_optim.state_dict(),
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "target_critic": self.target_critic.state_dict(),
+            "log_alpha": self.log_alpha.detach().cpu(),
+            "log_cql_alpha": self.log_cql_alpha.detach().cpu(),
+            "actor_optim": self.actor_optim.state_dict(),
+            "critic_optim": self.critic_optim.state_dict(),
+            "alpha_optim": self.alpha_optim.state_dict(),
+            "cql_alpha_optim": self.cql_alpha_optim.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for name in ("actor", "critic", "target_critic", "actor_optim", "critic_optim", "alpha_optim", "cql_alpha_optim"):
+        for name in (
+            "actor",
+            "critic",
+            "target_critic",
+            "actor_optim",
+            "critic_optim",
+            "alpha_optim",
+            "cql_alpha_optim",
+        ):
             getattr(self, name).load_state_dict(state[name])
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
             self.log_cql_alpha.copy_(state["log_cql_alpha"])
 
-    def losses(self, batch: torch.Tensor, split, conservative: bool, calibrate: bool, bonus: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    def losses(
+        self, batch: torch.Tensor, split, conservative: bool, calibrate: bool, bonus: Optional[torch.Tensor] = None
+    ) -> dict[str, torch.Tensor]:
         """All losses of one update from the same parameters (the released code differentiates
         each loss with respect to its own parameters only). bonus [B] is added to the rewards in
         the TD target (SERA). Keys: alpha, actor, critic (= bellman + cql), cql_alpha (Lagrange)
@@ -826,7 +926,15 @@ class CalQLAgent:
             all_actions = torch.cat([act[None], random_actions, actions[k:]]).reshape(-1, self.act_dim)
             q = self.critic(obs.repeat(1 + 3 * n, 1), all_actions).view(NUM_CRITICS, 1 + 3 * n, -1)
             q_data, q_random, q_current, q_next = q[:, 0], q[:, 1 : 1 + n], q[:, 1 + n : 1 + 2 * n], q[:, 1 + 2 * n :]
-            ood = cql_logsumexp(q_random, q_current, log_pis[k : k + n], q_next, log_pis[k + n :], self.act_dim, mc if calibrate else None)
+            ood = cql_logsumexp(
+                q_random,
+                q_current,
+                log_pis[k : k + n],
+                q_next,
+                log_pis[k + n :],
+                self.act_dim,
+                mc if calibrate else None,
+            )
             gap = (ood - q_data).mean(1)  # per member
             if cfg.cql_lagrange:
                 cql_alpha = self.log_cql_alpha.exp().clamp(0.0, 1e6)
@@ -841,11 +949,17 @@ class CalQLAgent:
         out["critic"] = out["bellman"] + out["cql"] if conservative else out["bellman"]
         return out
 
-    def update(self, batch: torch.Tensor, split, conservative: bool, calibrate: bool, bonus: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    def update(
+        self, batch: torch.Tensor, split, conservative: bool, calibrate: bool, bonus: Optional[torch.Tensor] = None
+    ) -> dict[str, torch.Tensor]:
         """One Cal-QL / CQL update: every loss from the same parameters, then every step, then the
         target update. Returns detached losses for logging."""
         out = self.losses(batch, split, conservative, calibrate, bonus)
-        params = {"alpha": ([self.log_alpha], self.alpha_optim), "actor": (list(self.actor.parameters()), self.actor_optim), "critic": (list(self.critic.parameters()), self.critic_optim)}
+        params = {
+            "alpha": ([self.log_alpha], self.alpha_optim),
+            "actor": (list(self.actor.parameters()), self.actor_optim),
+            "critic": (list(self.critic.parameters()), self.critic_optim),
+        }
         if "cql_alpha" in out:
             params["cql_alpha"] = ([self.log_cql_alpha], self.cql_alpha_optim)
         for name, (inputs, optim) in params.items():
@@ -886,7 +1000,9 @@ def kendall_tau(x: np.ndarray, y: np.ndarray) -> float:
 def windowed_kendall_tau(q_est: np.ndarray, q_true: np.ndarray, windows: int) -> list[float]:
     """The paper's rank metric for one episode: cut the state-action pairs into `windows`
     consecutive windows and compute Kendall's tau between estimated and true Q in each."""
-    taus = [kendall_tau(a, b) for a, b in zip(np.array_split(q_est, windows), np.array_split(q_true, windows)) if len(a) > 1]
+    taus = [
+        kendall_tau(a, b) for a, b in zip(np.array_split(q_est, windows), np.array_split(q_true, windows)) if len(a) > 1
+    ]
     return [t for t in taus if not math.isnan(t)]
 
 
@@ -921,7 +1037,11 @@ class Evaluator:
                     still.append(i)
             active = still
         returns = np.array([sum(ep["rew"]) for ep in episodes])
-        result = {"return": float(returns.mean()), "return_std": float(returns.std()), "normalized_score": float(normalized_score(self.base, returns).mean())}
+        result = {
+            "return": float(returns.mean()),
+            "return_std": float(returns.std()),
+            "normalized_score": float(normalized_score(self.base, returns).mean()),
+        }
         result.update(self.q_diagnostics(agent, episodes))
         return result
 
@@ -937,7 +1057,14 @@ class Evaluator:
             lengths.append(n)
         nan = float("nan")
         if not lengths:
-            return {"q_bias": nan, "q_bias_min": nan, "kendall_tau": nan, "q_true": nan, "q_std_policy": nan, "q_std_random": nan}
+            return {
+                "q_bias": nan,
+                "q_bias_min": nan,
+                "kendall_tau": nan,
+                "q_true": nan,
+                "q_std_policy": nan,
+                "q_std_random": nan,
+            }
         obs_t = torch.as_tensor(np.concatenate(obs), device=self.device)
         act_t = torch.as_tensor(np.concatenate(act), device=self.device)
         q_members = agent.critic(obs_t, act_t)
@@ -948,7 +1075,9 @@ class Evaluator:
         for q_est_ep, q_true_ep in zip(np.split(q_mean, np.cumsum(lengths)[:-1]), q_true):
             taus += windowed_kendall_tau(q_est_ep, q_true_ep, self.cfg.kendall_windows)
         rng = np.random.default_rng(self.cfg.seed + 12345)
-        random_actions = torch.as_tensor(rng.uniform(-1, 1, tuple(act_t.shape)), dtype=torch.float32, device=self.device)
+        random_actions = torch.as_tensor(
+            rng.uniform(-1, 1, tuple(act_t.shape)), dtype=torch.float32, device=self.device
+        )
         return {
             "q_bias": float((q_mean.mean() - q_true_all.mean()) / scale) if scale > 0 else nan,
             "q_bias_min": float((q_min.mean() - q_true_all.mean()) / scale) if scale > 0 else nan,
@@ -967,7 +1096,23 @@ class Evaluator:
 EXIT_DIVERGED = 3
 # Keys of every metrics.jsonl record, in this order, in every algorithm file (None where a value
 # does not exist yet); an algorithm's own losses follow them.
-RECORD_KEYS = ("phase", "step", "env_steps", "return", "return_std", "normalized_score", "q_true", "q_bias", "q_bias_min", "kendall_tau", "q_std_policy", "q_std_random", "alpha", "critic_loss", "actor_loss")
+RECORD_KEYS = (
+    "phase",
+    "step",
+    "env_steps",
+    "return",
+    "return_std",
+    "normalized_score",
+    "q_true",
+    "q_bias",
+    "q_bias_min",
+    "kendall_tau",
+    "q_std_policy",
+    "q_std_random",
+    "alpha",
+    "critic_loss",
+    "actor_loss",
+)
 MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads, warm-start included
 
 
@@ -1005,7 +1150,10 @@ def new_run_dir(cfg: Config) -> Path:
 def versions() -> dict[str, str]:
     from importlib.metadata import version
 
-    return {"python": platform.python_version(), **{name: version(name) for name in ("torch", "numpy", "gymnasium", "mujoco", "minari")}}
+    return {
+        "python": platform.python_version(),
+        **{name: version(name) for name in ("torch", "numpy", "gymnasium", "mujoco", "minari")},
+    }
 
 
 class RunLog:
@@ -1024,10 +1172,21 @@ class RunLog:
 
             # The id follows the folder, so a resumed run continues the same wandb run.
             run_id = hashlib.blake2b(str(run_dir.resolve()).encode(), digest_size=8).hexdigest()
-            self.wandb = wandb.init(project=cfg.wandb_project, group=ALGO, name=run_dir.name, id=run_id, resume="allow", config=asdict(cfg), dir=str(run_dir))
+            self.wandb = wandb.init(
+                project=cfg.wandb_project,
+                group=ALGO,
+                name=run_dir.name,
+                id=run_id,
+                resume="allow",
+                config=asdict(cfg),
+                dir=str(run_dir),
+            )
 
     def write(self, record: dict) -> None:
-        record = {**dict.fromkeys(RECORD_KEYS), **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}}
+        record = {
+            **dict.fromkeys(RECORD_KEYS),
+            **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()},
+        }
         self.records.append(record)
         self.text += json.dumps(record) + "\n"
         atomic_write(self.path, lambda tmp: tmp.write_text(self.text))
@@ -1070,7 +1229,13 @@ class FiniteCheck:
             self.bad[name] = flag if name not in self.bad else self.bad[name] | flag
 
     def check(self, phase: str, step: int) -> None:
-        flags = {**self.bad, **{f"{name} parameters": torch.stack([~torch.isfinite(p).all() for p in ps]).any() for name, ps in self.parameters.items()}}
+        flags = {
+            **self.bad,
+            **{
+                f"{name} parameters": torch.stack([~torch.isfinite(p).all() for p in ps]).any()
+                for name, ps in self.parameters.items()
+            },
+        }
         for name, bad in zip(flags, torch.stack(list(flags.values())).cpu().tolist()):
             if bad:
                 raise Diverged(f"{name} not finite in {phase} at step {step}")
@@ -1097,7 +1262,11 @@ def restore_env_state(env: gym.Env, saved: dict) -> None:
 
 
 def rng_state(device: torch.device) -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "numpy": np.random.get_state()}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": np.random.get_state(),
+    }
 
 
 def restore_rng_state(state: dict, device: torch.device) -> None:
@@ -1116,9 +1285,13 @@ def read_export(path: str, kind: str) -> dict:
     except Exception as exc:
         raise ConfigError(f"cannot read checkpoint '{path}': {first_line(exc)}")
     if saved_kind is None:
-        raise ConfigError(f"'{path}' is the training state of a run, not a finished {kind}; continue that run with --resume {Path(path).parent}")
+        raise ConfigError(
+            f"'{path}' is the training state of a run, not a finished {kind}; continue that run with --resume {Path(path).parent}"
+        )
     if (fmt, algo, saved_kind) != (CHECKPOINT_FORMAT, ALGO, kind):
-        raise ConfigError(f"'{path}' is a {saved_kind} export of algorithms/{algo}.py (format {fmt}), not a {kind} of algorithms/{ALGO}.py")
+        raise ConfigError(
+            f"'{path}' is a {saved_kind} export of algorithms/{algo}.py (format {fmt}), not a {kind} of algorithms/{ALGO}.py"
+        )
     return saved
 
 
@@ -1149,15 +1322,33 @@ class Run:
         after the finite check passes, so it always holds the last good state."""
         self.finite.check(phase, step)
         state = {
-            "format": CHECKPOINT_FORMAT, "algo": ALGO, "config": asdict(self.cfg), "dataset": self.dataset, "phase": phase, "step": step,
-            "agent": self.agent.state_dict(), "loop": loop, "rng": rng_state(self.device), "records": self.log.records,
-            "wall_time_s": self.wall_time(), "pretrain_time_s": self.pretrain_time_s,
+            "format": CHECKPOINT_FORMAT,
+            "algo": ALGO,
+            "config": asdict(self.cfg),
+            "dataset": self.dataset,
+            "phase": phase,
+            "step": step,
+            "agent": self.agent.state_dict(),
+            "loop": loop,
+            "rng": rng_state(self.device),
+            "records": self.log.records,
+            "wall_time_s": self.wall_time(),
+            "pretrain_time_s": self.pretrain_time_s,
         }
         atomic_write(self.dir / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
 
     def export(self, kind: str) -> None:
         """pretrain.pt / final.pt: the agent (networks, optimisers, temperature) and its config."""
-        state = {"format": CHECKPOINT_FORMAT, "algo": ALGO, "kind": kind, "config": asdict(self.cfg), "dataset": self.dataset, "obs_dim": self.obs_dim, "act_dim": self.act_dim, "agent": self.agent.state_dict()}
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "algo": ALGO,
+            "kind": kind,
+            "config": asdict(self.cfg),
+            "dataset": self.dataset,
+            "obs_dim": self.obs_dim,
+            "act_dim": self.act_dim,
+            "agent": self.agent.state_dict(),
+        }
         atomic_write(self.dir / f"{kind}.pt", lambda tmp: torch.save(state, tmp))
 
     def write_summary(self, status: str, error: Optional[str] = None) -> None:
@@ -1167,14 +1358,28 @@ class Run:
         last = online[-1] if online else {}
         scores = [r["normalized_score"] for r in online if r["normalized_score"] is not None]
         summary = {
-            "status": status, "error": error, "algo": ALGO, "env": self.cfg.env, "seed": self.cfg.seed, "run_name": self.cfg.run_name,
-            "dataset": self.dataset, "env_steps": last.get("env_steps", 0),
+            "status": status,
+            "error": error,
+            "algo": ALGO,
+            "env": self.cfg.env,
+            "seed": self.cfg.seed,
+            "run_name": self.cfg.run_name,
+            "dataset": self.dataset,
+            "env_steps": last.get("env_steps", 0),
             "pretrained_score": online[0]["normalized_score"] if online and online[0]["env_steps"] == 0 else None,
-            "final_score": last.get("normalized_score"), "best_score": max(scores) if scores else None, "final_return": last.get("return"),
-            "final_q_bias": last.get("q_bias"), "final_kendall_tau": last.get("kendall_tau"), "final_q_std_policy": last.get("q_std_policy"),
-            "wall_time_s": round(self.wall_time(), 1), "pretrain_time_s": None if self.pretrain_time_s is None else round(self.pretrain_time_s, 1),
+            "final_score": last.get("normalized_score"),
+            "best_score": max(scores) if scores else None,
+            "final_return": last.get("return"),
+            "final_q_bias": last.get("q_bias"),
+            "final_kendall_tau": last.get("kendall_tau"),
+            "final_q_std_policy": last.get("q_std_policy"),
+            "wall_time_s": round(self.wall_time(), 1),
+            "pretrain_time_s": None if self.pretrain_time_s is None else round(self.pretrain_time_s, 1),
             "resume_command": None if status == "finished" else f"python algorithms/{ALGO}.py --resume {self.dir}",
-            "device": str(self.device), "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device)
+            if self.device.type == "cuda"
+            else platform.processor() or platform.machine(),
             "versions": versions(),
         }
         atomic_write(self.dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
@@ -1187,7 +1392,10 @@ def run_to_end(run: Run, train_phases) -> Path:
     except Stopped:
         run.write_summary("interrupted")
         run.log.close()
-        print(f"{ALGO}.py: stopped by signal {run.stop.signum}; checkpoint written. Resume with: python algorithms/{ALGO}.py --resume {run.dir}", file=sys.stderr)
+        print(
+            f"{ALGO}.py: stopped by signal {run.stop.signum}; checkpoint written. Resume with: python algorithms/{ALGO}.py --resume {run.dir}",
+            file=sys.stderr,
+        )
         sys.exit(128 + run.stop.signum)
     except Diverged as exc:
         run.write_summary("diverged", str(exc))
@@ -1214,11 +1422,20 @@ def pretrain(run: Run, data: ReplayBuffer, step: int, loop: dict) -> None:
     # Indices for many steps are drawn at once; a batch is gathered per step from the device buffer.
     chunk, indices = 1000, None if loop["indices"] is None else loop["indices"].to(run.device)
     desc = "pretrain (Cal-QL)" if cfg.calibrate else "pretrain (CQL)"
-    progress = tqdm(range(step + 1, cfg.pretrain_steps + 1), desc=desc, unit="upd", mininterval=1, initial=step, total=cfg.pretrain_steps)
+    progress = tqdm(
+        range(step + 1, cfg.pretrain_steps + 1),
+        desc=desc,
+        unit="upd",
+        mininterval=1,
+        initial=step,
+        total=cfg.pretrain_steps,
+    )
     for step in progress:
         if (step - 1) % chunk == 0:
             indices = torch.randint(0, data.size, (chunk, cfg.batch_size), device=data.rows.device)
-        losses = agent.update(data.rows[indices[(step - 1) % chunk]], data.split, conservative=True, calibrate=cfg.calibrate)
+        losses = agent.update(
+            data.rows[indices[(step - 1) % chunk]], data.split, conservative=True, calibrate=cfg.calibrate
+        )
         run.finite.watch(losses)
         if step % cfg.pretrain_eval_every == 0 or step == cfg.pretrain_steps:
             run.finite.check("pretrain", step)
@@ -1260,9 +1477,18 @@ def finetune(run: Run, offline: ReplayBuffer, step: int, loop: Optional[dict]) -
         restore_env_state(env, loop["env"])
         if frozen_critic is not None:
             frozen_critic.load_state_dict(loop["frozen_critic"])
-        env_steps, obs, updates, pending, trajectory_start, trajectory, losses = step, *(loop[k] for k in ("obs", "updates", "pending", "trajectory_start", "trajectory", "losses"))
+        env_steps, obs, updates, pending, trajectory_start, trajectory, losses = (
+            step,
+            *(loop[k] for k in ("obs", "updates", "pending", "trajectory_start", "trajectory", "losses")),
+        )
     obs_stage = torch.zeros(run.obs_dim, pin_memory=device.type == "cuda")
-    progress = tqdm(total=cfg.online_steps, initial=env_steps, desc="finetune (Cal-QL)" if calibrate else "finetune (CQL)", unit="env step", mininterval=1)
+    progress = tqdm(
+        total=cfg.online_steps,
+        initial=env_steps,
+        desc="finetune (Cal-QL)" if calibrate else "finetune (CQL)",
+        unit="env step",
+        mininterval=1,
+    )
     while env_steps < cfg.online_steps or pending > 0:
         stepped = pending == 0
         if stepped:  # one env step of the running trajectory
@@ -1273,7 +1499,9 @@ def finetune(run: Run, offline: ReplayBuffer, step: int, loop: Optional[dict]) -
             env_steps += 1
             progress.update(1)
             truncated = truncated or env_steps == cfg.online_steps
-            for key, value in zip(trajectory, (obs, action, reward, next_obs, terminated, truncated and not terminated)):
+            for key, value in zip(
+                trajectory, (obs, action, reward, next_obs, terminated, truncated and not terminated)
+            ):
                 trajectory[key].append(value)
             obs = next_obs
             if terminated or truncated:
@@ -1283,22 +1511,41 @@ def finetune(run: Run, offline: ReplayBuffer, step: int, loop: Optional[dict]) -
                 trajectory_start, trajectory = env_steps - len(trajectory["rewards"]), new_trajectory()
         else:  # one of the updates owed to the last trajectory
             batch = torch.cat([offline.sample((offline_batch,)), online.sample((online_batch,))])
-            bonus, r_int = sera_bonus(frozen_critic, batch, offline_batch, online.split, cfg) if frozen_critic is not None else (None, None)
+            bonus, r_int = (
+                sera_bonus(frozen_critic, batch, offline_batch, online.split, cfg)
+                if frozen_critic is not None
+                else (None, None)
+            )
             losses = agent.update(batch, online.split, conservative=not cfg.loose, calibrate=calibrate, bonus=bonus)
             if r_int is not None:
                 losses["sera_reward"] = r_int.mean()
             run.finite.watch(losses)
             updates, pending = updates + 1, pending - 1
-            if pending == 0 and (env_steps // cfg.eval_every > trajectory_start // cfg.eval_every or env_steps == cfg.online_steps):
+            if pending == 0 and (
+                env_steps // cfg.eval_every > trajectory_start // cfg.eval_every or env_steps == cfg.online_steps
+            ):
                 run.finite.check("finetune", env_steps)
-                record = {"phase": "finetune", "step": updates, "env_steps": env_steps, **run.evaluate(agent), **losses_record(losses)}
+                record = {
+                    "phase": "finetune",
+                    "step": updates,
+                    "env_steps": env_steps,
+                    **run.evaluate(agent),
+                    **losses_record(losses),
+                }
                 run.log.write(record)
                 progress.set_postfix(score=f"{record['normalized_score']:.1f}")
         done = env_steps == cfg.online_steps and pending == 0
         if run.stop.signum is not None or (stepped and env_steps % cfg.checkpoint_every == 0) or done:
             loop = {
-                "online": online.state_dict(), "env": env_state(env), "obs": obs, "updates": updates, "pending": pending, "trajectory_start": trajectory_start,
-                "trajectory": trajectory, "losses": losses, "frozen_critic": None if frozen_critic is None else frozen_critic.state_dict(),
+                "online": online.state_dict(),
+                "env": env_state(env),
+                "obs": obs,
+                "updates": updates,
+                "pending": pending,
+                "trajectory_start": trajectory_start,
+                "trajectory": trajectory,
+                "losses": losses,
+                "frozen_critic": None if frozen_critic is None else frozen_critic.state_dict(),
             }
             run.save_checkpoint("finetune", env_steps, loop)
         if run.stop.signum is not None:
@@ -1314,7 +1561,9 @@ def read_pretrained(cfg: Config) -> dict:
         raise ConfigError(f"checkpoint '{cfg.pretrained}' was pretrained on {config['env']}, not {cfg.env}")
     saved_dims = (tuple(config["actor_hidden_dims"]), tuple(config["critic_hidden_dims"]))
     if saved_dims != (tuple(cfg.actor_hidden_dims), tuple(cfg.critic_hidden_dims)):
-        raise ConfigError(f"checkpoint '{cfg.pretrained}' has actor/critic hidden dims {saved_dims}; this run has {(cfg.actor_hidden_dims, cfg.critic_hidden_dims)}")
+        raise ConfigError(
+            f"checkpoint '{cfg.pretrained}' has actor/critic hidden dims {saved_dims}; this run has {(cfg.actor_hidden_dims, cfg.critic_hidden_dims)}"
+        )
     return saved
 
 
@@ -1327,7 +1576,9 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
     obs_dim, act_dim = arrays["observations"].shape[1], arrays["actions"].shape[1]
     data_info = {"id": dataset_id, "fingerprint": dataset_fingerprint(arrays)}
     if checkpoint is not None and checkpoint["dataset"] != data_info:
-        raise ConfigError(f"--resume: dataset {dataset_id} on disk is not the one the run started with ({checkpoint['dataset']['fingerprint']}, now {data_info['fingerprint']})")
+        raise ConfigError(
+            f"--resume: dataset {dataset_id} on disk is not the one the run started with ({checkpoint['dataset']['fingerprint']}, now {data_info['fingerprint']})"
+        )
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -1339,11 +1590,30 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
         agent.load_state_dict(checkpoint["agent"])
         restore_rng_state(checkpoint["rng"], device)
     run_dir = new_run_dir(cfg) if checkpoint is None else Path(cfg.resume)
-    atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump({**asdict(cfg), "dataset_id": dataset_id, "device_resolved": str(device)}, sort_keys=False)))
-    parameters = {"actor": list(agent.actor.parameters()), "critic": list(agent.critic.parameters()), "alpha": [agent.log_alpha, agent.log_cql_alpha]}
+    atomic_write(
+        run_dir / "config.yaml",
+        lambda tmp: tmp.write_text(
+            yaml.safe_dump({**asdict(cfg), "dataset_id": dataset_id, "device_resolved": str(device)}, sort_keys=False)
+        ),
+    )
+    parameters = {
+        "actor": list(agent.actor.parameters()),
+        "critic": list(agent.critic.parameters()),
+        "alpha": [agent.log_alpha, agent.log_cql_alpha],
+    }
     run = Run(
-        cfg, run_dir, device, agent, evaluate, RunLog(run_dir, cfg, [] if checkpoint is None else checkpoint["records"]), data_info,
-        obs_dim, act_dim, StopSignal(), FiniteCheck(parameters), 0.0 if checkpoint is None else checkpoint["wall_time_s"],
+        cfg,
+        run_dir,
+        device,
+        agent,
+        evaluate,
+        RunLog(run_dir, cfg, [] if checkpoint is None else checkpoint["records"]),
+        data_info,
+        obs_dim,
+        act_dim,
+        StopSignal(),
+        FiniteCheck(parameters),
+        0.0 if checkpoint is None else checkpoint["wall_time_s"],
         None if checkpoint is None else checkpoint["pretrain_time_s"],
     )
     if checkpoint is None:
@@ -1352,7 +1622,10 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
     else:
         phase, step, loop = checkpoint["phase"], checkpoint["step"], checkpoint["loop"]
     variant = ("Cal-QL" if cfg.calibrate else "CQL") + (" loose" if cfg.loose else "") + (" + SERA" if cfg.sera else "")
-    print(f"run {run_dir}: dataset {dataset_id} ({len(arrays['rewards'])} transitions), {variant}, device {device}, {phase} from step {step}", file=sys.stderr)
+    print(
+        f"run {run_dir}: dataset {dataset_id} ({len(arrays['rewards'])} transitions), {variant}, device {device}, {phase} from step {step}",
+        file=sys.stderr,
+    )
     offline = ReplayBuffer(len(arrays["rewards"]), obs_dim, act_dim, device)
     offline.extend(transition_rows(arrays, cfg))
 

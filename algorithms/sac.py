@@ -21,7 +21,6 @@ Deliberate differences from the paper and common implementations:
     final observation, which env.step returns before the manual reset.
 """
 
-
 from __future__ import annotations
 
 import hashlib
@@ -115,13 +114,19 @@ def resolve_config(cfg: Config) -> Config:
     """Check every value; ConfigError if bad."""
     check([(cfg.env in GYM_IDS, f"unknown env '{cfg.env}'; expected one of {', '.join(GYM_IDS)}")])
     check_common(cfg)
-    check([
-        (cfg.total_steps >= 1, "total_steps must be >= 1"), (cfg.learning_starts >= 0, "learning_starts must be >= 0"),
-        (1 <= cfg.buffer_size <= 100_000_000 and cfg.batch_size >= 1, "buffer_size must be in [1, 1e8] and batch_size >= 1"),
-        (1 <= cfg.hidden_dim <= 65536, "hidden_dim must be in [1, 65536]"),
-        (0 < cfg.gamma <= 1 and 0 < cfg.tau <= 1, "gamma and tau must be in (0, 1]"),
-        (0 < cfg.actor_lr <= 1 and 0 < cfg.critic_lr <= 1, "learning rates must be in (0, 1]"),
-    ])
+    check(
+        [
+            (cfg.total_steps >= 1, "total_steps must be >= 1"),
+            (cfg.learning_starts >= 0, "learning_starts must be >= 0"),
+            (
+                1 <= cfg.buffer_size <= 100_000_000 and cfg.batch_size >= 1,
+                "buffer_size must be in [1, 1e8] and batch_size >= 1",
+            ),
+            (1 <= cfg.hidden_dim <= 65536, "hidden_dim must be in [1, 65536]"),
+            (0 < cfg.gamma <= 1 and 0 < cfg.tau <= 1, "gamma and tau must be in (0, 1]"),
+            (0 < cfg.actor_lr <= 1 and 0 < cfg.critic_lr <= 1, "learning rates must be in (0, 1]"),
+        ]
+    )
     return cfg
 
 
@@ -168,7 +173,9 @@ def check_types(cfg: Config, source: str) -> None:
     for f in fields(Config):
         value, hint = getattr(cfg, f.name), hints[f.name]
         if type_problem(value, hint):
-            expected = {float: "a finite float", int: "int", str: "str", bool: "bool"}.get(hint, str(hint).replace("typing.", ""))
+            expected = {float: "a finite float", int: "int", str: "str", bool: "bool"}.get(
+                hint, str(hint).replace("typing.", "")
+            )
             raise ConfigError(f"{source}{f.name} must be {expected}, got {value!r}")
 
 
@@ -193,13 +200,22 @@ def writable_dir_problem(path: Path) -> Optional[str]:
 def check_common(cfg: Config) -> None:
     """Types (from the --config file too), finite numbers, seed, evaluation, paths and device."""
     check_types(cfg, "")
-    check([
-        (0 <= cfg.seed < 2**31, "seed must be in [0, 2^31)"),
-        (1 <= cfg.eval_episodes <= 1000, "eval_episodes must be in [1, 1000]"),
-        (cfg.eval_every >= 1 and cfg.checkpoint_every >= 1, "eval_every and checkpoint_every must be >= 1"),
-        (cfg.kendall_windows >= 1 and cfg.mc_tail_steps >= 0, "kendall_windows must be >= 1 and mc_tail_steps >= 0"),
-        (cfg.run_name is None or (cfg.run_name.replace("-", "").replace(".", "").isalnum() and "__" not in cfg.run_name), "run_name may hold letters, digits, '.' and '-' only"),
-    ])
+    check(
+        [
+            (0 <= cfg.seed < 2**31, "seed must be in [0, 2^31)"),
+            (1 <= cfg.eval_episodes <= 1000, "eval_episodes must be in [1, 1000]"),
+            (cfg.eval_every >= 1 and cfg.checkpoint_every >= 1, "eval_every and checkpoint_every must be >= 1"),
+            (
+                cfg.kendall_windows >= 1 and cfg.mc_tail_steps >= 0,
+                "kendall_windows must be >= 1 and mc_tail_steps >= 0",
+            ),
+            (
+                cfg.run_name is None
+                or (cfg.run_name.replace("-", "").replace(".", "").isalnum() and "__" not in cfg.run_name),
+                "run_name may hold letters, digits, '.' and '-' only",
+            ),
+        ]
+    )
     problem = writable_dir_problem(Path(cfg.out_dir))
     if problem:
         raise ConfigError(f"out_dir '{cfg.out_dir}' cannot hold run folders: {problem}")
@@ -225,14 +241,18 @@ def read_checkpoint(run_dir: str) -> dict:
     """RUN_DIR/checkpoint.pt of this algorithm; ConfigError otherwise."""
     path = Path(run_dir) / "checkpoint.pt"
     if not path.is_file():
-        raise ConfigError(f"--resume: no checkpoint.pt in '{run_dir}' (a run folder of this project's algorithm files, after its first checkpoint)")
+        raise ConfigError(
+            f"--resume: no checkpoint.pt in '{run_dir}' (a run folder of this project's algorithm files, after its first checkpoint)"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         fmt, algo = checkpoint["format"], checkpoint["algo"]
     except Exception as exc:
         raise ConfigError(f"--resume: cannot read '{path}': {first_line(exc)}")
     if fmt != CHECKPOINT_FORMAT or algo != ALGO:
-        raise ConfigError(f"--resume: '{path}' is a checkpoint of algorithms/{algo}.py (format {fmt}), not of algorithms/{ALGO}.py (format {CHECKPOINT_FORMAT})")
+        raise ConfigError(
+            f"--resume: '{path}' is a checkpoint of algorithms/{algo}.py (format {fmt}), not of algorithms/{ALGO}.py (format {CHECKPOINT_FORMAT})"
+        )
     return checkpoint
 
 
@@ -249,7 +269,9 @@ def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
         cfg = tyro.cli(Config, args=argv, default=saved)
         changed = [name for name in RESUME_FIXED if getattr(cfg, name) != getattr(saved, name)]
         if changed:
-            raise ConfigError(f"--resume: {', '.join(changed)} cannot change in a resumed run (saved: {', '.join(f'{n}={getattr(saved, n)}' for n in changed)})")
+            raise ConfigError(
+                f"--resume: {', '.join(changed)} cannot change in a resumed run (saved: {', '.join(f'{n}={getattr(saved, n)}' for n in changed)})"
+            )
         return cfg, checkpoint
     if cfg.config is not None:
         defaults = read_config_file(cfg.config)
@@ -423,9 +445,13 @@ class SACAgent:
 
     def state_dict(self) -> dict:
         return {
-            "actor": self.actor.state_dict(), "critic": self.critic.state_dict(), "target_critic": self.target_critic.state_dict(),
-            "log_alpha": self.log_alpha.detach().cpu(), "actor_optim": self.actor_optim.state_dict(),
-            "critic_optim": self.critic_optim.state_dict(), "alpha_optim": self.alpha_optim.state_dict(),
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "target_critic": self.target_critic.state_dict(),
+            "log_alpha": self.log_alpha.detach().cpu(),
+            "actor_optim": self.actor_optim.state_dict(),
+            "critic_optim": self.critic_optim.state_dict(),
+            "alpha_optim": self.alpha_optim.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -440,7 +466,9 @@ class SACAgent:
         alpha = self.log_alpha.detach().exp()
         with torch.no_grad():
             next_action, next_log_prob = self.actor(next_obs)
-            y = td_target(rew, done, self.target_critic(next_obs, next_action), next_log_prob, alpha, self.cfg.gamma, "min")
+            y = td_target(
+                rew, done, self.target_critic(next_obs, next_action), next_log_prob, alpha, self.cfg.gamma, "min"
+            )
         critic_loss = (self.critic(obs, act) - y).pow(2).mean(1).sum()
         self.critic_optim.zero_grad(set_to_none=True)
         critic_loss.backward()
@@ -484,7 +512,9 @@ def kendall_tau(x: np.ndarray, y: np.ndarray) -> float:
 def windowed_kendall_tau(q_est: np.ndarray, q_true: np.ndarray, windows: int) -> list[float]:
     """The paper's rank metric for one episode: cut the state-action pairs into `windows`
     consecutive windows and compute Kendall's tau between estimated and true Q in each."""
-    taus = [kendall_tau(a, b) for a, b in zip(np.array_split(q_est, windows), np.array_split(q_true, windows)) if len(a) > 1]
+    taus = [
+        kendall_tau(a, b) for a, b in zip(np.array_split(q_est, windows), np.array_split(q_true, windows)) if len(a) > 1
+    ]
     return [t for t in taus if not math.isnan(t)]
 
 
@@ -519,7 +549,11 @@ class Evaluator:
                     still.append(i)
             active = still
         returns = np.array([sum(ep["rew"]) for ep in episodes])
-        result = {"return": float(returns.mean()), "return_std": float(returns.std()), "normalized_score": float(normalized_score(self.base, returns).mean())}
+        result = {
+            "return": float(returns.mean()),
+            "return_std": float(returns.std()),
+            "normalized_score": float(normalized_score(self.base, returns).mean()),
+        }
         result.update(self.q_diagnostics(agent, episodes))
         return result
 
@@ -535,7 +569,14 @@ class Evaluator:
             lengths.append(n)
         nan = float("nan")
         if not lengths:
-            return {"q_bias": nan, "q_bias_min": nan, "kendall_tau": nan, "q_true": nan, "q_std_policy": nan, "q_std_random": nan}
+            return {
+                "q_bias": nan,
+                "q_bias_min": nan,
+                "kendall_tau": nan,
+                "q_true": nan,
+                "q_std_policy": nan,
+                "q_std_random": nan,
+            }
         obs_t = torch.as_tensor(np.concatenate(obs), device=self.device)
         act_t = torch.as_tensor(np.concatenate(act), device=self.device)
         q_members = agent.critic(obs_t, act_t)
@@ -546,7 +587,9 @@ class Evaluator:
         for q_est_ep, q_true_ep in zip(np.split(q_mean, np.cumsum(lengths)[:-1]), q_true):
             taus += windowed_kendall_tau(q_est_ep, q_true_ep, self.cfg.kendall_windows)
         rng = np.random.default_rng(self.cfg.seed + 12345)
-        random_actions = torch.as_tensor(rng.uniform(-1, 1, tuple(act_t.shape)), dtype=torch.float32, device=self.device)
+        random_actions = torch.as_tensor(
+            rng.uniform(-1, 1, tuple(act_t.shape)), dtype=torch.float32, device=self.device
+        )
         return {
             "q_bias": float((q_mean.mean() - q_true_all.mean()) / scale) if scale > 0 else nan,
             "q_bias_min": float((q_min.mean() - q_true_all.mean()) / scale) if scale > 0 else nan,
@@ -565,7 +608,23 @@ class Evaluator:
 EXIT_DIVERGED = 3
 # Keys of every metrics.jsonl record, in this order, in every algorithm file (None where a value
 # does not exist yet); an algorithm's own losses follow them.
-RECORD_KEYS = ("phase", "step", "env_steps", "return", "return_std", "normalized_score", "q_true", "q_bias", "q_bias_min", "kendall_tau", "q_std_policy", "q_std_random", "alpha", "critic_loss", "actor_loss")
+RECORD_KEYS = (
+    "phase",
+    "step",
+    "env_steps",
+    "return",
+    "return_std",
+    "normalized_score",
+    "q_true",
+    "q_bias",
+    "q_bias_min",
+    "kendall_tau",
+    "q_std_policy",
+    "q_std_random",
+    "alpha",
+    "critic_loss",
+    "actor_loss",
+)
 MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads, warm-start included
 
 
@@ -603,7 +662,10 @@ def new_run_dir(cfg: Config) -> Path:
 def versions() -> dict[str, str]:
     from importlib.metadata import version
 
-    return {"python": platform.python_version(), **{name: version(name) for name in ("torch", "numpy", "gymnasium", "mujoco", "minari")}}
+    return {
+        "python": platform.python_version(),
+        **{name: version(name) for name in ("torch", "numpy", "gymnasium", "mujoco", "minari")},
+    }
 
 
 class RunLog:
@@ -622,10 +684,21 @@ class RunLog:
 
             # The id follows the folder, so a resumed run continues the same wandb run.
             run_id = hashlib.blake2b(str(run_dir.resolve()).encode(), digest_size=8).hexdigest()
-            self.wandb = wandb.init(project=cfg.wandb_project, group=ALGO, name=run_dir.name, id=run_id, resume="allow", config=asdict(cfg), dir=str(run_dir))
+            self.wandb = wandb.init(
+                project=cfg.wandb_project,
+                group=ALGO,
+                name=run_dir.name,
+                id=run_id,
+                resume="allow",
+                config=asdict(cfg),
+                dir=str(run_dir),
+            )
 
     def write(self, record: dict) -> None:
-        record = {**dict.fromkeys(RECORD_KEYS), **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}}
+        record = {
+            **dict.fromkeys(RECORD_KEYS),
+            **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()},
+        }
         self.records.append(record)
         self.text += json.dumps(record) + "\n"
         atomic_write(self.path, lambda tmp: tmp.write_text(self.text))
@@ -668,7 +741,13 @@ class FiniteCheck:
             self.bad[name] = flag if name not in self.bad else self.bad[name] | flag
 
     def check(self, phase: str, step: int) -> None:
-        flags = {**self.bad, **{f"{name} parameters": torch.stack([~torch.isfinite(p).all() for p in ps]).any() for name, ps in self.parameters.items()}}
+        flags = {
+            **self.bad,
+            **{
+                f"{name} parameters": torch.stack([~torch.isfinite(p).all() for p in ps]).any()
+                for name, ps in self.parameters.items()
+            },
+        }
         for name, bad in zip(flags, torch.stack(list(flags.values())).cpu().tolist()):
             if bad:
                 raise Diverged(f"{name} not finite in {phase} at step {step}")
@@ -695,7 +774,11 @@ def restore_env_state(env: gym.Env, saved: dict) -> None:
 
 
 def rng_state(device: torch.device) -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "numpy": np.random.get_state()}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": np.random.get_state(),
+    }
 
 
 def restore_rng_state(state: dict, device: torch.device) -> None:
@@ -714,9 +797,13 @@ def read_export(path: str, kind: str) -> dict:
     except Exception as exc:
         raise ConfigError(f"cannot read checkpoint '{path}': {first_line(exc)}")
     if saved_kind is None:
-        raise ConfigError(f"'{path}' is the training state of a run, not a finished {kind}; continue that run with --resume {Path(path).parent}")
+        raise ConfigError(
+            f"'{path}' is the training state of a run, not a finished {kind}; continue that run with --resume {Path(path).parent}"
+        )
     if (fmt, algo, saved_kind) != (CHECKPOINT_FORMAT, ALGO, kind):
-        raise ConfigError(f"'{path}' is a {saved_kind} export of algorithms/{algo}.py (format {fmt}), not a {kind} of algorithms/{ALGO}.py")
+        raise ConfigError(
+            f"'{path}' is a {saved_kind} export of algorithms/{algo}.py (format {fmt}), not a {kind} of algorithms/{ALGO}.py"
+        )
     return saved
 
 
@@ -747,15 +834,33 @@ class Run:
         after the finite check passes, so it always holds the last good state."""
         self.finite.check(phase, step)
         state = {
-            "format": CHECKPOINT_FORMAT, "algo": ALGO, "config": asdict(self.cfg), "dataset": self.dataset, "phase": phase, "step": step,
-            "agent": self.agent.state_dict(), "loop": loop, "rng": rng_state(self.device), "records": self.log.records,
-            "wall_time_s": self.wall_time(), "pretrain_time_s": self.pretrain_time_s,
+            "format": CHECKPOINT_FORMAT,
+            "algo": ALGO,
+            "config": asdict(self.cfg),
+            "dataset": self.dataset,
+            "phase": phase,
+            "step": step,
+            "agent": self.agent.state_dict(),
+            "loop": loop,
+            "rng": rng_state(self.device),
+            "records": self.log.records,
+            "wall_time_s": self.wall_time(),
+            "pretrain_time_s": self.pretrain_time_s,
         }
         atomic_write(self.dir / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
 
     def export(self, kind: str) -> None:
         """pretrain.pt / final.pt: the agent (networks, optimisers, temperature) and its config."""
-        state = {"format": CHECKPOINT_FORMAT, "algo": ALGO, "kind": kind, "config": asdict(self.cfg), "dataset": self.dataset, "obs_dim": self.obs_dim, "act_dim": self.act_dim, "agent": self.agent.state_dict()}
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "algo": ALGO,
+            "kind": kind,
+            "config": asdict(self.cfg),
+            "dataset": self.dataset,
+            "obs_dim": self.obs_dim,
+            "act_dim": self.act_dim,
+            "agent": self.agent.state_dict(),
+        }
         atomic_write(self.dir / f"{kind}.pt", lambda tmp: torch.save(state, tmp))
 
     def write_summary(self, status: str, error: Optional[str] = None) -> None:
@@ -765,14 +870,28 @@ class Run:
         last = online[-1] if online else {}
         scores = [r["normalized_score"] for r in online if r["normalized_score"] is not None]
         summary = {
-            "status": status, "error": error, "algo": ALGO, "env": self.cfg.env, "seed": self.cfg.seed, "run_name": self.cfg.run_name,
-            "dataset": self.dataset, "env_steps": last.get("env_steps", 0),
+            "status": status,
+            "error": error,
+            "algo": ALGO,
+            "env": self.cfg.env,
+            "seed": self.cfg.seed,
+            "run_name": self.cfg.run_name,
+            "dataset": self.dataset,
+            "env_steps": last.get("env_steps", 0),
             "pretrained_score": online[0]["normalized_score"] if online and online[0]["env_steps"] == 0 else None,
-            "final_score": last.get("normalized_score"), "best_score": max(scores) if scores else None, "final_return": last.get("return"),
-            "final_q_bias": last.get("q_bias"), "final_kendall_tau": last.get("kendall_tau"), "final_q_std_policy": last.get("q_std_policy"),
-            "wall_time_s": round(self.wall_time(), 1), "pretrain_time_s": None if self.pretrain_time_s is None else round(self.pretrain_time_s, 1),
+            "final_score": last.get("normalized_score"),
+            "best_score": max(scores) if scores else None,
+            "final_return": last.get("return"),
+            "final_q_bias": last.get("q_bias"),
+            "final_kendall_tau": last.get("kendall_tau"),
+            "final_q_std_policy": last.get("q_std_policy"),
+            "wall_time_s": round(self.wall_time(), 1),
+            "pretrain_time_s": None if self.pretrain_time_s is None else round(self.pretrain_time_s, 1),
             "resume_command": None if status == "finished" else f"python algorithms/{ALGO}.py --resume {self.dir}",
-            "device": str(self.device), "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device)
+            if self.device.type == "cuda"
+            else platform.processor() or platform.machine(),
             "versions": versions(),
         }
         atomic_write(self.dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
@@ -785,7 +904,10 @@ def run_to_end(run: Run, train_phases) -> Path:
     except Stopped:
         run.write_summary("interrupted")
         run.log.close()
-        print(f"{ALGO}.py: stopped by signal {run.stop.signum}; checkpoint written. Resume with: python algorithms/{ALGO}.py --resume {run.dir}", file=sys.stderr)
+        print(
+            f"{ALGO}.py: stopped by signal {run.stop.signum}; checkpoint written. Resume with: python algorithms/{ALGO}.py --resume {run.dir}",
+            file=sys.stderr,
+        )
         sys.exit(128 + run.stop.signum)
     except Diverged as exc:
         run.write_summary("diverged", str(exc))
@@ -818,7 +940,14 @@ def online(run: Run, step: int, loop: Optional[dict]) -> bool:
     # Host staging row for the policy input: filled in place each env step, no new tensor.
     obs_stage = torch.zeros(run.obs_dim, pin_memory=device.type == "cuda")
     stopped = False
-    progress = tqdm(range(step + 1, cfg.total_steps + 1), desc=f"SAC {cfg.env}", unit="step", mininterval=1, initial=step, total=cfg.total_steps)
+    progress = tqdm(
+        range(step + 1, cfg.total_steps + 1),
+        desc=f"SAC {cfg.env}",
+        unit="step",
+        mininterval=1,
+        initial=step,
+        total=cfg.total_steps,
+    )
     for step in progress:
         with torch.no_grad():
             if step <= cfg.learning_starts:
@@ -835,12 +964,20 @@ def online(run: Run, step: int, loop: Optional[dict]) -> bool:
             run.finite.watch(losses)
         if step % cfg.eval_every == 0 or step == cfg.total_steps:
             run.finite.check("online", step)
-            record = {"phase": "online", "step": step, "env_steps": step, **run.evaluate(agent), **{k: float(v) for k, v in losses.items()}}
+            record = {
+                "phase": "online",
+                "step": step,
+                "env_steps": step,
+                **run.evaluate(agent),
+                **{k: float(v) for k, v in losses.items()},
+            }
             run.log.write(record)
             progress.set_postfix(score=f"{record['normalized_score']:.1f}")
             stopped = cfg.stop_score is not None and record["normalized_score"] >= cfg.stop_score
         if run.stop.signum is not None or stopped or step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-            run.save_checkpoint("online", step, {"buffer": buffer.state_dict(), "env": env_state(env), "obs": obs, "losses": losses})
+            run.save_checkpoint(
+                "online", step, {"buffer": buffer.state_dict(), "env": env_state(env), "obs": obs, "losses": losses}
+            )
         if run.stop.signum is not None:
             raise Stopped
         if stopped:
@@ -861,11 +998,28 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
         agent.load_state_dict(checkpoint["agent"])
         restore_rng_state(checkpoint["rng"], device)
     run_dir = new_run_dir(cfg) if checkpoint is None else Path(cfg.resume)
-    atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump({**asdict(cfg), "device_resolved": str(device)}, sort_keys=False)))
-    parameters = {"actor": list(agent.actor.parameters()), "critic": list(agent.critic.parameters()), "alpha": [agent.log_alpha]}
+    atomic_write(
+        run_dir / "config.yaml",
+        lambda tmp: tmp.write_text(yaml.safe_dump({**asdict(cfg), "device_resolved": str(device)}, sort_keys=False)),
+    )
+    parameters = {
+        "actor": list(agent.actor.parameters()),
+        "critic": list(agent.critic.parameters()),
+        "alpha": [agent.log_alpha],
+    }
     run = Run(
-        cfg, run_dir, device, agent, evaluate, RunLog(run_dir, cfg, [] if checkpoint is None else checkpoint["records"]), None,
-        obs_dim, act_dim, StopSignal(), FiniteCheck(parameters), 0.0 if checkpoint is None else checkpoint["wall_time_s"],
+        cfg,
+        run_dir,
+        device,
+        agent,
+        evaluate,
+        RunLog(run_dir, cfg, [] if checkpoint is None else checkpoint["records"]),
+        None,
+        obs_dim,
+        act_dim,
+        StopSignal(),
+        FiniteCheck(parameters),
+        0.0 if checkpoint is None else checkpoint["wall_time_s"],
     )
     if checkpoint is None:
         step, loop = 0, None

@@ -184,23 +184,28 @@ def resolve_config(cfg: Config) -> Config:
         eta=entry["eta"] if cfg.eta is None else cfg.eta,
     )
     check_common(cfg)
-    check([
-        (2 <= cfg.num_critics <= 1000, "num_critics must be in [2, 1000]"),
-        (cfg.eta >= 0, "eta must be >= 0"),
-        (1 <= cfg.hidden_dim <= 65536, "hidden_dim must be in [1, 65536]"),
-        (0 < cfg.gamma <= 1 and 0 < cfg.tau <= 1, "gamma and tau must be in (0, 1]"),
-        (cfg.pretrain_steps >= 0, "pretrain_steps must be >= 0"),
-        (0 < cfg.pretrain_lr <= 1 and 0 < cfg.finetune_lr <= 1, "learning rates must be in (0, 1]"),
-        (cfg.batch_size >= 1 and cfg.online_batch_size >= 1 and cfg.mixed_batch_size >= 0, "batch sizes must be positive"),
-        (cfg.pretrain_eval_every >= 1, "pretrain_eval_every must be >= 1"),
-        (1 <= cfg.random_dataset_steps <= 100_000_000, "random_dataset_steps must be in [1, 1e8]"),
-        (cfg.online_steps >= 1, "online_steps must be >= 1"),
-        (0 <= cfg.warmup_steps <= cfg.online_steps, "warmup_steps must be in [0, online_steps]"),
-        (1 <= cfg.utd <= 10_000, "utd must be in [1, 10000]"),
-        (cfg.sigma >= 0, "sigma must be >= 0"),
-        (cfg.noise_clip >= 0, "noise_clip must be >= 0"),
-        (cfg.alpha > 0, "alpha must be > 0"),
-    ])
+    check(
+        [
+            (2 <= cfg.num_critics <= 1000, "num_critics must be in [2, 1000]"),
+            (cfg.eta >= 0, "eta must be >= 0"),
+            (1 <= cfg.hidden_dim <= 65536, "hidden_dim must be in [1, 65536]"),
+            (0 < cfg.gamma <= 1 and 0 < cfg.tau <= 1, "gamma and tau must be in (0, 1]"),
+            (cfg.pretrain_steps >= 0, "pretrain_steps must be >= 0"),
+            (0 < cfg.pretrain_lr <= 1 and 0 < cfg.finetune_lr <= 1, "learning rates must be in (0, 1]"),
+            (
+                cfg.batch_size >= 1 and cfg.online_batch_size >= 1 and cfg.mixed_batch_size >= 0,
+                "batch sizes must be positive",
+            ),
+            (cfg.pretrain_eval_every >= 1, "pretrain_eval_every must be >= 1"),
+            (1 <= cfg.random_dataset_steps <= 100_000_000, "random_dataset_steps must be in [1, 1e8]"),
+            (cfg.online_steps >= 1, "online_steps must be >= 1"),
+            (0 <= cfg.warmup_steps <= cfg.online_steps, "warmup_steps must be in [0, online_steps]"),
+            (1 <= cfg.utd <= 10_000, "utd must be in [1, 10000]"),
+            (cfg.sigma >= 0, "sigma must be >= 0"),
+            (cfg.noise_clip >= 0, "noise_clip must be >= 0"),
+            (cfg.alpha > 0, "alpha must be > 0"),
+        ]
+    )
     return cfg
 
 
@@ -247,7 +252,9 @@ def check_types(cfg: Config, source: str) -> None:
     for f in fields(Config):
         value, hint = getattr(cfg, f.name), hints[f.name]
         if type_problem(value, hint):
-            expected = {float: "a finite float", int: "int", str: "str", bool: "bool"}.get(hint, str(hint).replace("typing.", ""))
+            expected = {float: "a finite float", int: "int", str: "str", bool: "bool"}.get(
+                hint, str(hint).replace("typing.", "")
+            )
             raise ConfigError(f"{source}{f.name} must be {expected}, got {value!r}")
 
 
@@ -272,13 +279,22 @@ def writable_dir_problem(path: Path) -> Optional[str]:
 def check_common(cfg: Config) -> None:
     """Types (from the --config file too), finite numbers, seed, evaluation, paths and device."""
     check_types(cfg, "")
-    check([
-        (0 <= cfg.seed < 2**31, "seed must be in [0, 2^31)"),
-        (1 <= cfg.eval_episodes <= 1000, "eval_episodes must be in [1, 1000]"),
-        (cfg.eval_every >= 1 and cfg.checkpoint_every >= 1, "eval_every and checkpoint_every must be >= 1"),
-        (cfg.kendall_windows >= 1 and cfg.mc_tail_steps >= 0, "kendall_windows must be >= 1 and mc_tail_steps >= 0"),
-        (cfg.run_name is None or (cfg.run_name.replace("-", "").replace(".", "").isalnum() and "__" not in cfg.run_name), "run_name may hold letters, digits, '.' and '-' only"),
-    ])
+    check(
+        [
+            (0 <= cfg.seed < 2**31, "seed must be in [0, 2^31)"),
+            (1 <= cfg.eval_episodes <= 1000, "eval_episodes must be in [1, 1000]"),
+            (cfg.eval_every >= 1 and cfg.checkpoint_every >= 1, "eval_every and checkpoint_every must be >= 1"),
+            (
+                cfg.kendall_windows >= 1 and cfg.mc_tail_steps >= 0,
+                "kendall_windows must be >= 1 and mc_tail_steps >= 0",
+            ),
+            (
+                cfg.run_name is None
+                or (cfg.run_name.replace("-", "").replace(".", "").isalnum() and "__" not in cfg.run_name),
+                "run_name may hold letters, digits, '.' and '-' only",
+            ),
+        ]
+    )
     problem = writable_dir_problem(Path(cfg.out_dir))
     if problem:
         raise ConfigError(f"out_dir '{cfg.out_dir}' cannot hold run folders: {problem}")
@@ -304,14 +320,18 @@ def read_checkpoint(run_dir: str) -> dict:
     """RUN_DIR/checkpoint.pt of this algorithm; ConfigError otherwise."""
     path = Path(run_dir) / "checkpoint.pt"
     if not path.is_file():
-        raise ConfigError(f"--resume: no checkpoint.pt in '{run_dir}' (a run folder of this project's algorithm files, after its first checkpoint)")
+        raise ConfigError(
+            f"--resume: no checkpoint.pt in '{run_dir}' (a run folder of this project's algorithm files, after its first checkpoint)"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         fmt, algo = checkpoint["format"], checkpoint["algo"]
     except Exception as exc:
         raise ConfigError(f"--resume: cannot read '{path}': {first_line(exc)}")
     if fmt != CHECKPOINT_FORMAT or algo != ALGO:
-        raise ConfigError(f"--resume: '{path}' is a checkpoint of algorithms/{algo}.py (format {fmt}), not of algorithms/{ALGO}.py (format {CHECKPOINT_FORMAT})")
+        raise ConfigError(
+            f"--resume: '{path}' is a checkpoint of algorithms/{algo}.py (format {fmt}), not of algorithms/{ALGO}.py (format {CHECKPOINT_FORMAT})"
+        )
     return checkpoint
 
 
@@ -328,7 +348,9 @@ def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
         cfg = tyro.cli(Config, args=argv, default=saved)
         changed = [name for name in RESUME_FIXED if getattr(cfg, name) != getattr(saved, name)]
         if changed:
-            raise ConfigError(f"--resume: {', '.join(changed)} cannot change in a resumed run (saved: {', '.join(f'{n}={getattr(saved, n)}' for n in changed)})")
+            raise ConfigError(
+                f"--resume: {', '.join(changed)} cannot change in a resumed run (saved: {', '.join(f'{n}={getattr(saved, n)}' for n in changed)})"
+            )
         return cfg, checkpoint
     if cfg.config is not None:
         defaults = read_config_file(cfg.config)
@@ -368,7 +390,9 @@ def parse_env_name(name: str) -> tuple[str, str]:
     base, _, quality = name.partition("-")
     if base not in GYM_IDS or quality not in (ADROIT_QUALITIES if base in ADROIT else LOCOMOTION_QUALITIES):
         locomotion = ",".join(b for b in GYM_IDS if b not in ADROIT)
-        raise ConfigError(f"unknown env '{name}'; expected {{{locomotion}}}-{{{','.join(LOCOMOTION_QUALITIES)}}} or {{{','.join(ADROIT)}}}-{{{','.join(ADROIT_QUALITIES)}}}")
+        raise ConfigError(
+            f"unknown env '{name}'; expected {{{locomotion}}}-{{{','.join(LOCOMOTION_QUALITIES)}}} or {{{','.join(ADROIT)}}}-{{{','.join(ADROIT_QUALITIES)}}}"
+        )
     return base, quality
 
 
@@ -440,7 +464,16 @@ def build_flat_cache(dataset_id: str) -> dict[str, np.ndarray]:
     import minari
 
     dataset = minari.load_dataset(dataset_id)
-    episodes = ({"observations": e.observations, "actions": e.actions, "rewards": e.rewards, "terminations": e.terminations, "truncations": e.truncations} for e in dataset.iterate_episodes())
+    episodes = (
+        {
+            "observations": e.observations,
+            "actions": e.actions,
+            "rewards": e.rewards,
+            "terminations": e.terminations,
+            "truncations": e.truncations,
+        }
+        for e in dataset.iterate_episodes()
+    )
     arrays = flatten_episodes(episodes)
     save_flat_cache(dataset_id, arrays)
     return arrays
@@ -450,7 +483,10 @@ def generate_random_dataset(base: str, steps: int) -> None:
     """*-random sets are made on the spot by scripts/make_dataset.py (D4RL random protocol), so a
     first run needs no network. That script locks the id: concurrent first runs make it once."""
     command = [sys.executable, str(REPO_ROOT / "scripts" / "make_dataset.py"), f"{base}-random", "--steps", str(steps)]
-    print(f"{ALGO}.py: {base}-random is not on disk; generating it: python scripts/make_dataset.py {base}-random --steps {steps}", file=sys.stderr)
+    print(
+        f"{ALGO}.py: {base}-random is not on disk; generating it: python scripts/make_dataset.py {base}-random --steps {steps}",
+        file=sys.stderr,
+    )
     code = subprocess.run(command).returncode
     if code in (2, 130, 143):  # bad input or a signal: the script has said why in one line
         sys.exit(code)
@@ -473,7 +509,11 @@ def load_dataset(base: str, quality: str, random_steps: int) -> tuple[dict[str, 
     if not on_disk:
         on_disk = [download_dataset(base, quality, local_id, hub_ids)]
     dataset_id = on_disk[0]
-    remedy = f"delete {dataset_path(dataset_id)} and " + (f"make it again with: python scripts/make_dataset.py {base}-{quality}" if dataset_id == local_id else "run again to download it")
+    remedy = f"delete {dataset_path(dataset_id)} and " + (
+        f"make it again with: python scripts/make_dataset.py {base}-{quality}"
+        if dataset_id == local_id
+        else "run again to download it"
+    )
     if not (dataset_path(dataset_id) / "data" / "main_data.hdf5").is_file():
         raise ConfigError(f"dataset {dataset_id} is damaged (data/main_data.hdf5 is missing); {remedy}")
     arrays = read_flat_cache(dataset_id)
@@ -507,7 +547,9 @@ def download_dataset(base: str, quality: str, local_id: str, hub_ids: list[str])
             errors.append(f"{hub_id}: {first_line(exc)}")
     tried = f"; download failed ({'; '.join(errors)})" if errors else " and the Minari hub has no such dataset"
     make = "" if base not in GENERATED else f"; generate it with: python scripts/make_dataset.py {base}-{quality}"
-    raise ConfigError(f"dataset '{base}-{quality}' is not on disk (looked for {', '.join([local_id, *hub_ids])}){tried}. It is unavailable offline{make}")
+    raise ConfigError(
+        f"dataset '{base}-{quality}' is not on disk (looked for {', '.join([local_id, *hub_ids])}){tried}. It is unavailable offline{make}"
+    )
 
 
 def dataset_fingerprint(arrays: dict[str, np.ndarray]) -> str:
@@ -531,7 +573,13 @@ def make_env(base: str) -> gym.Env:
 def dataset_rows(arrays: dict[str, np.ndarray]) -> torch.Tensor:
     """Flat arrays -> replay rows [obs | action | reward | next_obs | done]; done = terminals only:
     a time-limit truncation keeps bootstrapping."""
-    columns = [arrays["observations"], arrays["actions"], arrays["rewards"][:, None], arrays["next_observations"], arrays["terminals"][:, None]]
+    columns = [
+        arrays["observations"],
+        arrays["actions"],
+        arrays["rewards"][:, None],
+        arrays["next_observations"],
+        arrays["terminals"][:, None],
+    ]
     return torch.from_numpy(np.concatenate(columns, axis=1))
 
 
@@ -636,7 +684,13 @@ class VectorizedCritic(nn.Module):
             # last layer U(-3e-3, 3e-3).
             bound = 3e-3 if last else 1 / math.sqrt(fan_in)
             self.weights.append(nn.Parameter(torch.empty(num_critics, fan_in, fan_out).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(num_critics, 1, fan_out).uniform_(-3e-3, 3e-3) if last else torch.full((num_critics, 1, fan_out), 0.1)))
+            self.biases.append(
+                nn.Parameter(
+                    torch.empty(num_critics, 1, fan_out).uniform_(-3e-3, 3e-3)
+                    if last
+                    else torch.full((num_critics, 1, fan_out), 0.1)
+                )
+            )
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """obs [B, S]; action [B, A] (shared by the members) or [N, B, A] (one per member) -> Q [N, B]."""
@@ -704,9 +758,13 @@ class SO2Agent:
 
     def state_dict(self) -> dict:
         return {
-            "actor": self.actor.state_dict(), "critic": self.critic.state_dict(), "target_critic": self.target_critic.state_dict(),
-            "log_alpha": self.log_alpha.detach().cpu(), "actor_optim": self.actor_optim.state_dict(),
-            "critic_optim": self.critic_optim.state_dict(), "alpha_optim": self.alpha_optim.state_dict(),
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "target_critic": self.target_critic.state_dict(),
+            "log_alpha": self.log_alpha.detach().cpu(),
+            "actor_optim": self.actor_optim.state_dict(),
+            "critic_optim": self.critic_optim.state_dict(),
+            "alpha_optim": self.alpha_optim.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -739,7 +797,9 @@ class SO2Agent:
         alpha, actor_loss = self.actor_and_alpha_step(obs, None)
         with torch.no_grad():
             next_action, next_log_prob = self.actor(next_obs)
-            y = td_target(rew, done, self.target_critic(next_obs, next_action), next_log_prob, alpha, self.cfg.gamma, "min")
+            y = td_target(
+                rew, done, self.target_critic(next_obs, next_action), next_log_prob, alpha, self.cfg.gamma, "min"
+            )
         # One forward serves the TD loss and the diversity loss: per-member copies of the dataset
         # action give each member its own dQ_i/da.
         member_actions = act.expand(self.cfg.num_critics, -1, -1).clone().requires_grad_(self.cfg.eta > 0)
@@ -759,8 +819,18 @@ class SO2Agent:
         obs, act, rew, next_obs, done = split(batch)
         with torch.no_grad():
             next_action, next_log_prob = self.actor(next_obs)
-            noisy_action = perturb_action(next_action, torch.randn_like(next_action), self.cfg.sigma, self.cfg.noise_clip)
-            y = td_target(rew, done, self.target_critic(next_obs, noisy_action), next_log_prob, alpha, self.cfg.gamma, self.cfg.target)
+            noisy_action = perturb_action(
+                next_action, torch.randn_like(next_action), self.cfg.sigma, self.cfg.noise_clip
+            )
+            y = td_target(
+                rew,
+                done,
+                self.target_critic(next_obs, noisy_action),
+                next_log_prob,
+                alpha,
+                self.cfg.gamma,
+                self.cfg.target,
+            )
         critic_loss = (self.critic(obs, act) - y).pow(2).mean(1).sum()
         self.critic_optim.zero_grad(set_to_none=True)
         critic_loss.backward()
@@ -793,7 +863,9 @@ def kendall_tau(x: np.ndarray, y: np.ndarray) -> float:
 def windowed_kendall_tau(q_est: np.ndarray, q_true: np.ndarray, windows: int) -> list[float]:
     """The paper's rank metric for one episode: cut the state-action pairs into `windows`
     consecutive windows and compute Kendall's tau between estimated and true Q in each."""
-    taus = [kendall_tau(a, b) for a, b in zip(np.array_split(q_est, windows), np.array_split(q_true, windows)) if len(a) > 1]
+    taus = [
+        kendall_tau(a, b) for a, b in zip(np.array_split(q_est, windows), np.array_split(q_true, windows)) if len(a) > 1
+    ]
     return [t for t in taus if not math.isnan(t)]
 
 
@@ -828,7 +900,11 @@ class Evaluator:
                     still.append(i)
             active = still
         returns = np.array([sum(ep["rew"]) for ep in episodes])
-        result = {"return": float(returns.mean()), "return_std": float(returns.std()), "normalized_score": float(normalized_score(self.base, returns).mean())}
+        result = {
+            "return": float(returns.mean()),
+            "return_std": float(returns.std()),
+            "normalized_score": float(normalized_score(self.base, returns).mean()),
+        }
         result.update(self.q_diagnostics(agent, episodes))
         return result
 
@@ -844,7 +920,14 @@ class Evaluator:
             lengths.append(n)
         nan = float("nan")
         if not lengths:
-            return {"q_bias": nan, "q_bias_min": nan, "kendall_tau": nan, "q_true": nan, "q_std_policy": nan, "q_std_random": nan}
+            return {
+                "q_bias": nan,
+                "q_bias_min": nan,
+                "kendall_tau": nan,
+                "q_true": nan,
+                "q_std_policy": nan,
+                "q_std_random": nan,
+            }
         obs_t = torch.as_tensor(np.concatenate(obs), device=self.device)
         act_t = torch.as_tensor(np.concatenate(act), device=self.device)
         q_members = agent.critic(obs_t, act_t)
@@ -855,7 +938,9 @@ class Evaluator:
         for q_est_ep, q_true_ep in zip(np.split(q_mean, np.cumsum(lengths)[:-1]), q_true):
             taus += windowed_kendall_tau(q_est_ep, q_true_ep, self.cfg.kendall_windows)
         rng = np.random.default_rng(self.cfg.seed + 12345)
-        random_actions = torch.as_tensor(rng.uniform(-1, 1, tuple(act_t.shape)), dtype=torch.float32, device=self.device)
+        random_actions = torch.as_tensor(
+            rng.uniform(-1, 1, tuple(act_t.shape)), dtype=torch.float32, device=self.device
+        )
         return {
             "q_bias": float((q_mean.mean() - q_true_all.mean()) / scale) if scale > 0 else nan,
             "q_bias_min": float((q_min.mean() - q_true_all.mean()) / scale) if scale > 0 else nan,
@@ -874,7 +959,23 @@ class Evaluator:
 EXIT_DIVERGED = 3
 # Keys of every metrics.jsonl record, in this order, in every algorithm file (None where a value
 # does not exist yet); an algorithm's own losses follow them.
-RECORD_KEYS = ("phase", "step", "env_steps", "return", "return_std", "normalized_score", "q_true", "q_bias", "q_bias_min", "kendall_tau", "q_std_policy", "q_std_random", "alpha", "critic_loss", "actor_loss")
+RECORD_KEYS = (
+    "phase",
+    "step",
+    "env_steps",
+    "return",
+    "return_std",
+    "normalized_score",
+    "q_true",
+    "q_bias",
+    "q_bias_min",
+    "kendall_tau",
+    "q_std_policy",
+    "q_std_random",
+    "alpha",
+    "critic_loss",
+    "actor_loss",
+)
 MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads, warm-start included
 
 
@@ -912,7 +1013,10 @@ def new_run_dir(cfg: Config) -> Path:
 def versions() -> dict[str, str]:
     from importlib.metadata import version
 
-    return {"python": platform.python_version(), **{name: version(name) for name in ("torch", "numpy", "gymnasium", "mujoco", "minari")}}
+    return {
+        "python": platform.python_version(),
+        **{name: version(name) for name in ("torch", "numpy", "gymnasium", "mujoco", "minari")},
+    }
 
 
 class RunLog:
@@ -931,10 +1035,21 @@ class RunLog:
 
             # The id follows the folder, so a resumed run continues the same wandb run.
             run_id = hashlib.blake2b(str(run_dir.resolve()).encode(), digest_size=8).hexdigest()
-            self.wandb = wandb.init(project=cfg.wandb_project, group=ALGO, name=run_dir.name, id=run_id, resume="allow", config=asdict(cfg), dir=str(run_dir))
+            self.wandb = wandb.init(
+                project=cfg.wandb_project,
+                group=ALGO,
+                name=run_dir.name,
+                id=run_id,
+                resume="allow",
+                config=asdict(cfg),
+                dir=str(run_dir),
+            )
 
     def write(self, record: dict) -> None:
-        record = {**dict.fromkeys(RECORD_KEYS), **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}}
+        record = {
+            **dict.fromkeys(RECORD_KEYS),
+            **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()},
+        }
         self.records.append(record)
         self.text += json.dumps(record) + "\n"
         atomic_write(self.path, lambda tmp: tmp.write_text(self.text))
@@ -977,7 +1092,13 @@ class FiniteCheck:
             self.bad[name] = flag if name not in self.bad else self.bad[name] | flag
 
     def check(self, phase: str, step: int) -> None:
-        flags = {**self.bad, **{f"{name} parameters": torch.stack([~torch.isfinite(p).all() for p in ps]).any() for name, ps in self.parameters.items()}}
+        flags = {
+            **self.bad,
+            **{
+                f"{name} parameters": torch.stack([~torch.isfinite(p).all() for p in ps]).any()
+                for name, ps in self.parameters.items()
+            },
+        }
         for name, bad in zip(flags, torch.stack(list(flags.values())).cpu().tolist()):
             if bad:
                 raise Diverged(f"{name} not finite in {phase} at step {step}")
@@ -1004,7 +1125,11 @@ def restore_env_state(env: gym.Env, saved: dict) -> None:
 
 
 def rng_state(device: torch.device) -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "numpy": np.random.get_state()}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": np.random.get_state(),
+    }
 
 
 def restore_rng_state(state: dict, device: torch.device) -> None:
@@ -1023,9 +1148,13 @@ def read_export(path: str, kind: str) -> dict:
     except Exception as exc:
         raise ConfigError(f"cannot read checkpoint '{path}': {first_line(exc)}")
     if saved_kind is None:
-        raise ConfigError(f"'{path}' is the training state of a run, not a finished {kind}; continue that run with --resume {Path(path).parent}")
+        raise ConfigError(
+            f"'{path}' is the training state of a run, not a finished {kind}; continue that run with --resume {Path(path).parent}"
+        )
     if (fmt, algo, saved_kind) != (CHECKPOINT_FORMAT, ALGO, kind):
-        raise ConfigError(f"'{path}' is a {saved_kind} export of algorithms/{algo}.py (format {fmt}), not a {kind} of algorithms/{ALGO}.py")
+        raise ConfigError(
+            f"'{path}' is a {saved_kind} export of algorithms/{algo}.py (format {fmt}), not a {kind} of algorithms/{ALGO}.py"
+        )
     return saved
 
 
@@ -1056,15 +1185,33 @@ class Run:
         after the finite check passes, so it always holds the last good state."""
         self.finite.check(phase, step)
         state = {
-            "format": CHECKPOINT_FORMAT, "algo": ALGO, "config": asdict(self.cfg), "dataset": self.dataset, "phase": phase, "step": step,
-            "agent": self.agent.state_dict(), "loop": loop, "rng": rng_state(self.device), "records": self.log.records,
-            "wall_time_s": self.wall_time(), "pretrain_time_s": self.pretrain_time_s,
+            "format": CHECKPOINT_FORMAT,
+            "algo": ALGO,
+            "config": asdict(self.cfg),
+            "dataset": self.dataset,
+            "phase": phase,
+            "step": step,
+            "agent": self.agent.state_dict(),
+            "loop": loop,
+            "rng": rng_state(self.device),
+            "records": self.log.records,
+            "wall_time_s": self.wall_time(),
+            "pretrain_time_s": self.pretrain_time_s,
         }
         atomic_write(self.dir / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
 
     def export(self, kind: str) -> None:
         """pretrain.pt / final.pt: the agent (networks, optimisers, temperature) and its config."""
-        state = {"format": CHECKPOINT_FORMAT, "algo": ALGO, "kind": kind, "config": asdict(self.cfg), "dataset": self.dataset, "obs_dim": self.obs_dim, "act_dim": self.act_dim, "agent": self.agent.state_dict()}
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "algo": ALGO,
+            "kind": kind,
+            "config": asdict(self.cfg),
+            "dataset": self.dataset,
+            "obs_dim": self.obs_dim,
+            "act_dim": self.act_dim,
+            "agent": self.agent.state_dict(),
+        }
         atomic_write(self.dir / f"{kind}.pt", lambda tmp: torch.save(state, tmp))
 
     def write_summary(self, status: str, error: Optional[str] = None) -> None:
@@ -1074,14 +1221,28 @@ class Run:
         last = online[-1] if online else {}
         scores = [r["normalized_score"] for r in online if r["normalized_score"] is not None]
         summary = {
-            "status": status, "error": error, "algo": ALGO, "env": self.cfg.env, "seed": self.cfg.seed, "run_name": self.cfg.run_name,
-            "dataset": self.dataset, "env_steps": last.get("env_steps", 0),
+            "status": status,
+            "error": error,
+            "algo": ALGO,
+            "env": self.cfg.env,
+            "seed": self.cfg.seed,
+            "run_name": self.cfg.run_name,
+            "dataset": self.dataset,
+            "env_steps": last.get("env_steps", 0),
             "pretrained_score": online[0]["normalized_score"] if online and online[0]["env_steps"] == 0 else None,
-            "final_score": last.get("normalized_score"), "best_score": max(scores) if scores else None, "final_return": last.get("return"),
-            "final_q_bias": last.get("q_bias"), "final_kendall_tau": last.get("kendall_tau"), "final_q_std_policy": last.get("q_std_policy"),
-            "wall_time_s": round(self.wall_time(), 1), "pretrain_time_s": None if self.pretrain_time_s is None else round(self.pretrain_time_s, 1),
+            "final_score": last.get("normalized_score"),
+            "best_score": max(scores) if scores else None,
+            "final_return": last.get("return"),
+            "final_q_bias": last.get("q_bias"),
+            "final_kendall_tau": last.get("kendall_tau"),
+            "final_q_std_policy": last.get("q_std_policy"),
+            "wall_time_s": round(self.wall_time(), 1),
+            "pretrain_time_s": None if self.pretrain_time_s is None else round(self.pretrain_time_s, 1),
             "resume_command": None if status == "finished" else f"python algorithms/{ALGO}.py --resume {self.dir}",
-            "device": str(self.device), "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device)
+            if self.device.type == "cuda"
+            else platform.processor() or platform.machine(),
             "versions": versions(),
         }
         atomic_write(self.dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
@@ -1094,7 +1255,10 @@ def run_to_end(run: Run, train_phases) -> Path:
     except Stopped:
         run.write_summary("interrupted")
         run.log.close()
-        print(f"{ALGO}.py: stopped by signal {run.stop.signum}; checkpoint written. Resume with: python algorithms/{ALGO}.py --resume {run.dir}", file=sys.stderr)
+        print(
+            f"{ALGO}.py: stopped by signal {run.stop.signum}; checkpoint written. Resume with: python algorithms/{ALGO}.py --resume {run.dir}",
+            file=sys.stderr,
+        )
         sys.exit(128 + run.stop.signum)
     except Diverged as exc:
         run.write_summary("diverged", str(exc))
@@ -1116,7 +1280,14 @@ def pretrain(run: Run, data: ReplayBuffer, step: int, loop: dict) -> None:
     cfg, agent = run.cfg, run.agent
     # Indices for many steps are drawn at once; a batch is gathered per step from the device buffer.
     chunk, indices = 1000, None if loop["indices"] is None else loop["indices"].to(run.device)
-    progress = tqdm(range(step + 1, cfg.pretrain_steps + 1), desc="pretrain (EDAC)", unit="upd", mininterval=1, initial=step, total=cfg.pretrain_steps)
+    progress = tqdm(
+        range(step + 1, cfg.pretrain_steps + 1),
+        desc="pretrain (EDAC)",
+        unit="upd",
+        mininterval=1,
+        initial=step,
+        total=cfg.pretrain_steps,
+    )
     for step in progress:
         if (step - 1) % chunk == 0:
             indices = torch.randint(0, data.size, (chunk, cfg.batch_size), device=data.rows.device)
@@ -1124,7 +1295,13 @@ def pretrain(run: Run, data: ReplayBuffer, step: int, loop: dict) -> None:
         run.finite.watch(losses)
         if step % cfg.pretrain_eval_every == 0 or step == cfg.pretrain_steps:
             run.finite.check("pretrain", step)
-            record = {"phase": "pretrain", "step": step, "env_steps": 0, **run.evaluate(agent), **{k: float(v) for k, v in losses.items()}}
+            record = {
+                "phase": "pretrain",
+                "step": step,
+                "env_steps": 0,
+                **run.evaluate(agent),
+                **{k: float(v) for k, v in losses.items()},
+            }
             run.log.write(record)
             progress.set_postfix(score=f"{record['normalized_score']:.1f}")
         if run.stop.signum is not None or step % cfg.checkpoint_every == 0:
@@ -1164,9 +1341,18 @@ def finetune(run: Run, dataset: torch.Tensor, step: int, loop: Optional[dict]) -
         online.load_state_dict(loop["online"])
         mixed.extend(online.rows[: online.size])
         restore_env_state(env, loop["env"])
-        obs, alpha, updates, critic_loss, actor_loss = (loop[k] for k in ("obs", "alpha", "updates", "critic_loss", "actor_loss"))
+        obs, alpha, updates, critic_loss, actor_loss = (
+            loop[k] for k in ("obs", "alpha", "updates", "critic_loss", "actor_loss")
+        )
     obs_stage = torch.zeros(run.obs_dim, pin_memory=device.type == "cuda")
-    progress = tqdm(range(step + 1, cfg.online_steps + 1), desc="finetune (SO2)", unit="env step", mininterval=1, initial=step, total=cfg.online_steps)
+    progress = tqdm(
+        range(step + 1, cfg.online_steps + 1),
+        desc="finetune (SO2)",
+        unit="env step",
+        mininterval=1,
+        initial=step,
+        total=cfg.online_steps,
+    )
     for env_step in progress:
         obs_stage.numpy()[:] = obs
         with torch.no_grad():
@@ -1180,7 +1366,10 @@ def finetune(run: Run, dataset: torch.Tensor, step: int, loop: Optional[dict]) -
         if env_step > cfg.warmup_steps:
             # All utd mini-batches of this env step in one gather per buffer.
             if cfg.batch_mode == "online+mixed":
-                batches = torch.cat([online.sample((cfg.utd, cfg.online_batch_size)), mixed.sample((cfg.utd, cfg.mixed_batch_size))], dim=1)
+                batches = torch.cat(
+                    [online.sample((cfg.utd, cfg.online_batch_size)), mixed.sample((cfg.utd, cfg.mixed_batch_size))],
+                    dim=1,
+                )
             else:
                 batches = mixed.sample((cfg.utd, cfg.online_batch_size + cfg.mixed_batch_size))
             for k in range(cfg.utd):
@@ -1192,11 +1381,27 @@ def finetune(run: Run, dataset: torch.Tensor, step: int, loop: Optional[dict]) -
 
         if env_step % cfg.eval_every == 0 or env_step == cfg.online_steps:
             run.finite.check("finetune", env_step)
-            record = {"phase": "finetune", "step": updates, "env_steps": env_step, **run.evaluate(agent), "alpha": float(alpha), "critic_loss": float(critic_loss), "actor_loss": float(actor_loss)}
+            record = {
+                "phase": "finetune",
+                "step": updates,
+                "env_steps": env_step,
+                **run.evaluate(agent),
+                "alpha": float(alpha),
+                "critic_loss": float(critic_loss),
+                "actor_loss": float(actor_loss),
+            }
             run.log.write(record)
             progress.set_postfix(score=f"{record['normalized_score']:.1f}")
         if run.stop.signum is not None or env_step % cfg.checkpoint_every == 0 or env_step == cfg.online_steps:
-            loop = {"online": online.state_dict(), "env": env_state(env), "obs": obs, "alpha": alpha, "updates": updates, "critic_loss": critic_loss, "actor_loss": actor_loss}
+            loop = {
+                "online": online.state_dict(),
+                "env": env_state(env),
+                "obs": obs,
+                "alpha": alpha,
+                "updates": updates,
+                "critic_loss": critic_loss,
+                "actor_loss": actor_loss,
+            }
             run.save_checkpoint("finetune", env_step, loop)
         if run.stop.signum is not None:
             raise Stopped
@@ -1210,7 +1415,9 @@ def read_pretrained(cfg: Config) -> dict:
     if config["env"] != cfg.env:
         raise ConfigError(f"checkpoint '{cfg.pretrained}' was pretrained on {config['env']}, not {cfg.env}")
     if (config["num_critics"], config["hidden_dim"]) != (cfg.num_critics, cfg.hidden_dim):
-        raise ConfigError(f"checkpoint '{cfg.pretrained}' has num_critics={config['num_critics']}, hidden_dim={config['hidden_dim']}; this run has {cfg.num_critics}, {cfg.hidden_dim}")
+        raise ConfigError(
+            f"checkpoint '{cfg.pretrained}' has num_critics={config['num_critics']}, hidden_dim={config['hidden_dim']}; this run has {cfg.num_critics}, {cfg.hidden_dim}"
+        )
     return saved
 
 
@@ -1224,7 +1431,9 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
     obs_dim, act_dim = arrays["observations"].shape[1], arrays["actions"].shape[1]
     data_info = {"id": dataset_id, "fingerprint": dataset_fingerprint(arrays)}
     if checkpoint is not None and checkpoint["dataset"] != data_info:
-        raise ConfigError(f"--resume: dataset {dataset_id} on disk is not the one the run started with ({checkpoint['dataset']['fingerprint']}, now {data_info['fingerprint']})")
+        raise ConfigError(
+            f"--resume: dataset {dataset_id} on disk is not the one the run started with ({checkpoint['dataset']['fingerprint']}, now {data_info['fingerprint']})"
+        )
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -1236,11 +1445,30 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
         agent.load_state_dict(checkpoint["agent"])
         restore_rng_state(checkpoint["rng"], device)
     run_dir = new_run_dir(cfg) if checkpoint is None else Path(cfg.resume)
-    atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump({**asdict(cfg), "dataset_id": dataset_id, "device_resolved": str(device)}, sort_keys=False)))
-    parameters = {"actor": list(agent.actor.parameters()), "critic": list(agent.critic.parameters()), "alpha": [agent.log_alpha]}
+    atomic_write(
+        run_dir / "config.yaml",
+        lambda tmp: tmp.write_text(
+            yaml.safe_dump({**asdict(cfg), "dataset_id": dataset_id, "device_resolved": str(device)}, sort_keys=False)
+        ),
+    )
+    parameters = {
+        "actor": list(agent.actor.parameters()),
+        "critic": list(agent.critic.parameters()),
+        "alpha": [agent.log_alpha],
+    }
     run = Run(
-        cfg, run_dir, device, agent, evaluate, RunLog(run_dir, cfg, [] if checkpoint is None else checkpoint["records"]), data_info,
-        obs_dim, act_dim, StopSignal(), FiniteCheck(parameters), 0.0 if checkpoint is None else checkpoint["wall_time_s"],
+        cfg,
+        run_dir,
+        device,
+        agent,
+        evaluate,
+        RunLog(run_dir, cfg, [] if checkpoint is None else checkpoint["records"]),
+        data_info,
+        obs_dim,
+        act_dim,
+        StopSignal(),
+        FiniteCheck(parameters),
+        0.0 if checkpoint is None else checkpoint["wall_time_s"],
         None if checkpoint is None else checkpoint["pretrain_time_s"],
     )
     if checkpoint is None:
@@ -1248,7 +1476,10 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
         run.save_checkpoint(phase, step, loop)  # from here on, --resume works
     else:
         phase, step, loop = checkpoint["phase"], checkpoint["step"], checkpoint["loop"]
-    print(f"run {run_dir}: dataset {dataset_id} ({len(dataset)} transitions), N={cfg.num_critics}, eta={cfg.eta}, device {device}, {phase} from step {step}", file=sys.stderr)
+    print(
+        f"run {run_dir}: dataset {dataset_id} ({len(dataset)} transitions), N={cfg.num_critics}, eta={cfg.eta}, device {device}, {phase} from step {step}",
+        file=sys.stderr,
+    )
 
     def phases(run: Run) -> None:
         nonlocal step, loop

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import tyro
+
 from common import load_algorithm, time_updates
 
 so2 = load_algorithm("so2")
@@ -55,14 +56,19 @@ def main(args: Args) -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     obs_dim, act_dim = 17, 6
-    cfg = replace(so2.Config(), num_critics=args.num_critics, eta=1.0, online_steps=args.online_rows, out_dir=tempfile.mkdtemp())
+    cfg = replace(
+        so2.Config(), num_critics=args.num_critics, eta=1.0, online_steps=args.online_rows, out_dir=tempfile.mkdtemp()
+    )
     agent = so2.SO2Agent(obs_dim, act_dim, cfg, device)
     sizes = [obs_dim, act_dim, 1, obs_dim, 1]
     rng = np.random.default_rng(0)
     arrays = {
-        "observations": rng.standard_normal((args.dataset_rows, obs_dim), dtype=np.float32), "actions": rng.uniform(-1, 1, (args.dataset_rows, act_dim)).astype(np.float32),
-        "rewards": rng.standard_normal(args.dataset_rows, dtype=np.float32), "next_observations": rng.standard_normal((args.dataset_rows, obs_dim), dtype=np.float32),
-        "terminals": np.zeros(args.dataset_rows, np.float32), "timeouts": np.zeros(args.dataset_rows, np.float32),
+        "observations": rng.standard_normal((args.dataset_rows, obs_dim), dtype=np.float32),
+        "actions": rng.uniform(-1, 1, (args.dataset_rows, act_dim)).astype(np.float32),
+        "rewards": rng.standard_normal(args.dataset_rows, dtype=np.float32),
+        "next_observations": rng.standard_normal((args.dataset_rows, obs_dim), dtype=np.float32),
+        "terminals": np.zeros(args.dataset_rows, np.float32),
+        "timeouts": np.zeros(args.dataset_rows, np.float32),
     }
     dataset = so2.dataset_rows(arrays)
     online = so2.ReplayBuffer(args.online_rows, obs_dim, act_dim, device)
@@ -73,12 +79,40 @@ def main(args: Args) -> None:
     batch = online.sample((args.batch_size,))
     agent.finetune_critic_step(batch, online.split, 0.2)  # Adam state exists, as in a real checkpoint
     agent.actor_and_alpha_step(online.split(batch)[0], 0.2)
-    records = [{"phase": "finetune", "step": 10 * k, "env_steps": k, **dict.fromkeys(so2.RECORD_KEYS[3:], 0.0)} for k in range(0, args.online_rows, 1000)]
+    records = [
+        {"phase": "finetune", "step": 10 * k, "env_steps": k, **dict.fromkeys(so2.RECORD_KEYS[3:], 0.0)}
+        for k in range(0, args.online_rows, 1000)
+    ]
     run_dir = so2.new_run_dir(cfg)
-    parameters = {"actor": list(agent.actor.parameters()), "critic": list(agent.critic.parameters()), "alpha": [agent.log_alpha]}
+    parameters = {
+        "actor": list(agent.actor.parameters()),
+        "critic": list(agent.critic.parameters()),
+        "alpha": [agent.log_alpha],
+    }
     data_info = {"id": "synthetic", "fingerprint": "not computed"}
-    run = so2.Run(cfg, run_dir, device, agent, None, so2.RunLog(run_dir, cfg, records), data_info, obs_dim, act_dim, None, so2.FiniteCheck(parameters), 0.0)
-    loop = {"online": online.state_dict(), "env": so2.env_state(env), "obs": env.reset()[0], "alpha": 0.2, "updates": 0, "critic_loss": torch.tensor(0.0), "actor_loss": torch.tensor(0.0)}
+    run = so2.Run(
+        cfg,
+        run_dir,
+        device,
+        agent,
+        None,
+        so2.RunLog(run_dir, cfg, records),
+        data_info,
+        obs_dim,
+        act_dim,
+        None,
+        so2.FiniteCheck(parameters),
+        0.0,
+    )
+    loop = {
+        "online": online.state_dict(),
+        "env": so2.env_state(env),
+        "obs": env.reset()[0],
+        "alpha": 0.2,
+        "updates": 0,
+        "critic_loss": torch.tensor(0.0),
+        "actor_loss": torch.tensor(0.0),
+    }
 
     saves = []
     for _ in range(3):
@@ -89,10 +123,21 @@ def main(args: Args) -> None:
     update_ms = time_updates(lambda: agent.finetune_critic_step(batch, online.split, 0.2), args.steps, device)
     actor_ms = time_updates(lambda: agent.actor_and_alpha_step(online.split(batch)[0], 0.2), args.steps, device)
     between_s = args.checkpoint_every * (args.utd * update_ms + actor_ms) / 1000
-    print(json.dumps({
-        "what": "checkpoint", "num_critics": args.num_critics, "online_rows": args.online_rows, "device": str(device), "size_mb": round(size_mb, 1),
-        "write_s": round(min(saves), 3), "training_between_checkpoints_s": round(between_s, 1), "overhead_percent": round(100 * min(saves) / between_s, 4),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "what": "checkpoint",
+                "num_critics": args.num_critics,
+                "online_rows": args.online_rows,
+                "device": str(device),
+                "size_mb": round(size_mb, 1),
+                "write_s": round(min(saves), 3),
+                "training_between_checkpoints_s": round(between_s, 1),
+                "overhead_percent": round(100 * min(saves) / between_s, 4),
+            }
+        ),
+        flush=True,
+    )
 
     start = time.perf_counter()
     checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
@@ -105,7 +150,18 @@ def main(args: Args) -> None:
     mixed.extend(dataset[torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))])
     mixed.extend(checkpoint["loop"]["online"]["rows"])
     rebuild_s = time.perf_counter() - start
-    print(json.dumps({"what": "resume", "dataset_rows": args.dataset_rows, "load_s": round(load_s, 3), "fingerprint_s": round(fingerprint_s, 3), "rebuild_mixed_buffer_s": round(rebuild_s, 3)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "what": "resume",
+                "dataset_rows": args.dataset_rows,
+                "load_s": round(load_s, 3),
+                "fingerprint_s": round(fingerprint_s, 3),
+                "rebuild_mixed_buffer_s": round(rebuild_s, 3),
+            }
+        ),
+        flush=True,
+    )
 
     finite = so2.FiniteCheck(parameters)
 
@@ -120,10 +176,18 @@ def main(args: Args) -> None:
     start = time.perf_counter()
     finite.check("finetune", 0)
     check_ms = 1000 * (time.perf_counter() - start)
-    print(json.dumps({
-        "what": "finite_check", "ms_per_update": round(min(plain_ms), 3), "ms_per_update_with_watch": round(min(watched_ms), 3),
-        "ratio": round(min(watched_ms) / min(plain_ms), 4), "check_ms": round(check_ms, 3),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "what": "finite_check",
+                "ms_per_update": round(min(plain_ms), 3),
+                "ms_per_update_with_watch": round(min(watched_ms), 3),
+                "ratio": round(min(watched_ms) / min(plain_ms), 4),
+                "check_ms": round(check_ms, 3),
+            }
+        ),
+        flush=True,
+    )
     Path(run_dir / "checkpoint.pt").unlink()
 
 

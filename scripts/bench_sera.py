@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import tyro
+
 from common import load_algorithm, time_updates
 
 cal_ql = load_algorithm("cal_ql")
@@ -49,7 +50,13 @@ class Args:
 def main(args: Args) -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = replace(cal_ql.Config(), actor_hidden_dims=(args.hidden_dim,) * 2, critic_hidden_dims=(args.hidden_dim,) * 2, sera=True, sera_k=args.sera_k)
+    cfg = replace(
+        cal_ql.Config(),
+        actor_hidden_dims=(args.hidden_dim,) * 2,
+        critic_hidden_dims=(args.hidden_dim,) * 2,
+        sera=True,
+        sera_k=args.sera_k,
+    )
     agent = cal_ql.CalQLAgent(args.obs_dim, args.act_dim, cfg, device)
     frozen = copy.deepcopy(agent.critic).requires_grad_(False)
     buffer = cal_ql.ReplayBuffer(4096, args.obs_dim, args.act_dim, device)
@@ -76,12 +83,22 @@ def main(args: Args) -> None:
         sera_ms.append(time_updates(with_sera, args.steps, device))
         reward_ms.append(time_updates(sera_only, args.steps, device))
     plain_best, sera_best = min(plain_ms), min(sera_ms)
-    print(json.dumps({
-        "batch_size": args.batch_size, "online_rows": args.batch_size - n_offline, "sera_k": args.sera_k, "device": str(device),
-        "ms_per_update": round(plain_best, 3), "ms_per_update_sera": round(sera_best, 3),
-        "sera_overhead_ms": round(sera_best - plain_best, 3), "sera_overhead_pct": round(100 * (sera_best - plain_best) / plain_best, 1),
-        "ms_sera_reward": round(min(reward_ms), 3),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "batch_size": args.batch_size,
+                "online_rows": args.batch_size - n_offline,
+                "sera_k": args.sera_k,
+                "device": str(device),
+                "ms_per_update": round(plain_best, 3),
+                "ms_per_update_sera": round(sera_best, 3),
+                "sera_overhead_ms": round(sera_best - plain_best, 3),
+                "sera_overhead_pct": round(100 * (sera_best - plain_best) / plain_best, 1),
+                "ms_sera_reward": round(min(reward_ms), 3),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 import tyro
+
 from common import load_algorithm, time_updates
 
 so2 = load_algorithm("so2")
@@ -121,8 +122,14 @@ def main(args: Args) -> None:
     buffer.extend(rows)
     batch = buffer.sample((args.batch_size,))
     methods = {
-        "pretrain": (lambda: agent.pretrain_step(batch, buffer.split), lambda: naive_pretrain_step(agent, batch, buffer.split)),
-        "finetune": (lambda: agent.finetune_critic_step(batch, buffer.split, 0.2), lambda: naive_finetune_step(agent, batch, buffer.split, 0.2)),
+        "pretrain": (
+            lambda: agent.pretrain_step(batch, buffer.split),
+            lambda: naive_pretrain_step(agent, batch, buffer.split),
+        ),
+        "finetune": (
+            lambda: agent.finetune_critic_step(batch, buffer.split, 0.2),
+            lambda: naive_finetune_step(agent, batch, buffer.split, 0.2),
+        ),
     }
     for phase in args.phases:
         fast, naive = methods[phase]
@@ -132,10 +139,20 @@ def main(args: Args) -> None:
             fast_ms.append(time_updates(fast, args.steps, device))
             naive_ms.append(time_updates(naive, args.steps, device))
         fast_best, naive_best = min(fast_ms), min(naive_ms)
-        print(json.dumps({
-            "phase": phase, "num_critics": args.num_critics, "batch_size": args.batch_size, "device": str(device),
-            "ms_per_update": round(fast_best, 3), "baseline_ms_per_update": round(naive_best, 3), "speedup": round(naive_best / fast_best, 3),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "phase": phase,
+                    "num_critics": args.num_critics,
+                    "batch_size": args.batch_size,
+                    "device": str(device),
+                    "ms_per_update": round(fast_best, 3),
+                    "baseline_ms_per_update": round(naive_best, 3),
+                    "speedup": round(naive_best / fast_best, 3),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

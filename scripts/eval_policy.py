@@ -55,8 +55,15 @@ def evaluate(args: Args) -> dict:
     score = float(scores.mean())
     low, high = entry["score_band"]
     return {
-        "policy": args.name, "episodes": args.episodes, "seed": args.seed, "return": round(float(returns.mean()), 1), "normalized_score": round(score, 1),
-        "episode_score_std": round(float(scores.std()), 1), "episode_score_min": round(float(scores.min()), 1), "band": [low, high], "in_band": low <= score <= high,
+        "policy": args.name,
+        "episodes": args.episodes,
+        "seed": args.seed,
+        "return": round(float(returns.mean()), 1),
+        "normalized_score": round(score, 1),
+        "episode_score_std": round(float(scores.std()), 1),
+        "episode_score_min": round(float(scores.min()), 1),
+        "band": [low, high],
+        "in_band": low <= score <= high,
     }
 
 

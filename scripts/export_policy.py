@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 import tyro
+
 from common import load_algorithm
 
 POLICIES = Path(__file__).resolve().parent.parent / "results" / "policies"
@@ -49,16 +50,32 @@ def main(args: Args) -> None:
         config = torch.load(run / "checkpoint.pt", weights_only=False)["config"]
         summary = json.loads((run / "summary.json").read_text())
         last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
-        torch.save(torch.load(run / "final.pt", map_location="cpu", weights_only=False)["agent"]["actor"], POLICIES / f"{args.name}.pt")
+        torch.save(
+            torch.load(run / "final.pt", map_location="cpu", weights_only=False)["agent"]["actor"],
+            POLICIES / f"{args.name}.pt",
+        )
         # Every training field that differs from sac.py's defaults, so the command reproduces the run.
         defaults = asdict(load_algorithm("sac").Config())
-        flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in config.items() if v != defaults[k] and k not in ("env", "seed", "resume", "config", "run_name", "out_dir", "track", "device"))
+        flags = "".join(
+            f" --{k.replace('_', '-')} {v}"
+            for k, v in config.items()
+            if v != defaults[k]
+            and k not in ("env", "seed", "resume", "config", "run_name", "out_dir", "track", "device")
+        )
         manifest[args.name] = {
-            "file": f"{args.name}.pt", "env": config["env"], "training_env_steps": summary["env_steps"], "seed": config["seed"],
-            "eval_episodes": config["eval_episodes"], "eval_return": round(last["return"], 1), "eval_normalized_score": round(last["normalized_score"], 1),
-            "score_band": list(args.band), "wall_time_s": summary["wall_time_s"], "torch_threads": args.torch_threads,
+            "file": f"{args.name}.pt",
+            "env": config["env"],
+            "training_env_steps": summary["env_steps"],
+            "seed": config["seed"],
+            "eval_episodes": config["eval_episodes"],
+            "eval_return": round(last["return"], 1),
+            "eval_normalized_score": round(last["normalized_score"], 1),
+            "score_band": list(args.band),
+            "wall_time_s": summary["wall_time_s"],
+            "torch_threads": args.torch_threads,
             "command": f"OMP_NUM_THREADS={args.torch_threads} python algorithms/sac.py --env {config['env']} --seed {config['seed']}{flags}",
-            "hardware": f"{platform.machine()} CPU, {summary['device']}, torch {summary['versions']['torch']}", "sac_config": {**config, "out_dir": "runs", "resume": None, "config": None, "run_name": None},
+            "hardware": f"{platform.machine()} CPU, {summary['device']}, torch {summary['versions']['torch']}",
+            "sac_config": {**config, "out_dir": "runs", "resume": None, "config": None, "run_name": None},
         }
     manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
     print(json.dumps({args.name: manifest[args.name]}, indent=2))

@@ -126,7 +126,9 @@ def collect_episodes(gym_id: str, policy: torch.nn.Module, steps: int, seed: int
     return episodes
 
 
-def write_minari_dataset(dataset_id: str, episodes, gym_id: str, base: str, algorithm_name: str, description: str, code: str) -> None:
+def write_minari_dataset(
+    dataset_id: str, episodes, gym_id: str, base: str, algorithm_name: str, description: str, code: str
+) -> None:
     """Write episodes as a real Minari dataset, atomically: build it under a temporary root next to
     the datasets folder and move it into place, so an interrupted write never blocks the id."""
     import minari
@@ -137,12 +139,30 @@ def write_minari_dataset(dataset_id: str, episodes, gym_id: str, base: str, algo
     previous = os.environ.get("MINARI_DATASETS_PATH")
     try:
         os.environ["MINARI_DATASETS_PATH"] = str(tmp_root)
-        buffers = [EpisodeBuffer(id=i, observations=ep["observations"], actions=ep["actions"].astype(np.float32), rewards=ep["rewards"], terminations=ep["terminations"], truncations=ep["truncations"]) for i, ep in enumerate(episodes)]
+        buffers = [
+            EpisodeBuffer(
+                id=i,
+                observations=ep["observations"],
+                actions=ep["actions"].astype(np.float32),
+                rewards=ep["rewards"],
+                terminations=ep["terminations"],
+                truncations=ep["truncations"],
+            )
+            for i, ep in enumerate(episodes)
+        ]
         low, high = so2.REF_SCORES[base]
         minari.create_dataset_from_buffers(
-            dataset_id, buffers, env=gym_id, algorithm_name=algorithm_name,
-            author="offline-to-online RL reference implementations", author_email="n/a", code_permalink=code,
-            description=description, ref_min_score=low, ref_max_score=high, eval_env=gym_id,
+            dataset_id,
+            buffers,
+            env=gym_id,
+            algorithm_name=algorithm_name,
+            author="offline-to-online RL reference implementations",
+            author_email="n/a",
+            code_permalink=code,
+            description=description,
+            ref_min_score=low,
+            ref_max_score=high,
+            eval_env=gym_id,
         )
     finally:
         if previous is None:
@@ -196,7 +216,9 @@ def load_policy(policy_dir: str, env: str, quality: str) -> tuple[torch.nn.Modul
     entry = json.loads(manifest_path.read_text()).get(f"{env}-{quality}", {}) if manifest_path.exists() else {}
     if entry.get("file") is None:
         why = entry.get("status", f"no entry in {manifest_path}")
-        raise so2.ConfigError(f"no {env}-{quality} behaviour policy ({why}); train one with algorithms/sac.py (see README)")
+        raise so2.ConfigError(
+            f"no {env}-{quality} behaviour policy ({why}); train one with algorithms/sac.py (see README)"
+        )
     gym_env = so2.gym.make(so2.GYM_IDS[env])
     hidden = entry["sac_config"]["hidden_dim"]
     actor = sac.Actor(gym_env.observation_space.shape[0], gym_env.action_space.shape[0], (hidden, hidden))
@@ -240,10 +262,15 @@ def rows_to_episodes(rows: np.ndarray, obs_dim: int, act_dim: int) -> list[dict]
     episodes, start = [], 0
     for end in np.flatnonzero(ends):
         sl = slice(start, end + 1)
-        episodes.append({
-            "observations": np.concatenate([obs[sl], next_obs[end : end + 1]]).astype(np.float64), "actions": act[sl],
-            "rewards": rew[sl].astype(np.float64), "terminations": done[sl], "truncations": (np.arange(start, end + 1) == end) & ~done[end],
-        })
+        episodes.append(
+            {
+                "observations": np.concatenate([obs[sl], next_obs[end : end + 1]]).astype(np.float64),
+                "actions": act[sl],
+                "rewards": rew[sl].astype(np.float64),
+                "terminations": done[sl],
+                "truncations": (np.arange(start, end + 1) == end) & ~done[end],
+            }
+        )
         start = end + 1
     return episodes
 
@@ -270,17 +297,26 @@ def replay_episodes(args: Args, env: str) -> tuple[list[dict], str]:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         if not same_actor(checkpoint["agent"]["actor"], shipped):
             raise so2.ConfigError(f"--from-run: the actor in {checkpoint_path} is not the shipped {env}-medium policy")
-        rows, note = buffer_in_insertion_order(checkpoint["loop"]["buffer"]), "read from the final checkpoint of that run, whose actor is the shipped medium policy"
+        rows, note = (
+            buffer_in_insertion_order(checkpoint["loop"]["buffer"]),
+            "read from the final checkpoint of that run, whose actor is the shipped medium policy",
+        )
     else:
         cfg = sac.Config(**entry["sac_config"])
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = replace(cfg, out_dir=tmp, track=False, total_steps=min(cfg.total_steps, args.steps or cfg.total_steps))
+            cfg = replace(
+                cfg, out_dir=tmp, track=False, total_steps=min(cfg.total_steps, args.steps or cfg.total_steps)
+            )
             torch.set_num_threads(entry["torch_threads"])
             run_dir = sac.train(sac.resolve_config(cfg), None)
             checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
         rows = buffer_in_insertion_order(checkpoint["loop"]["buffer"])
         same = same_actor(checkpoint["agent"]["actor"], shipped)
-        note = "regenerated; its final actor equals the shipped medium policy" if same else "WARNING: regenerated, but its final actor differs from the shipped medium policy (other hardware, threads or --steps)"
+        note = (
+            "regenerated; its final actor equals the shipped medium policy"
+            if same
+            else "WARNING: regenerated, but its final actor differs from the shipped medium policy (other hardware, threads or --steps)"
+        )
     gym_env = so2.gym.make(so2.GYM_IDS[env])
     return rows_to_episodes(rows, gym_env.observation_space.shape[0], gym_env.action_space.shape[0]), note
 
@@ -288,18 +324,31 @@ def replay_episodes(args: Args, env: str) -> tuple[list[dict], str]:
 def stored_episodes(dataset: str) -> list[dict]:
     import minari
 
-    return [{"observations": e.observations, "actions": e.actions, "rewards": e.rewards, "terminations": e.terminations, "truncations": e.truncations} for e in minari.load_dataset(dataset).iterate_episodes()]
+    return [
+        {
+            "observations": e.observations,
+            "actions": e.actions,
+            "rewards": e.rewards,
+            "terminations": e.terminations,
+            "truncations": e.truncations,
+        }
+        for e in minari.load_dataset(dataset).iterate_episodes()
+    ]
 
 
 def make(args: Args) -> str:
     """Write the dataset named by args (and, for medium-expert, its missing halves); its id."""
     env, quality = so2.parse_env_name(args.name)
     if env in so2.ADROIT:
-        raise so2.ConfigError("Adroit datasets come from the Minari hub (D4RL/<env>/<quality>-v2), not from this script")
+        raise so2.ConfigError(
+            "Adroit datasets come from the Minari hub (D4RL/<env>/<quality>-v2), not from this script"
+        )
     if args.workers not in (1, 2) or (args.steps is not None and args.steps < 1):
         raise so2.ConfigError("workers must be 1 or 2 and steps >= 1")
     if args.from_run is not None and (quality != "medium-replay" or args.steps is not None):
-        raise so2.ConfigError("--from-run is for full-size medium-replay datasets only (no --steps: the run's whole buffer is the dataset)")
+        raise so2.ConfigError(
+            "--from-run is for full-size medium-replay datasets only (no --steps: the run's whole buffer is the dataset)"
+        )
     target = dataset_id(env, quality, args.steps)
     with dataset_lock(target):
         exists = (so2.dataset_path(target) / "data").exists()
@@ -309,7 +358,9 @@ def make(args: Args) -> str:
             print_summary(target, env, [r.sum() for r in np.split(arrays["rewards"], ends[:-1])])
             return target
         if exists:
-            raise so2.ConfigError(f"{target} already exists under {so2.dataset_path()}; delete that folder to make it again")
+            raise so2.ConfigError(
+                f"{target} already exists under {so2.dataset_path()}; delete that folder to make it again"
+            )
         episodes, algorithm, description = make_episodes(args, env, quality)
         write_minari_dataset(target, episodes, so2.GYM_IDS[env], env, algorithm, description, "scripts/make_dataset.py")
         so2.save_flat_cache(target, so2.flatten_episodes(episodes))
@@ -333,7 +384,11 @@ def make_episodes(args: Args, env: str, quality: str) -> tuple[list[dict], str, 
         episodes, note = replay_episodes(args, env)
         print(note, file=sys.stderr)
         algorithm = "replay buffer of the seeded SAC run that produced the medium policy"
-        return episodes, algorithm, f"{sum(len(e['rewards']) for e in episodes)} transitions: the {algorithm} on {gym_id} ({note})."
+        return (
+            episodes,
+            algorithm,
+            f"{sum(len(e['rewards']) for e in episodes)} transitions: the {algorithm} on {gym_id} ({note}).",
+        )
     halves = []  # medium-expert: both halves, made when missing
     for half in ("medium", "expert"):
         half_id = dataset_id(env, half, args.steps)
@@ -341,13 +396,19 @@ def make_episodes(args: Args, env: str, quality: str) -> tuple[list[dict], str, 
             make(replace(args, name=f"{env}-{half}"))
         halves.append(half_id)
     episodes = stored_episodes(halves[0]) + stored_episodes(halves[1])
-    return episodes, f"{halves[0]} + {halves[1]}", f"D4RL medium-expert protocol: {halves[0]} followed by {halves[1]} on {gym_id}."
+    return (
+        episodes,
+        f"{halves[0]} + {halves[1]}",
+        f"D4RL medium-expert protocol: {halves[0]} followed by {halves[1]} on {gym_id}.",
+    )
 
 
 def print_summary(target: str, env: str, returns: list[float], steps: Optional[int] = None) -> None:
     returns = np.asarray(returns, dtype=np.float64)
     size = "" if steps is None else f", {steps} steps"
-    print(f"{target}: {len(returns)} episodes{size}, mean return {returns.mean():.1f}, normalised {float(so2.normalized_score(env, returns).mean()):.1f}")
+    print(
+        f"{target}: {len(returns)} episodes{size}, mean return {returns.mean():.1f}, normalised {float(so2.normalized_score(env, returns).mean()):.1f}"
+    )
 
 
 def main() -> None:

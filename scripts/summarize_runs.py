@@ -31,8 +31,19 @@ def row(run: Path) -> str:
     summary = json.loads((run / "summary.json").read_text())
     config = yaml.safe_load((run / "config.yaml").read_text())
     variant = f"sigma={config.get('sigma')}, utd={config.get('utd')}" if "sigma" in config else "-"
-    scores = [summary[k] for k in ("pretrained_score", "final_score", "best_score", "final_q_bias", "final_kendall_tau")]
-    return " | ".join([run.name, variant, str(summary["seed"]), *map(fmt, scores), f"{summary['wall_time_s']:.0f} s", summary["device_name"]])
+    scores = [
+        summary[k] for k in ("pretrained_score", "final_score", "best_score", "final_q_bias", "final_kendall_tau")
+    ]
+    return " | ".join(
+        [
+            run.name,
+            variant,
+            str(summary["seed"]),
+            *map(fmt, scores),
+            f"{summary['wall_time_s']:.0f} s",
+            summary["device_name"],
+        ]
+    )
 
 
 def main(args: Args) -> None:
@@ -40,7 +51,9 @@ def main(args: Args) -> None:
     if missing:
         print(f"summarize_runs.py: error: no summary.json in {', '.join(missing)}", file=sys.stderr)
         sys.exit(2)
-    print("| run | variant | seed | score at start of finetuning | final score | best score | final q_bias | final kendall_tau | wall time | device |")
+    print(
+        "| run | variant | seed | score at start of finetuning | final score | best score | final q_bias | final kendall_tau | wall time | device |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for folder in args.folders:
         print("| " + row(Path(folder)) + " |")

@@ -59,12 +59,26 @@ def isolated_env(monkeypatch, datasets_root):
 def script_env(datasets_root) -> dict[str, str]:
     """Environment for subprocess runs of the scripts. One torch thread: two threads of a child
     competing with pytest and other children for 2 cores are many times slower, not faster."""
-    return {**os.environ, "MINARI_DATASETS_PATH": str(datasets_root), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "MINARI_DATASETS_PATH": str(datasets_root),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "PYTHONHASHSEED": "0",
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def run_script(relative: str, args: list[str], datasets_root, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a script of the repository as a user would, from the repository root."""
-    return subprocess.run([sys.executable, str(REPO / relative), *args], capture_output=True, text=True, env=script_env(datasets_root), timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(REPO / relative), *args],
+        capture_output=True,
+        text=True,
+        env=script_env(datasets_root),
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def run_dirs(out_dir: Path) -> list[Path]:
@@ -87,7 +101,9 @@ def check_summary(run_dir: Path, records: list[dict]) -> None:
     assert summary["device"] == "cpu" and summary["versions"]["torch"] and summary["wall_time_s"] > 0
 
 
-def finished_run(relative: str, args: list[str], out_dir: Path, datasets_root) -> tuple[Path, subprocess.CompletedProcess]:
+def finished_run(
+    relative: str, args: list[str], out_dir: Path, datasets_root
+) -> tuple[Path, subprocess.CompletedProcess]:
     """Run a script into out_dir, assert that it succeeded, and return its one run folder."""
     result = run_script(relative, [*args, "--out-dir", str(out_dir)], datasets_root)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -114,7 +130,14 @@ def assert_main_refuses(module, argv: list[str], capsys, message: str) -> None:
 
 def start_script(relative: str, args: list[str], datasets_root) -> subprocess.Popen:
     """A script run in the background, stderr captured (for signals and kills)."""
-    return subprocess.Popen([sys.executable, str(REPO / relative), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=script_env(datasets_root), cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / relative), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=script_env(datasets_root),
+        cwd=REPO,
+    )
 
 
 def checkpoint_phase(run_dir: Optional[Path], since: float) -> Optional[str]:
@@ -125,7 +148,9 @@ def checkpoint_phase(run_dir: Optional[Path], since: float) -> Optional[str]:
     return torch.load(path, map_location="cpu", weights_only=False)["phase"]
 
 
-def wait_for_checkpoint(process: subprocess.Popen, out_dir: Path, phase: str, since: float, timeout: float = 300) -> Path:
+def wait_for_checkpoint(
+    process: subprocess.Popen, out_dir: Path, phase: str, since: float, timeout: float = 300
+) -> Path:
     """Wait until the run in out_dir has checkpointed in `phase` after `since` while still running;
     its folder. Fails if the run ended first: the signal or kill would then test nothing."""
     deadline = time.time() + timeout
@@ -135,12 +160,16 @@ def wait_for_checkpoint(process: subprocess.Popen, out_dir: Path, phase: str, si
             if process.poll() is None:
                 return folders[0]
         if process.poll() is not None:
-            raise AssertionError(f"the run ended (exit {process.returncode}) before a {phase} checkpoint could be interrupted: {process.stderr.read()[-2000:]}")
+            raise AssertionError(
+                f"the run ended (exit {process.returncode}) before a {phase} checkpoint could be interrupted: {process.stderr.read()[-2000:]}"
+            )
         time.sleep(0.02)
     raise AssertionError(f"no {phase} checkpoint within {timeout} s")
 
 
-def kill_and_resume(relative: str, args: list[str], out_dir: Path, datasets_root, phases: dict[str, int], seed: int) -> Path:
+def kill_and_resume(
+    relative: str, args: list[str], out_dir: Path, datasets_root, phases: dict[str, int], seed: int
+) -> Path:
     """Run a script, SIGKILL it at random moments (a random delay after a fresh checkpoint) the
     given number of times in each phase, resume it with --resume each time, and let the last
     process finish; the run folder."""
@@ -165,3 +194,120 @@ def same_run(a: Path, b: Path) -> None:
     agent_a, agent_b = (torch.load(run / "final.pt", map_location="cpu", weights_only=False)["agent"] for run in (a, b))
     for net in ("actor", "critic", "target_critic"):
         assert all(torch.equal(agent_a[net][k], agent_b[net][k]) for k in agent_a[net]), net
+
+
+# Tiny runs of each algorithm file with phases long enough (hundreds of steps, a checkpoint every
+# 25) for several kills and signals in each.
+RESUME_ARGS = {
+    "so2": [
+        "--env",
+        "walker2d-random",
+        "--random-dataset-steps",
+        "1500",
+        "--num-critics",
+        "2",
+        "--hidden-dim",
+        "32",
+        "--pretrain-steps",
+        "600",
+        "--pretrain-eval-every",
+        "150",
+        "--batch-size",
+        "32",
+        "--online-steps",
+        "300",
+        "--warmup-steps",
+        "50",
+        "--utd",
+        "2",
+        "--online-batch-size",
+        "16",
+        "--mixed-batch-size",
+        "48",
+        "--eval-every",
+        "60",
+        "--eval-episodes",
+        "2",
+        "--mc-tail-steps",
+        "5",
+        "--kendall-windows",
+        "2",
+        "--checkpoint-every",
+        "25",
+    ],
+    "cal_ql": [
+        "--env",
+        "walker2d-random",
+        "--random-dataset-steps",
+        "1500",
+        "--actor-hidden-dims",
+        "32",
+        "32",
+        "--critic-hidden-dims",
+        "32",
+        "32",
+        "--cql-n-actions",
+        "2",
+        "--pretrain-steps",
+        "300",
+        "--pretrain-eval-every",
+        "100",
+        "--batch-size",
+        "32",
+        "--online-steps",
+        "300",
+        "--eval-every",
+        "60",
+        "--eval-episodes",
+        "2",
+        "--mc-tail-steps",
+        "5",
+        "--kendall-windows",
+        "2",
+        "--checkpoint-every",
+        "25",
+        "--sera",
+        "--sera-k",
+        "3",
+    ],
+    "sac": [
+        "--env",
+        "hopper",
+        "--total-steps",
+        "1200",
+        "--learning-starts",
+        "200",
+        "--eval-every",
+        "300",
+        "--eval-episodes",
+        "2",
+        "--hidden-dim",
+        "32",
+        "--batch-size",
+        "32",
+        "--checkpoint-every",
+        "25",
+    ],
+}
+PHASES = {"so2": ("pretrain", "finetune"), "cal_ql": ("pretrain", "finetune"), "sac": ("online",)}
+FILES = list(RESUME_ARGS)
+
+
+def script(name: str) -> str:
+    return f"algorithms/{name}.py"
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, datasets_root):
+    """The uninterrupted run of each algorithm file with RESUME_ARGS, made once per test worker."""
+    runs = {}
+
+    def get(name):
+        if name not in runs:
+            out = tmp_path_factory.mktemp(f"reference_{name}")
+            result = run_script(script(name), [*RESUME_ARGS[name], "--out-dir", str(out)], datasets_root)
+            assert result.returncode == 0, result.stderr[-3000:]
+            (runs[name],) = run_dirs(out)
+        return runs[name]
+
+    return get

@@ -15,9 +15,52 @@ import pytest
 from conftest import REPO, assert_main_refuses, assert_one_line_error, load_script, run_script, script_env
 
 TINY = {
-    "so2": ["--env", "walker2d-random", "--random-dataset-steps", "1500", "--num-critics", "2", "--hidden-dim", "16", "--pretrain-steps", "4", "--online-steps", "4", "--warmup-steps", "2", "--eval-episodes", "1"],
-    "cal_ql": ["--env", "walker2d-random", "--random-dataset-steps", "1500", "--actor-hidden-dims", "16", "--critic-hidden-dims", "16", "--pretrain-steps", "4", "--online-steps", "4", "--eval-episodes", "1"],
-    "sac": ["--env", "hopper", "--total-steps", "4", "--learning-starts", "2", "--eval-episodes", "1", "--hidden-dim", "16"],
+    "so2": [
+        "--env",
+        "walker2d-random",
+        "--random-dataset-steps",
+        "1500",
+        "--num-critics",
+        "2",
+        "--hidden-dim",
+        "16",
+        "--pretrain-steps",
+        "4",
+        "--online-steps",
+        "4",
+        "--warmup-steps",
+        "2",
+        "--eval-episodes",
+        "1",
+    ],
+    "cal_ql": [
+        "--env",
+        "walker2d-random",
+        "--random-dataset-steps",
+        "1500",
+        "--actor-hidden-dims",
+        "16",
+        "--critic-hidden-dims",
+        "16",
+        "--pretrain-steps",
+        "4",
+        "--online-steps",
+        "4",
+        "--eval-episodes",
+        "1",
+    ],
+    "sac": [
+        "--env",
+        "hopper",
+        "--total-steps",
+        "4",
+        "--learning-starts",
+        "2",
+        "--eval-episodes",
+        "1",
+        "--hidden-dim",
+        "16",
+    ],
 }
 # (flags, message) that every algorithm file refuses.
 COMMON = [
@@ -35,42 +78,67 @@ COMMON = [
 @pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("flags,message", COMMON, ids=[m.split()[0] for _, m in COMMON])
 def test_common_bad_values(name, flags, message, tmp_path, capsys):
-    assert_main_refuses(load_script(f"algorithms/{name}.py"), [*TINY[name], "--out-dir", str(tmp_path / "runs"), *flags], capsys, message)
+    assert_main_refuses(
+        load_script(f"algorithms/{name}.py"),
+        [*TINY[name], "--out-dir", str(tmp_path / "runs"), *flags],
+        capsys,
+        message,
+    )
     assert not (tmp_path / "runs").exists()
 
 
 def test_bad_value_as_a_user_sees_it(tmp_path, datasets_root):
     """The same refusal through the command line: one line, exit code 2, nothing written."""
-    result = run_script("algorithms/so2.py", [*TINY["so2"], "--out-dir", str(tmp_path / "runs"), "--gamma", "nan"], datasets_root)
+    result = run_script(
+        "algorithms/so2.py", [*TINY["so2"], "--out-dir", str(tmp_path / "runs"), "--gamma", "nan"], datasets_root
+    )
     assert_one_line_error(result, "gamma must be a finite float, got nan")
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("name,text,message", [
-    ("so2", "utd: 2.5\n", "config file '{path}': utd must be int, got 2.5"),
-    ("cal_ql", "actor_hidden_dims: [16, 1.5]\n", "actor_hidden_dims must be tuple[int, ...], got (16, 1.5)"),
-    ("sac", "total_steps: ten\n", "total_steps must be int, got 'ten'"),
-    ("so2", "- a list\n", "expected a mapping of field names to values"),
-    ("so2", "no_such_field: 1\n", "unexpected keyword argument 'no_such_field'"),
-])
+@pytest.mark.parametrize(
+    "name,text,message",
+    [
+        ("so2", "utd: 2.5\n", "config file '{path}': utd must be int, got 2.5"),
+        ("cal_ql", "actor_hidden_dims: [16, 1.5]\n", "actor_hidden_dims must be tuple[int, ...], got (16, 1.5)"),
+        ("sac", "total_steps: ten\n", "total_steps must be int, got 'ten'"),
+        ("so2", "- a list\n", "expected a mapping of field names to values"),
+        ("so2", "no_such_field: 1\n", "unexpected keyword argument 'no_such_field'"),
+    ],
+)
 def test_config_file_with_wrong_types_is_refused_before_any_compute(name, text, message, tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    assert_main_refuses(load_script(f"algorithms/{name}.py"), [*TINY[name], "--out-dir", str(tmp_path / "runs"), "--config", str(path)], capsys, message.format(path=path))
+    assert_main_refuses(
+        load_script(f"algorithms/{name}.py"),
+        [*TINY[name], "--out-dir", str(tmp_path / "runs"), "--config", str(path)],
+        capsys,
+        message.format(path=path),
+    )
     assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("name", TINY)
 def test_out_dir_that_is_a_file(name, tmp_path, capsys):
     (tmp_path / "file").write_text("")
-    assert_main_refuses(load_script(f"algorithms/{name}.py"), [*TINY[name], "--out-dir", str(tmp_path / "file" / "runs")], capsys, f"'{tmp_path / 'file'}' is a file, not a folder")
+    assert_main_refuses(
+        load_script(f"algorithms/{name}.py"),
+        [*TINY[name], "--out-dir", str(tmp_path / "file" / "runs")],
+        capsys,
+        f"'{tmp_path / 'file'}' is a file, not a folder",
+    )
 
 
 @pytest.mark.parametrize("name", ["so2", "cal_ql"])
 def test_datasets_path_that_is_a_file(name, tmp_path, capsys, monkeypatch):
     (tmp_path / "store").write_text("")
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "store"))
-    assert_main_refuses(load_script(f"algorithms/{name}.py"), [*TINY[name], "--out-dir", str(tmp_path / "runs")], capsys, f"MINARI_DATASETS_PATH '{tmp_path / 'store'}' is a file, not a folder")
+    assert_main_refuses(
+        load_script(f"algorithms/{name}.py"),
+        [*TINY[name], "--out-dir", str(tmp_path / "runs")],
+        capsys,
+        f"MINARI_DATASETS_PATH '{tmp_path / 'store'}' is a file, not a folder",
+    )
     assert not (tmp_path / "runs").exists()
 
 
@@ -88,9 +156,13 @@ def test_truncated_or_missing_data_file_says_how_to_regenerate(so2, store_copy, 
     with open(data, "r+b") as f:
         f.truncate(data.stat().st_size // 2)
     argv = [*TINY["so2"], "--out-dir", str(tmp_path / "runs")]
-    assert_main_refuses(so2, argv, capsys, f"delete {store_copy} and make it again with: python scripts/make_dataset.py walker2d-random")
+    assert_main_refuses(
+        so2, argv, capsys, f"delete {store_copy} and make it again with: python scripts/make_dataset.py walker2d-random"
+    )
     data.unlink()
-    assert_main_refuses(so2, argv, capsys, "dataset local/walker2d/random-n1500-v0 is damaged (data/main_data.hdf5 is missing)")
+    assert_main_refuses(
+        so2, argv, capsys, "dataset local/walker2d/random-n1500-v0 is damaged (data/main_data.hdf5 is missing)"
+    )
     assert not (tmp_path / "runs").exists()
 
 
@@ -115,7 +187,15 @@ def test_read_only_store_without_cache_still_loads(so2, store_copy, monkeypatch)
 
 def make_random(steps: int, root, **popen) -> subprocess.Popen:
     env = {**script_env(root), "MINARI_DATASETS_PATH": str(root)}
-    return subprocess.Popen([sys.executable, str(REPO / "scripts" / "make_dataset.py"), "hopper-random", "--steps", str(steps)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, **popen)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "make_dataset.py"), "hopper-random", "--steps", str(steps)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+        **popen,
+    )
 
 
 def test_two_first_time_generations_make_the_dataset_once(tmp_path):
@@ -135,7 +215,23 @@ def test_ctrl_c_during_generation_leaves_nothing(tmp_path):
     """Ctrl-C in a terminal reaches the whole process group: so2.py and the generator it runs."""
     root = tmp_path / "store"
     env = {**script_env(root), "MINARI_DATASETS_PATH": str(root)}
-    process = subprocess.Popen([sys.executable, str(REPO / "algorithms" / "so2.py"), *TINY["so2"], "--random-dataset-steps", "400000", "--out-dir", str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "algorithms" / "so2.py"),
+            *TINY["so2"],
+            "--random-dataset-steps",
+            "400000",
+            "--out-dir",
+            str(tmp_path / "runs"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while not list(root.glob(".lock-*")) and time.time() < deadline:  # the generator has started
         time.sleep(0.05)
@@ -153,8 +249,24 @@ def test_missing_dataset_offline_fails_at_once(tmp_path):
     """Without a network the hub's name does not resolve; the error must not wait for the
     download's retries (HF_HUB_OFFLINE unset, as for a user)."""
     env = {k: v for k, v in script_env(tmp_path).items() if k != "HF_HUB_OFFLINE"}
-    result = subprocess.run([sys.executable, str(REPO / "algorithms" / "so2.py"), "--env", "hopper-medium", "--out-dir", str(tmp_path / "runs")], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert_one_line_error(result, "It is unavailable offline; generate it with: python scripts/make_dataset.py hopper-medium")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "algorithms" / "so2.py"),
+            "--env",
+            "hopper-medium",
+            "--out-dir",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert_one_line_error(
+        result, "It is unavailable offline; generate it with: python scripts/make_dataset.py hopper-medium"
+    )
 
 
 def test_flat_cache_round_trip_keeps_dtypes(so2, store_copy):

@@ -10,12 +10,47 @@ from conftest import assert_one_line_error, check_summary, finished_run, read_me
 
 # Tiny budget: a 1,500-step random dataset, 20 pretraining and 60 online steps, 16-wide networks.
 TINY = [
-    "--env", "walker2d-random", "--random-dataset-steps", "1500", "--actor-hidden-dims", "16", "16",
-    "--critic-hidden-dims", "16", "16", "--cql-n-actions", "3", "--pretrain-steps", "20", "--pretrain-eval-every", "10",
-    "--batch-size", "32", "--online-steps", "60", "--eval-every", "30", "--eval-episodes", "2", "--mc-tail-steps", "5",
-    "--kendall-windows", "2",
+    "--env",
+    "walker2d-random",
+    "--random-dataset-steps",
+    "1500",
+    "--actor-hidden-dims",
+    "16",
+    "16",
+    "--critic-hidden-dims",
+    "16",
+    "16",
+    "--cql-n-actions",
+    "3",
+    "--pretrain-steps",
+    "20",
+    "--pretrain-eval-every",
+    "10",
+    "--batch-size",
+    "32",
+    "--online-steps",
+    "60",
+    "--eval-every",
+    "30",
+    "--eval-episodes",
+    "2",
+    "--mc-tail-steps",
+    "5",
+    "--kendall-windows",
+    "2",
 ]
-RECORD_KEYS = {"phase", "step", "env_steps", "return", "normalized_score", "q_bias", "q_bias_min", "kendall_tau", "q_std_policy", "q_std_random"}
+RECORD_KEYS = {
+    "phase",
+    "step",
+    "env_steps",
+    "return",
+    "normalized_score",
+    "q_bias",
+    "q_bias_min",
+    "kendall_tau",
+    "q_std_policy",
+    "q_std_random",
+}
 
 
 run = partial(run_script, "algorithms/cal_ql.py")
@@ -39,7 +74,9 @@ def check_records(records, utd=1):
 
 
 def test_cal_ql_end_to_end_outputs(tiny_run):
-    assert {"config.yaml", "metrics.jsonl", "summary.json", "pretrain.pt", "final.pt", "wandb"} <= {p.name for p in tiny_run.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "pretrain.pt", "final.pt", "wandb"} <= {
+        p.name for p in tiny_run.iterdir()
+    }
     records = read_metrics(tiny_run)
     check_records(records)
     assert {"cql_loss", "bellman_loss", "bound_rate", "alpha"} <= set(records[-1])
@@ -53,10 +90,13 @@ def test_same_seed_gives_identical_metrics(tiny_run, tmp_path, datasets_root):
     assert (again / "metrics.jsonl").read_text() == (tiny_run / "metrics.jsonl").read_text()
 
 
-@pytest.mark.parametrize("variant,name", [
-    (["--no-calibrate"], "cql"),
-    (["--sera", "--sera-k", "5", "--sera-lambda", "0.5", "--utd", "2", "--cql-lagrange"], "sera"),
-])
+@pytest.mark.parametrize(
+    "variant,name",
+    [
+        (["--no-calibrate"], "cql"),
+        (["--sera", "--sera-k", "5", "--sera-lambda", "0.5", "--utd", "2", "--cql-lagrange"], "sera"),
+    ],
+)
 def test_variants_run(variant, name, tmp_path, datasets_root):
     run_dir, result = finished([*TINY, *variant], tmp_path, datasets_root)
     records = read_metrics(run_dir)
@@ -79,14 +119,17 @@ def test_pretrained_checkpoint_with_loose_finetuning(tiny_run, tmp_path, dataset
     assert "cql_loss" not in records[-1] and records[-1]["critic_loss"] == records[-1]["bellman_loss"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--env", "walker2d-expertt"], "unknown env"),
-    (["--utd", "0"], "utd must be >= 1"),
-    (["--mixing-ratio", "1.0"], "mixing_ratio must be in"),
-    (["--sera", "--sera-k", "16"], "sera_k must be in"),
-    (["--env", "walker2d-medium"], "unavailable offline"),
-    (["--config", "/nonexistent/cpu.yaml"], "cannot use config file"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--env", "walker2d-expertt"], "unknown env"),
+        (["--utd", "0"], "utd must be >= 1"),
+        (["--mixing-ratio", "1.0"], "mixing_ratio must be in"),
+        (["--sera", "--sera-k", "16"], "sera_k must be in"),
+        (["--env", "walker2d-medium"], "unavailable offline"),
+        (["--config", "/nonexistent/cpu.yaml"], "cannot use config file"),
+    ],
+)
 def test_bad_input_one_line_exit_2_nothing_written(args, message, tmp_path, datasets_root):
     result = run([*TINY, "--out-dir", str(tmp_path / "runs"), *args], datasets_root)
     assert_one_line_error(result, message)
@@ -99,12 +142,28 @@ def test_unreadable_or_mismatched_checkpoint(tiny_run, tmp_path, datasets_root):
     result = run([*TINY, "--out-dir", str(tmp_path / "runs"), "--pretrained", str(bad)], datasets_root)
     assert_one_line_error(result, "cannot read checkpoint")
     assert not (tmp_path / "runs").exists()
-    result = run([*TINY, "--out-dir", str(tmp_path / "runs"), "--pretrained", str(tiny_run / "pretrain.pt"), "--critic-hidden-dims", "8", "8"], datasets_root)
+    result = run(
+        [
+            *TINY,
+            "--out-dir",
+            str(tmp_path / "runs"),
+            "--pretrained",
+            str(tiny_run / "pretrain.pt"),
+            "--critic-hidden-dims",
+            "8",
+            "8",
+        ],
+        datasets_root,
+    )
     assert result.returncode == 2 and "hidden dims" in result.stderr and not (tmp_path / "runs").exists()
 
 
 def test_bench_sera_prints_one_json_line(datasets_root):
-    result = run_script("scripts/bench_sera.py", ["--batch-size", "32", "--steps", "1", "--rounds", "1", "--hidden-dim", "16"], datasets_root)
+    result = run_script(
+        "scripts/bench_sera.py",
+        ["--batch-size", "32", "--steps", "1", "--rounds", "1", "--hidden-dim", "16"],
+        datasets_root,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     (line,) = [json.loads(line) for line in result.stdout.splitlines()]
     assert line["batch_size"] == 32 and line["device"] == "cpu"

@@ -8,25 +8,42 @@ import pytest
 from conftest import REPO
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("walker2d-random", ("walker2d", "random")), ("hopper-medium-replay", ("hopper", "medium-replay")),
-    ("pen-human", ("pen", "human")), ("door-cloned", ("door", "cloned")), ("antmaze-medium-diverse", ("antmaze", "medium-diverse")),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("walker2d-random", ("walker2d", "random")),
+        ("hopper-medium-replay", ("hopper", "medium-replay")),
+        ("pen-human", ("pen", "human")),
+        ("door-cloned", ("door", "cloned")),
+        ("antmaze-medium-diverse", ("antmaze", "medium-diverse")),
+    ],
+)
 def test_parse_env_name(cal_ql, name, expected):
     assert cal_ql.parse_env_name(name) == expected
 
 
-@pytest.mark.parametrize("name", ["walker-random", "walker2d-human", "pen-random", "antmaze-medium", "hopper-medium-v2"])
+@pytest.mark.parametrize(
+    "name", ["walker-random", "walker2d-human", "pen-random", "antmaze-medium", "hopper-medium-v2"]
+)
 def test_unknown_env_is_a_config_error(cal_ql, name):
     with pytest.raises(cal_ql.ConfigError, match="unknown env"):
         cal_ql.parse_env_name(name)
 
 
 def test_dataset_ids_resolve_like_so2(cal_ql, so2):
-    for base, quality in [("walker2d", "random"), ("hopper", "medium"), ("hopper", "medium-replay"), ("door", "cloned"), ("pen", "expert")]:
+    for base, quality in [
+        ("walker2d", "random"),
+        ("hopper", "medium"),
+        ("hopper", "medium-replay"),
+        ("door", "cloned"),
+        ("pen", "expert"),
+    ]:
         for steps in (1_000_000, 5000):
             assert cal_ql.dataset_ids(base, quality, steps) == so2.dataset_ids(base, quality, steps)
-    assert cal_ql.dataset_ids("antmaze", "large-play", 1_000_000) == ("local/antmaze/large-play-v0", ["D4RL/antmaze/large-play-v1"])
+    assert cal_ql.dataset_ids("antmaze", "large-play", 1_000_000) == (
+        "local/antmaze/large-play-v0",
+        ["D4RL/antmaze/large-play-v1"],
+    )
 
 
 def test_random_dataset_is_the_one_so2_generates(cal_ql, so2, tmp_path, monkeypatch):
@@ -44,6 +61,7 @@ def test_random_dataset_is_the_one_so2_generates(cal_ql, so2, tmp_path, monkeypa
 def test_robotics_envs_need_gymnasium_robotics(cal_ql, base):
     try:
         import gymnasium_robotics  # noqa: F401
+
         pytest.skip("gymnasium-robotics is installed")
     except ImportError:
         pass
@@ -60,22 +78,44 @@ def test_domain_configs_load(cal_ql, name):
         assert (cfg.reward_scale, cfg.reward_bias, cfg.sparse_fail_reward) == (10.0, -5.0, 0.0)
         assert cfg.critic_hidden_dims == (256, 256, 256, 256) and cfg.pretrain_steps == 1_000_000
     if name == "adroit":
-        assert cfg.cql_alpha == 1.0 and cfg.actor_hidden_dims == (512, 512) and cfg.critic_hidden_dims == (512, 512, 512)
+        assert (
+            cfg.cql_alpha == 1.0 and cfg.actor_hidden_dims == (512, 512) and cfg.critic_hidden_dims == (512, 512, 512)
+        )
         assert cfg.pretrain_steps == 20_000
 
 
 def test_config_file_with_flag_override(cal_ql):
-    cfg, _ = cal_ql.parse_args(["--config", str(REPO / "configs" / "cal_ql" / "adroit.yaml"), "--cql-alpha", "3", "--critic-hidden-dims", "64", "64"])
+    cfg, _ = cal_ql.parse_args(
+        [
+            "--config",
+            str(REPO / "configs" / "cal_ql" / "adroit.yaml"),
+            "--cql-alpha",
+            "3",
+            "--critic-hidden-dims",
+            "64",
+            "64",
+        ]
+    )
     assert cfg.actor_hidden_dims == (512, 512)  # from the file
     assert cfg.cql_alpha == 3.0 and cfg.critic_hidden_dims == (64, 64)  # the flags win
     with pytest.raises(cal_ql.ConfigError, match="cannot use config file"):
         cal_ql.parse_args(["--config", "/nonexistent.yaml"])
 
 
-@pytest.mark.parametrize("field,value", [
-    ("utd", 0), ("mixing_ratio", 1.0), ("mixing_ratio", -0.1), ("cql_n_actions", 0), ("gamma", 1.0), ("eval_episodes", 0),
-    ("actor_hidden_dims", ()), ("critic_hidden_dims", (0,)), ("cql_alpha", -1.0),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("utd", 0),
+        ("mixing_ratio", 1.0),
+        ("mixing_ratio", -0.1),
+        ("cql_n_actions", 0),
+        ("gamma", 1.0),
+        ("eval_episodes", 0),
+        ("actor_hidden_dims", ()),
+        ("critic_hidden_dims", (0,)),
+        ("cql_alpha", -1.0),
+    ],
+)
 def test_invalid_values_are_config_errors(cal_ql, field, value):
     with pytest.raises(cal_ql.ConfigError):
         cal_ql.resolve_config(replace(cal_ql.Config(), **{field: value}))

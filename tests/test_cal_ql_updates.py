@@ -73,8 +73,12 @@ def test_return_to_go_sparse_failure_rule(cal_ql):
 
 def test_transition_rows_scale_rewards_before_the_return(cal_ql):
     arrays = {
-        "observations": np.zeros((3, 2), np.float32), "actions": np.zeros((3, 1), np.float32), "next_observations": np.ones((3, 2), np.float32),
-        "rewards": np.array([0, 0, 1], np.float32), "terminals": np.array([0, 0, 1], np.float32), "timeouts": np.zeros(3, np.float32),
+        "observations": np.zeros((3, 2), np.float32),
+        "actions": np.zeros((3, 1), np.float32),
+        "next_observations": np.ones((3, 2), np.float32),
+        "rewards": np.array([0, 0, 1], np.float32),
+        "terminals": np.array([0, 0, 1], np.float32),
+        "timeouts": np.zeros(3, np.float32),
     }
     cfg = replace(cal_ql.Config(), gamma=0.5, reward_scale=10.0, reward_bias=-5.0, sparse_fail_reward=0.0)
     rows = cal_ql.transition_rows(arrays, cfg)
@@ -96,7 +100,10 @@ def brute_force_sera(states, q, k, include_self):
     out = []
     for i in range(n):
         others = [j for j in range(n) if include_self or j != i]
-        d = sorted(max(math.sqrt(sum((states[i, c] - states[j, c]) ** 2 for c in range(dim))), abs(q[i] - q[j])) for j in others)
+        d = sorted(
+            max(math.sqrt(sum((states[i, c] - states[j, c]) ** 2 for c in range(dim))), abs(q[i] - q[j]))
+            for j in others
+        )
         eps = d[k - 1]
         count = sum(1 for j in others if abs(q[i] - q[j]) < eps)
         out.append(digamma_int(count + 1) / dim + math.log(2 * eps + 1e-5))
@@ -108,7 +115,11 @@ def test_sera_reward_by_hand(cal_ql):
     # d_01 = max(0, 1) = 1, d_02 = d_12 = 3 -> eps = 1, 1, 3; n_q = 0, 1 (q_2 = q_1), 2.
     states, q = torch.tensor([[0.0], [0.0], [3.0]]), torch.tensor([0.0, 1.0, 1.0])
     r = cal_ql.sera_reward(states, q, 1, include_self=False)
-    expected = [digamma_int(1) + math.log(2 + 1e-5), digamma_int(2) + math.log(2 + 1e-5), digamma_int(3) + math.log(6 + 1e-5)]
+    expected = [
+        digamma_int(1) + math.log(2 + 1e-5),
+        digamma_int(2) + math.log(2 + 1e-5),
+        digamma_int(3) + math.log(6 + 1e-5),
+    ]
     assert r.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
     # With j = i included (VCSE code), the first neighbour is the sample itself: eps = 0, n_q = 0.
     r = cal_ql.sera_reward(states, q, 1, include_self=True)
@@ -154,7 +165,11 @@ def test_calibrated_critic_loss_equals_cql_when_the_bound_is_low(cal_ql):
     buffer.rows[:, -1] = 1e3  # a bound above every Q raises the CQL term
     torch.manual_seed(1)
     raised = agent.losses(buffer.rows, buffer.split, conservative=True, calibrate=True)
-    assert raised["cql"] > plain["cql"] and raised["bellman"].item() == plain["bellman"].item() and raised["bound_rate"] == 1
+    assert (
+        raised["cql"] > plain["cql"]
+        and raised["bellman"].item() == plain["bellman"].item()
+        and raised["bound_rate"] == 1
+    )
 
 
 def test_loose_finetuning_loss_has_no_cql_term(cal_ql, monkeypatch):
@@ -202,11 +217,17 @@ def test_sera_bonus_only_on_the_online_rows(cal_ql):
     bonus, r_int = cal_ql.sera_bonus(agent.critic, buffer.rows, 3, buffer.split, agent.cfg)
     obs, act = buffer.split(buffer.rows[3:])[:2]
     expected = cal_ql.sera_reward(obs, agent.critic(obs, act).min(0).values, 2, False)
-    assert bonus[:3].tolist() == [0, 0, 0] and torch.allclose(r_int, expected) and torch.allclose(bonus[3:], 0.5 * expected)
+    assert (
+        bonus[:3].tolist() == [0, 0, 0]
+        and torch.allclose(r_int, expected)
+        and torch.allclose(bonus[3:], 0.5 * expected)
+    )
     # The bonus enters the TD target as a reward: the Bellman loss changes, by the bonus alone.
     torch.manual_seed(1)
     with_bonus = agent.losses(buffer.rows, buffer.split, conservative=False, calibrate=True, bonus=bonus)
     shifted = buffer.rows.clone()
     shifted[:, 6] += bonus  # the reward column (obs 4 + action 2)
     torch.manual_seed(1)
-    assert agent.losses(shifted, buffer.split, conservative=False, calibrate=True)["bellman"].item() == pytest.approx(with_bonus["bellman"].item())
+    assert agent.losses(shifted, buffer.split, conservative=False, calibrate=True)["bellman"].item() == pytest.approx(
+        with_bonus["bellman"].item()
+    )

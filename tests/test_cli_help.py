@@ -8,7 +8,9 @@ import pytest
 from conftest import REPO, load_script, run_script
 
 ALGORITHMS = ["algorithms/so2.py", "algorithms/cal_ql.py", "algorithms/sac.py"]
-SCRIPTS = sorted(f"scripts/{p.name}" for p in (REPO / "scripts").glob("*.py") if p.name != "common.py")  # common.py is a module
+SCRIPTS = sorted(
+    f"scripts/{p.name}" for p in (REPO / "scripts").glob("*.py") if p.name != "common.py"
+)  # common.py is a module
 
 
 def words(text: str) -> str:
@@ -33,7 +35,10 @@ def field_docs(relative: str) -> dict[str, str]:
     """The docstring under each Config field, read from the source as tyro reads it."""
     source = (REPO / relative).read_text()
     body = source[source.index("class Config:") : source.index("\n\n\n", source.index("class Config:"))]
-    return {m.group(1): m.group(2) for m in re.finditer(r"^    (\w+): [^\n]+\n    \"\"\"(.*?)\"\"\"", body, flags=re.M | re.S)}
+    return {
+        m.group(1): m.group(2)
+        for m in re.finditer(r"^    (\w+): [^\n]+\n    \"\"\"(.*?)\"\"\"", body, flags=re.M | re.S)
+    }
 
 
 FIELD_DOCS = {relative: field_docs(relative) for relative in ALGORITHMS}
@@ -42,4 +47,6 @@ FIELD_DOCS = {relative: field_docs(relative) for relative in ALGORITHMS}
 @pytest.mark.parametrize("relative", SCRIPTS)
 def test_every_script_answers_help(relative, datasets_root):
     result = run_script(relative, ["--help"], datasets_root)
-    assert result.returncode == 0 and "usage:" in result.stdout and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.returncode == 0 and "usage:" in result.stdout and "Traceback" not in result.stderr, result.stderr[
+        -2000:
+    ]

@@ -23,13 +23,28 @@ def policy_dir(md, tmp_path_factory):
     regenerated from its config); hopper-expert: a randomly initialised actor."""
     folder = tmp_path_factory.mktemp("policies")
     sac = md.sac
-    cfg = replace(sac.Config(), env="hopper", total_steps=300, learning_starts=100, eval_every=150, eval_episodes=1, hidden_dim=32, batch_size=32, out_dir=str(folder / "runs"))
+    cfg = replace(
+        sac.Config(),
+        env="hopper",
+        total_steps=300,
+        learning_starts=100,
+        eval_every=150,
+        eval_episodes=1,
+        hidden_dim=32,
+        batch_size=32,
+        out_dir=str(folder / "runs"),
+    )
     torch.set_num_threads(1)
     run_dir = sac.train(cfg, None)
     torch.save(torch.load(run_dir / "final.pt", weights_only=False)["agent"]["actor"], folder / "hopper-medium.pt")
     torch.manual_seed(1)
     torch.save(sac.Actor(11, 3, (32, 32)).state_dict(), folder / "hopper-expert.pt")
-    common = {"sac_config": {**asdict(cfg), "hidden_dim": 32}, "torch_threads": 1, "command": "test", "eval_normalized_score": 1.0}
+    common = {
+        "sac_config": {**asdict(cfg), "hidden_dim": 32},
+        "torch_threads": 1,
+        "command": "test",
+        "eval_normalized_score": 1.0,
+    }
     manifest = {
         "hopper-medium": {"file": "hopper-medium.pt", **common},
         "hopper-expert": {"file": "hopper-expert.pt", **common},
@@ -109,7 +124,9 @@ def test_medium_replay_regenerates_the_seeded_run(md, policy_dir, capsys):
 def test_medium_replay_from_run_reads_the_same_buffer(md, policy_dir, tmp_path):
     run_dir = next((Path(policy_dir) / "runs").iterdir())  # the tiny SAC run behind hopper-medium
     regenerated, _ = md.replay_episodes(args(md, "hopper-medium-replay", policy_dir, steps=None), "hopper")
-    read, note = md.replay_episodes(args(md, "hopper-medium-replay", policy_dir, steps=None, from_run=str(run_dir)), "hopper")
+    read, note = md.replay_episodes(
+        args(md, "hopper-medium-replay", policy_dir, steps=None, from_run=str(run_dir)), "hopper"
+    )
     assert note.startswith("read from the final checkpoint") and len(read) == len(regenerated)
     for a, b in zip(read, regenerated):
         assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -120,7 +137,9 @@ def test_medium_replay_from_run_reads_the_same_buffer(md, policy_dir, tmp_path):
     with pytest.raises(md.so2.ConfigError, match="is not the shipped hopper-medium policy"):
         md.replay_episodes(args(md, "hopper-medium-replay", policy_dir, steps=None, from_run=str(tmp_path)), "hopper")
     with pytest.raises(md.so2.ConfigError, match="--from-run: no "):
-        md.replay_episodes(args(md, "hopper-medium-replay", policy_dir, steps=None, from_run=str(tmp_path / "none")), "hopper")
+        md.replay_episodes(
+            args(md, "hopper-medium-replay", policy_dir, steps=None, from_run=str(tmp_path / "none")), "hopper"
+        )
     # Only for full-size medium-replay: the run's whole buffer is the dataset.
     for name, steps in [("hopper-medium", None), ("hopper-medium-replay", 100)]:
         with pytest.raises(md.so2.ConfigError, match="--from-run is for full-size medium-replay datasets only"):
@@ -137,13 +156,16 @@ def test_full_replay_buffer_is_read_oldest_first(md):
 
 def test_rows_to_episodes_hand_example(md):
     # obs_dim 1, act_dim 1: rows [obs, act, rew, next_obs, done]
-    rows = np.array([
-        [0.0, 0.1, 1.0, 1.0, 0.0],
-        [1.0, 0.1, 1.0, 2.0, 1.0],  # termination
-        [5.0, 0.1, 1.0, 6.0, 0.0],
-        [6.0, 0.1, 1.0, 7.0, 0.0],  # next row does not start at 7: a time-limit reset
-        [9.0, 0.1, 1.0, 8.0, 0.0],  # end of the buffer
-    ], dtype=np.float32)
+    rows = np.array(
+        [
+            [0.0, 0.1, 1.0, 1.0, 0.0],
+            [1.0, 0.1, 1.0, 2.0, 1.0],  # termination
+            [5.0, 0.1, 1.0, 6.0, 0.0],
+            [6.0, 0.1, 1.0, 7.0, 0.0],  # next row does not start at 7: a time-limit reset
+            [9.0, 0.1, 1.0, 8.0, 0.0],  # end of the buffer
+        ],
+        dtype=np.float32,
+    )
     episodes = md.rows_to_episodes(rows, 1, 1)
     assert [e["observations"][:, 0].tolist() for e in episodes] == [[0, 1, 2], [5, 6, 7], [9, 8]]
     assert [e["terminations"].tolist() for e in episodes] == [[False, True], [False, False], [False]]

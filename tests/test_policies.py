@@ -21,7 +21,9 @@ def test_every_entry_is_shipped_or_says_why():
             assert (REPO / "results" / "policies" / entry["file"]).exists(), name
             low, high = entry["score_band"]
             assert low <= entry["eval_normalized_score"] <= high, name
-            assert entry["command"].startswith(f"OMP_NUM_THREADS={entry['torch_threads']} python algorithms/sac.py --env {entry['env']}")
+            assert entry["command"].startswith(
+                f"OMP_NUM_THREADS={entry['torch_threads']} python algorithms/sac.py --env {entry['env']}"
+            )
             assert entry["sac_config"]["env"] == entry["env"] and entry["training_env_steps"] > 0
 
 

@@ -14,7 +14,24 @@ import torch
 from conftest import REPO, assert_one_line_error, load_script, read_metrics, run_dirs, run_script, script_env
 
 SCRIPT = str(REPO / "algorithms" / "sac.py")
-TINY = ["--env", "hopper", "--total-steps", "600", "--learning-starts", "100", "--eval-every", "150", "--eval-episodes", "2", "--hidden-dim", "32", "--batch-size", "32", "--checkpoint-every", "200"]
+TINY = [
+    "--env",
+    "hopper",
+    "--total-steps",
+    "600",
+    "--learning-starts",
+    "100",
+    "--eval-every",
+    "150",
+    "--eval-episodes",
+    "2",
+    "--hidden-dim",
+    "32",
+    "--batch-size",
+    "32",
+    "--checkpoint-every",
+    "200",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +49,9 @@ def only_dir(folder):
 
 def test_soft_target_is_clipped_double_q(sac):
     next_q = torch.tensor([[1.0, 5.0], [3.0, 2.0]])  # [2 critics, B=2]
-    y = sac.td_target(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), next_q, torch.tensor([0.5, 0.5]), 0.2, 0.9, "min")
+    y = sac.td_target(
+        torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), next_q, torch.tensor([0.5, 0.5]), 0.2, 0.9, "min"
+    )
     assert torch.allclose(y, torch.tensor([1 + 0.9 * (1.0 - 0.1), 0.0]))
 
 
@@ -43,15 +62,20 @@ def test_update_trains_critics_actor_and_temperature(sac):
     buffer = sac.ReplayBuffer(64, 4, 2, torch.device("cpu"))
     for _ in range(64):
         buffer.add(torch.randn(4).numpy(), torch.rand(2).numpy() * 2 - 1, 1.0, torch.randn(4).numpy(), 0.0)
-    before = {name: [p.detach().clone() for p in getattr(agent, name).parameters()] for name in ("actor", "critic", "target_critic")}
-    log_alpha = float(agent.log_alpha)
+    before = {
+        name: [p.detach().clone() for p in getattr(agent, name).parameters()]
+        for name in ("actor", "critic", "target_critic")
+    }
+    log_alpha = float(agent.log_alpha.detach())
     batch = buffer.sample((32,))
     obs, act, rew, next_obs, done = buffer.split(batch)
     with torch.no_grad():
-        loss_before = (agent.critic(obs, act) - (rew + 0.99 * agent.target_critic(next_obs, act).min(0).values)).pow(2).mean()
+        loss_before = (
+            (agent.critic(obs, act) - (rew + 0.99 * agent.target_critic(next_obs, act).min(0).values)).pow(2).mean()
+        )
     out = agent.update(batch, buffer.split)
     assert float(out["alpha"]) == 1.0  # the step used the temperature before its own update
-    assert float(agent.log_alpha) != log_alpha
+    assert float(agent.log_alpha.detach()) != log_alpha
     for name in ("actor", "critic", "target_critic"):  # every network moved
         assert all(not torch.equal(a, b) for a, b in zip(before[name], getattr(agent, name).parameters())), name
     # The target moved by tau towards the updated critic: target' = (1 - tau) target + tau critic.
@@ -69,12 +93,18 @@ def uninterrupted(tmp_path_factory, datasets_root):
 
 
 def test_end_to_end_outputs(uninterrupted):
-    assert {"config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt", "final.pt", "wandb"} <= {p.name for p in uninterrupted.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt", "final.pt", "wandb"} <= {
+        p.name for p in uninterrupted.iterdir()
+    }
     records = read_metrics(uninterrupted)
     assert [r["step"] for r in records] == [150, 300, 450, 600]
     assert {"normalized_score", "q_bias", "kendall_tau", "alpha"} <= set(records[-1])
     summary = json.loads((uninterrupted / "summary.json").read_text())
-    assert summary["status"] == "finished" and summary["env_steps"] == 600 and summary["final_score"] == records[-1]["normalized_score"]
+    assert (
+        summary["status"] == "finished"
+        and summary["env_steps"] == 600
+        and summary["final_score"] == records[-1]["normalized_score"]
+    )
 
 
 def same_final_state(a, b):
@@ -93,7 +123,14 @@ def test_stop_then_resume_equals_uninterrupted(uninterrupted, tmp_path, datasets
 
 
 def test_ctrl_c_then_resume_equals_uninterrupted(uninterrupted, tmp_path, datasets_root):
-    process = subprocess.Popen([sys.executable, SCRIPT, *TINY, "--out-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env(datasets_root), cwd=REPO)
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, *TINY, "--out-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=script_env(datasets_root),
+        cwd=REPO,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:  # interrupt once it has evaluated
         metrics = list(tmp_path.glob("*/metrics.jsonl"))
@@ -112,7 +149,14 @@ def test_ctrl_c_then_resume_equals_uninterrupted(uninterrupted, tmp_path, datase
     same_final_state(uninterrupted, only_dir(tmp_path))
 
 
-@pytest.mark.parametrize("args,message", [(["--env", "humanoid"], "unknown env"), (["--resume", "/nonexistent/run"], "no checkpoint.pt"), (["--batch-size", "0"], "batch_size")])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--env", "humanoid"], "unknown env"),
+        (["--resume", "/nonexistent/run"], "no checkpoint.pt"),
+        (["--batch-size", "0"], "batch_size"),
+    ],
+)
 def test_bad_input(args, message, tmp_path, datasets_root):
     result = run([*TINY, "--out-dir", str(tmp_path / "runs"), *args], datasets_root)
     assert_one_line_error(result, message)

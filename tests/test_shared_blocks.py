@@ -45,8 +45,17 @@ def top_level(path) -> dict[str, str]:
 
 def test_shared_definitions_are_identical():
     definitions = {path.name: top_level(path) for path in FILES}
-    shared = {name for defs in definitions.values() for name in defs if sum(name in d for d in definitions.values()) > 1}
-    assert {"Evaluator", "RunLog", "Run", "load_dataset", "Actor", "parse_args"} <= shared  # the check looks at real blocks
+    shared = {
+        name for defs in definitions.values() for name in defs if sum(name in d for d in definitions.values()) > 1
+    }
+    assert {
+        "Evaluator",
+        "RunLog",
+        "Run",
+        "load_dataset",
+        "Actor",
+        "parse_args",
+    } <= shared  # the check looks at real blocks
     differing = []
     for name in sorted(shared - set(DELIBERATE)):
         versions = {defs[name] for defs in definitions.values() if name in defs}
@@ -68,5 +77,15 @@ def test_deliberate_differences_are_real():
 def test_section_order(path):
     """Every algorithm file has the same sections in the same order."""
     headers = re.findall(r"^# -{90,}\n# ([^\n:(]+).*\n# -{90,}$", path.read_text(), flags=re.M)
-    expected = ["Config", "Config parsing and checks", "Datasets" if path.name != "sac.py" else "Environment and scores", "Replay buffer", "Networks", "Losses and updates", "Evaluation and Q diagnostics", "Run folder", "Train loop"]
+    expected = [
+        "Config",
+        "Config parsing and checks",
+        "Datasets" if path.name != "sac.py" else "Environment and scores",
+        "Replay buffer",
+        "Networks",
+        "Losses and updates",
+        "Evaluation and Q diagnostics",
+        "Run folder",
+        "Train loop",
+    ]
     assert [h.strip() for h in headers] == expected

@@ -9,12 +9,50 @@ from conftest import assert_one_line_error, check_summary, finished_run, read_me
 
 # Tiny budget: a 1,500-step random dataset, 30 pretraining and 60 online steps, 2 critics.
 TINY = [
-    "--env", "walker2d-random", "--random-dataset-steps", "1500", "--num-critics", "2", "--hidden-dim", "32",
-    "--pretrain-steps", "30", "--pretrain-eval-every", "15", "--batch-size", "32", "--online-steps", "60",
-    "--warmup-steps", "20", "--utd", "2", "--online-batch-size", "16", "--mixed-batch-size", "48",
-    "--eval-every", "20", "--eval-episodes", "2", "--mc-tail-steps", "5", "--kendall-windows", "2",
+    "--env",
+    "walker2d-random",
+    "--random-dataset-steps",
+    "1500",
+    "--num-critics",
+    "2",
+    "--hidden-dim",
+    "32",
+    "--pretrain-steps",
+    "30",
+    "--pretrain-eval-every",
+    "15",
+    "--batch-size",
+    "32",
+    "--online-steps",
+    "60",
+    "--warmup-steps",
+    "20",
+    "--utd",
+    "2",
+    "--online-batch-size",
+    "16",
+    "--mixed-batch-size",
+    "48",
+    "--eval-every",
+    "20",
+    "--eval-episodes",
+    "2",
+    "--mc-tail-steps",
+    "5",
+    "--kendall-windows",
+    "2",
 ]
-RECORD_KEYS = {"phase", "step", "env_steps", "return", "normalized_score", "q_bias", "kendall_tau", "q_std_policy", "q_std_random"}
+RECORD_KEYS = {
+    "phase",
+    "step",
+    "env_steps",
+    "return",
+    "normalized_score",
+    "q_bias",
+    "kendall_tau",
+    "q_std_policy",
+    "q_std_random",
+}
 
 
 run = partial(run_script, "algorithms/so2.py")
@@ -27,13 +65,19 @@ def tiny_run(tmp_path_factory, datasets_root):
 
 
 def test_end_to_end_outputs(tiny_run):
-    assert {"config.yaml", "metrics.jsonl", "summary.json", "pretrain.pt", "final.pt", "wandb"} <= {p.name for p in tiny_run.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "pretrain.pt", "final.pt", "wandb"} <= {
+        p.name for p in tiny_run.iterdir()
+    }
     records = read_metrics(tiny_run)
     assert all(RECORD_KEYS <= set(r) for r in records)
     assert [(r["phase"], r["step"], r["env_steps"]) for r in records] == [
-        ("pretrain", 15, 0), ("pretrain", 30, 0),
+        ("pretrain", 15, 0),
+        ("pretrain", 30, 0),
         # 40 env steps after the 20 warm-up steps, 2 critic updates each
-        ("finetune", 0, 0), ("finetune", 0, 20), ("finetune", 40, 40), ("finetune", 80, 60),
+        ("finetune", 0, 0),
+        ("finetune", 0, 20),
+        ("finetune", 40, 40),
+        ("finetune", 80, 60),
     ]
     assert records[-1]["alpha"] == 0.2  # fixed temperature while finetuning (released code)
     check_summary(tiny_run, records)
@@ -47,7 +91,9 @@ def test_same_seed_gives_identical_metrics(tiny_run, tmp_path, datasets_root):
 
 
 def test_pretrained_checkpoint_skips_pretraining(tiny_run, tmp_path, datasets_root):
-    run_dir, _ = finished([*TINY, "--pretrained", str(tiny_run / "pretrain.pt"), "--sigma", "0", "--utd", "1"], tmp_path, datasets_root)
+    run_dir, _ = finished(
+        [*TINY, "--pretrained", str(tiny_run / "pretrain.pt"), "--sigma", "0", "--utd", "1"], tmp_path, datasets_root
+    )
     records = read_metrics(run_dir)
     assert {r["phase"] for r in records} == {"finetune"}
     assert not (run_dir / "pretrain.pt").exists()
@@ -89,7 +135,12 @@ def test_paper_variants_change_what_is_computed(so2, tiny_run, tmp_path, monkeyp
     union = finetune_calls(so2, monkeypatch, tiny_run, tmp_path / "union", ["--batch-mode", "union"])
     assert union["samples"] == {(1560, (2, 64))}
     # --actor-update per-critic-step: an actor step after each of the 2 critic steps.
-    assert finetune_calls(so2, monkeypatch, tiny_run, tmp_path / "actor", ["--actor-update", "per-critic-step"])["actor_steps"] == 80
+    assert (
+        finetune_calls(so2, monkeypatch, tiny_run, tmp_path / "actor", ["--actor-update", "per-critic-step"])[
+            "actor_steps"
+        ]
+        == 80
+    )
     # --target min: the min over the ensemble (its value is checked by test_td_target_per_member_and_min).
     assert finetune_calls(so2, monkeypatch, tiny_run, tmp_path / "min", ["--target", "min"])["targets"] == {"min"}
     metrics = {name: read_metrics(next((tmp_path / name).iterdir())) for name in ("default", "union", "actor", "min")}
@@ -98,19 +149,24 @@ def test_paper_variants_change_what_is_computed(so2, tiny_run, tmp_path, monkeyp
 
 
 def test_auto_alpha_tunes_the_temperature(tiny_run, tmp_path, datasets_root):
-    run_dir, _ = finished([*TINY, "--pretrained", str(tiny_run / "pretrain.pt"), "--auto-alpha"], tmp_path, datasets_root)
+    run_dir, _ = finished(
+        [*TINY, "--pretrained", str(tiny_run / "pretrain.pt"), "--auto-alpha"], tmp_path, datasets_root
+    )
     records = read_metrics(run_dir)
     assert records[-1]["alpha"] != 0.2  # tuned, not fixed
     assert records[-1]["step"] == 80
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--env", "walker2d-expertt"], "unknown env"),
-    (["--sigma", "-0.3"], "sigma must be >= 0"),
-    (["--utd", "0"], "utd must be in [1, 10000]"),
-    (["--env", "walker2d-medium"], "unavailable offline"),
-    (["--config", "/nonexistent/cpu.yaml"], "cannot use config file"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--env", "walker2d-expertt"], "unknown env"),
+        (["--sigma", "-0.3"], "sigma must be >= 0"),
+        (["--utd", "0"], "utd must be in [1, 10000]"),
+        (["--env", "walker2d-medium"], "unavailable offline"),
+        (["--config", "/nonexistent/cpu.yaml"], "cannot use config file"),
+    ],
+)
 def test_bad_input_one_line_exit_2_nothing_written(args, message, tmp_path, datasets_root):
     result = run([*TINY, "--out-dir", str(tmp_path / "runs"), *args], datasets_root)
     assert_one_line_error(result, message)
@@ -133,7 +189,9 @@ def test_checkpoint_from_another_env_is_refused(tiny_run, tmp_path, datasets_roo
 
 
 def test_bench_updates_prints_one_json_line_per_phase(datasets_root):
-    result = run_script("scripts/bench_updates.py", ["--num-critics", "3", "--batch-size", "16", "--steps", "1"], datasets_root)
+    result = run_script(
+        "scripts/bench_updates.py", ["--num-critics", "3", "--batch-size", "16", "--steps", "1"], datasets_root
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["phase"] for line in lines] == ["pretrain", "finetune"]

@@ -17,7 +17,14 @@ def test_normalized_score_uses_d4rl_constants(so2):
     assert so2.normalized_score("halfcheetah", 5927.410523) == pytest.approx(50.0, abs=1e-4)
 
 
-@pytest.mark.parametrize("name,expected", [("walker2d-random", ("walker2d", "random")), ("hopper-medium-replay", ("hopper", "medium-replay")), ("pen-human", ("pen", "human"))])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("walker2d-random", ("walker2d", "random")),
+        ("hopper-medium-replay", ("hopper", "medium-replay")),
+        ("pen-human", ("pen", "human")),
+    ],
+)
 def test_parse_env_name(so2, name, expected):
     assert so2.parse_env_name(name) == expected
 
@@ -39,8 +46,10 @@ def test_dataset_ids(so2):
 def episode(obs, terminated):
     T = len(obs) - 1
     return {
-        "observations": np.asarray(obs, dtype=np.float64), "actions": np.full((T, 1), 0.5),
-        "rewards": np.arange(T, dtype=np.float64), "terminations": np.array([False] * (T - 1) + [terminated]),
+        "observations": np.asarray(obs, dtype=np.float64),
+        "actions": np.full((T, 1), 0.5),
+        "rewards": np.arange(T, dtype=np.float64),
+        "terminations": np.array([False] * (T - 1) + [terminated]),
         "truncations": np.array([False] * (T - 1) + [not terminated]),
     }
 
@@ -68,7 +77,18 @@ def test_resolve_config_reads_the_ensemble_table(so2):
     assert (cfg.num_critics, cfg.eta) == (7, 0.0)
 
 
-@pytest.mark.parametrize("field,value", [("sigma", -0.1), ("utd", 0), ("noise_clip", -1.0), ("num_critics", 1), ("warmup_steps", 10**9), ("eval_episodes", 0), ("gamma", 1.5)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("sigma", -0.1),
+        ("utd", 0),
+        ("noise_clip", -1.0),
+        ("num_critics", 1),
+        ("warmup_steps", 10**9),
+        ("eval_episodes", 0),
+        ("gamma", 1.5),
+    ],
+)
 def test_invalid_values_are_config_errors(so2, field, value):
     with pytest.raises(so2.ConfigError):
         so2.resolve_config(replace(so2.Config(), **{field: value}))
@@ -96,7 +116,9 @@ def brute_force_tau_b(x, y):
             concordant += 1
         else:
             discordant += 1
-    return (concordant - discordant) / math.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
+    return (concordant - discordant) / math.sqrt(
+        (concordant + discordant + ties_x) * (concordant + discordant + ties_y)
+    )
 
 
 def test_kendall_tau_against_brute_force(so2):
@@ -142,7 +164,16 @@ def test_random_dataset_generation_and_cache(so2, tmp_path, monkeypatch):
     assert np.abs(arrays["actions"]).max() <= 1.0
     # The second load reads the flat cache, equal to flattening the episodes again.
     cached = so2.read_flat_cache(dataset_id)
-    rebuilt = so2.flatten_episodes({"observations": e.observations, "actions": e.actions, "rewards": e.rewards, "terminations": e.terminations, "truncations": e.truncations} for e in episodes)
+    rebuilt = so2.flatten_episodes(
+        {
+            "observations": e.observations,
+            "actions": e.actions,
+            "rewards": e.rewards,
+            "terminations": e.terminations,
+            "truncations": e.truncations,
+        }
+        for e in episodes
+    )
     for key in rebuilt:
         assert np.array_equal(cached[key], rebuilt[key])
     assert not any(p.name.startswith(".tmp") for p in so2_root(so2).iterdir())
@@ -170,5 +201,8 @@ def test_stale_cache_is_rebuilt(so2):
 def test_missing_dataset_offline_is_a_config_error(so2):
     with pytest.raises(so2.ConfigError, match="unavailable offline"):
         so2.load_dataset("walker2d", "medium", 1_000_000)
-    with pytest.raises(so2.ConfigError, match="unavailable offline; generate it with: python scripts/make_dataset.py walker2d-medium-replay"):
+    with pytest.raises(
+        so2.ConfigError,
+        match="unavailable offline; generate it with: python scripts/make_dataset.py walker2d-medium-replay",
+    ):
         so2.load_dataset("walker2d", "medium-replay", 1_000_000)
