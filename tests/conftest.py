@@ -199,95 +199,22 @@ def same_run(a: Path, b: Path) -> None:
 # Tiny runs of each algorithm file with phases long enough (hundreds of steps, a checkpoint every
 # 25) for several kills and signals in each.
 RESUME_ARGS = {
-    "so2": [
-        "--env",
-        "walker2d-random",
-        "--random-dataset-steps",
-        "1500",
-        "--num-critics",
-        "2",
-        "--hidden-dim",
-        "32",
-        "--pretrain-steps",
-        "600",
-        "--pretrain-eval-every",
-        "150",
-        "--batch-size",
-        "32",
-        "--online-steps",
-        "300",
-        "--warmup-steps",
-        "50",
-        "--utd",
-        "2",
-        "--online-batch-size",
-        "16",
-        "--mixed-batch-size",
-        "48",
-        "--eval-every",
-        "60",
-        "--eval-episodes",
-        "2",
-        "--mc-tail-steps",
-        "5",
-        "--kendall-windows",
-        "2",
-        "--checkpoint-every",
-        "25",
-    ],
-    "cal_ql": [
-        "--env",
-        "walker2d-random",
-        "--random-dataset-steps",
-        "1500",
-        "--actor-hidden-dims",
-        "32",
-        "32",
-        "--critic-hidden-dims",
-        "32",
-        "32",
-        "--cql-n-actions",
-        "2",
-        "--pretrain-steps",
-        "300",
-        "--pretrain-eval-every",
-        "100",
-        "--batch-size",
-        "32",
-        "--online-steps",
-        "300",
-        "--eval-every",
-        "60",
-        "--eval-episodes",
-        "2",
-        "--mc-tail-steps",
-        "5",
-        "--kendall-windows",
-        "2",
-        "--checkpoint-every",
-        "25",
-        "--sera",
-        "--sera-k",
-        "3",
-    ],
-    "sac": [
-        "--env",
-        "hopper",
-        "--total-steps",
-        "1200",
-        "--learning-starts",
-        "200",
-        "--eval-every",
-        "300",
-        "--eval-episodes",
-        "2",
-        "--hidden-dim",
-        "32",
-        "--batch-size",
-        "32",
-        "--checkpoint-every",
-        "25",
-    ],
+    "so2": (
+        "--env walker2d-random --random-dataset-steps 1500 --num-critics 2 --hidden-dim 32 "
+        "--pretrain-steps 600 --pretrain-eval-every 150 --batch-size 32 --online-steps 300 "
+        "--warmup-steps 50 --utd 2 --online-batch-size 16 --mixed-batch-size 48 --eval-every 60 "
+        "--eval-episodes 2 --mc-tail-steps 5 --kendall-windows 2 --checkpoint-every 25"
+    ).split(),
+    "cal_ql": (
+        "--env walker2d-random --random-dataset-steps 1500 --actor-hidden-dims 32 32 "
+        "--critic-hidden-dims 32 32 --cql-n-actions 2 --pretrain-steps 300 --pretrain-eval-every 100 "
+        "--batch-size 32 --online-steps 300 --eval-every 60 --eval-episodes 2 --mc-tail-steps 5 "
+        "--kendall-windows 2 --checkpoint-every 25 --sera --sera-k 3"
+    ).split(),
+    "sac": (
+        "--env hopper --total-steps 1200 --learning-starts 200 --eval-every 300 --eval-episodes 2 "
+        "--hidden-dim 32 --batch-size 32 --checkpoint-every 25"
+    ).split(),
 }
 PHASES = {"so2": ("pretrain", "finetune"), "cal_ql": ("pretrain", "finetune"), "sac": ("online",)}
 FILES = list(RESUME_ARGS)

@@ -15,52 +15,15 @@ import pytest
 from conftest import REPO, assert_main_refuses, assert_one_line_error, load_script, run_script, script_env
 
 TINY = {
-    "so2": [
-        "--env",
-        "walker2d-random",
-        "--random-dataset-steps",
-        "1500",
-        "--num-critics",
-        "2",
-        "--hidden-dim",
-        "16",
-        "--pretrain-steps",
-        "4",
-        "--online-steps",
-        "4",
-        "--warmup-steps",
-        "2",
-        "--eval-episodes",
-        "1",
-    ],
-    "cal_ql": [
-        "--env",
-        "walker2d-random",
-        "--random-dataset-steps",
-        "1500",
-        "--actor-hidden-dims",
-        "16",
-        "--critic-hidden-dims",
-        "16",
-        "--pretrain-steps",
-        "4",
-        "--online-steps",
-        "4",
-        "--eval-episodes",
-        "1",
-    ],
-    "sac": [
-        "--env",
-        "hopper",
-        "--total-steps",
-        "4",
-        "--learning-starts",
-        "2",
-        "--eval-episodes",
-        "1",
-        "--hidden-dim",
-        "16",
-    ],
+    "so2": (
+        "--env walker2d-random --random-dataset-steps 1500 --num-critics 2 --hidden-dim 16 "
+        "--pretrain-steps 4 --online-steps 4 --warmup-steps 2 --eval-episodes 1"
+    ).split(),
+    "cal_ql": (
+        "--env walker2d-random --random-dataset-steps 1500 --actor-hidden-dims 16 "
+        "--critic-hidden-dims 16 --pretrain-steps 4 --online-steps 4 --eval-episodes 1"
+    ).split(),
+    "sac": "--env hopper --total-steps 4 --learning-starts 2 --eval-episodes 1 --hidden-dim 16".split(),
 }
 # (flags, message) that every algorithm file refuses.
 COMMON = [

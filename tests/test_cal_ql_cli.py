@@ -9,36 +9,12 @@ import pytest
 from conftest import assert_one_line_error, check_summary, finished_run, read_metrics, run_script
 
 # Tiny budget: a 1,500-step random dataset, 20 pretraining and 60 online steps, 16-wide networks.
-TINY = [
-    "--env",
-    "walker2d-random",
-    "--random-dataset-steps",
-    "1500",
-    "--actor-hidden-dims",
-    "16",
-    "16",
-    "--critic-hidden-dims",
-    "16",
-    "16",
-    "--cql-n-actions",
-    "3",
-    "--pretrain-steps",
-    "20",
-    "--pretrain-eval-every",
-    "10",
-    "--batch-size",
-    "32",
-    "--online-steps",
-    "60",
-    "--eval-every",
-    "30",
-    "--eval-episodes",
-    "2",
-    "--mc-tail-steps",
-    "5",
-    "--kendall-windows",
-    "2",
-]
+TINY = (
+    "--env walker2d-random --random-dataset-steps 1500 --actor-hidden-dims 16 16 "
+    "--critic-hidden-dims 16 16 --cql-n-actions 3 --pretrain-steps 20 --pretrain-eval-every 10 "
+    "--batch-size 32 --online-steps 60 --eval-every 30 --eval-episodes 2 --mc-tail-steps 5 "
+    "--kendall-windows 2"
+).split()
 RECORD_KEYS = {
     "phase",
     "step",
@@ -94,7 +70,7 @@ def test_same_seed_gives_identical_metrics(tiny_run, tmp_path, datasets_root):
     "variant,name",
     [
         (["--no-calibrate"], "cql"),
-        (["--sera", "--sera-k", "5", "--sera-lambda", "0.5", "--utd", "2", "--cql-lagrange"], "sera"),
+        ("--sera --sera-k 5 --sera-lambda 0.5 --utd 2 --cql-lagrange".split(), "sera"),
     ],
 )
 def test_variants_run(variant, name, tmp_path, datasets_root):
@@ -161,7 +137,7 @@ def test_unreadable_or_mismatched_checkpoint(tiny_run, tmp_path, datasets_root):
 def test_bench_sera_prints_one_json_line(datasets_root):
     result = run_script(
         "scripts/bench_sera.py",
-        ["--batch-size", "32", "--steps", "1", "--rounds", "1", "--hidden-dim", "16"],
+        "--batch-size 32 --steps 1 --rounds 1 --hidden-dim 16".split(),
         datasets_root,
     )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -14,24 +14,10 @@ import torch
 from conftest import REPO, assert_one_line_error, load_script, read_metrics, run_dirs, run_script, script_env
 
 SCRIPT = str(REPO / "algorithms" / "sac.py")
-TINY = [
-    "--env",
-    "hopper",
-    "--total-steps",
-    "600",
-    "--learning-starts",
-    "100",
-    "--eval-every",
-    "150",
-    "--eval-episodes",
-    "2",
-    "--hidden-dim",
-    "32",
-    "--batch-size",
-    "32",
-    "--checkpoint-every",
-    "200",
-]
+TINY = (
+    "--env hopper --total-steps 600 --learning-starts 100 --eval-every 150 --eval-episodes 2 "
+    "--hidden-dim 32 --batch-size 32 --checkpoint-every 200"
+).split()
 
 
 @pytest.fixture(scope="module")

@@ -8,40 +8,12 @@ import pytest
 from conftest import assert_one_line_error, check_summary, finished_run, read_metrics, run_script
 
 # Tiny budget: a 1,500-step random dataset, 30 pretraining and 60 online steps, 2 critics.
-TINY = [
-    "--env",
-    "walker2d-random",
-    "--random-dataset-steps",
-    "1500",
-    "--num-critics",
-    "2",
-    "--hidden-dim",
-    "32",
-    "--pretrain-steps",
-    "30",
-    "--pretrain-eval-every",
-    "15",
-    "--batch-size",
-    "32",
-    "--online-steps",
-    "60",
-    "--warmup-steps",
-    "20",
-    "--utd",
-    "2",
-    "--online-batch-size",
-    "16",
-    "--mixed-batch-size",
-    "48",
-    "--eval-every",
-    "20",
-    "--eval-episodes",
-    "2",
-    "--mc-tail-steps",
-    "5",
-    "--kendall-windows",
-    "2",
-]
+TINY = (
+    "--env walker2d-random --random-dataset-steps 1500 --num-critics 2 --hidden-dim 32 "
+    "--pretrain-steps 30 --pretrain-eval-every 15 --batch-size 32 --online-steps 60 "
+    "--warmup-steps 20 --utd 2 --online-batch-size 16 --mixed-batch-size 48 --eval-every 20 "
+    "--eval-episodes 2 --mc-tail-steps 5 --kendall-windows 2"
+).split()
 RECORD_KEYS = {
     "phase",
     "step",
