@@ -106,8 +106,10 @@ class Config:
     """W&B project name (runs are grouped by algorithm)."""
 
 
-# Fields a resumed run cannot change: they define the environment, the networks or the evaluation.
-RESUME_FIXED = ("env", "seed", "hidden_dim", "buffer_size", "eval_episodes")
+# Fields a resumed run cannot change: they define the environment, networks, optimisers or evaluation.
+RESUME_FIXED = ("env", "seed", "hidden_dim", "buffer_size", "eval_episodes", "actor_lr", "critic_lr", "batch_size")
+# The step budget of each phase: a resumed run cannot be given fewer steps than it has made.
+PHASE_BUDGET = {"online": "total_steps"}
 
 
 def resolve_config(cfg: Config) -> Config:
@@ -206,8 +208,8 @@ def check_common(cfg: Config) -> None:
             (1 <= cfg.eval_episodes <= 1000, "eval_episodes must be in [1, 1000]"),
             (cfg.eval_every >= 1 and cfg.checkpoint_every >= 1, "eval_every and checkpoint_every must be >= 1"),
             (
-                cfg.kendall_windows >= 1 and cfg.mc_tail_steps >= 0,
-                "kendall_windows must be >= 1 and mc_tail_steps >= 0",
+                1 <= cfg.kendall_windows <= 10_000 and cfg.mc_tail_steps >= 0,
+                "kendall_windows must be in [1, 10000] and mc_tail_steps >= 0",
             ),
             (
                 cfg.run_name is None
@@ -221,6 +223,8 @@ def check_common(cfg: Config) -> None:
         raise ConfigError(f"out_dir '{cfg.out_dir}' cannot hold run folders: {problem}")
     if cfg.device != "auto":
         try:
+            if torch.device(cfg.device).type not in ("cpu", "cuda"):
+                raise RuntimeError("expected cpu or cuda")
             torch.empty(0, device=cfg.device)
         except (RuntimeError, AssertionError) as exc:
             raise ConfigError(f"device '{cfg.device}' is not usable: {first_line(exc)}")
@@ -268,6 +272,11 @@ def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
         saved = replace(Config(**checkpoint["config"]), resume=cfg.resume)
         cfg = tyro.cli(Config, args=argv, default=saved)
         changed = [name for name in RESUME_FIXED if getattr(cfg, name) != getattr(saved, name)]
+        budget = PHASE_BUDGET[checkpoint["phase"]]
+        if getattr(cfg, budget) < checkpoint["step"]:
+            raise ConfigError(
+                f"--resume: {budget}={getattr(cfg, budget)} is below the {checkpoint['step']} steps the run has made in {checkpoint['phase']}"
+            )
         if changed:
             raise ConfigError(
                 f"--resume: {', '.join(changed)} cannot change in a resumed run (saved: {', '.join(f'{n}={getattr(saved, n)}' for n in changed)})"
@@ -712,7 +721,8 @@ class RunLog:
 
 class StopSignal:
     """SIGINT and SIGTERM only record the signal; the train loop finishes the step in progress,
-    writes the checkpoint and exits with 128 + the signal number."""
+    writes the checkpoint and exits with 128 + the signal number. A second signal acts at once
+    (the previous checkpoint stays)."""
 
     def __init__(self):
         self.signum: Optional[int] = None
@@ -720,6 +730,7 @@ class StopSignal:
 
     def handle(self, signum, frame) -> None:
         self.signum = signum
+        self.restore()
 
     def restore(self) -> None:
         for s, handler in self.previous.items():
@@ -727,46 +738,59 @@ class StopSignal:
 
 
 class FiniteCheck:
-    """Whether a loss or a parameter stopped being finite. Losses are folded into one flag per
-    name on the device (no host sync per update); check() reads the flags and the parameters at
-    evaluations and checkpoints."""
+    """Whether a loss, a parameter or an optimiser moment stopped being finite. Losses are folded
+    into one flag per name on the device (no host sync per update); check() reads the flags and
+    every tensor of the agent's state at evaluations and before checkpoints."""
 
-    def __init__(self, parameters: dict[str, list[torch.Tensor]]):
-        self.parameters = parameters
+    def __init__(self, agent):
+        self.agent = agent
         self.bad: dict[str, torch.Tensor] = {}
 
-    def watch(self, values: dict[str, torch.Tensor]) -> None:
+    def watch(self, values: dict) -> None:
         for name, value in values.items():
-            flag = ~torch.isfinite(torch.as_tensor(value)).all()
-            self.bad[name] = flag if name not in self.bad else self.bad[name] | flag
+            if isinstance(value, torch.Tensor):  # floats are config values, finite by the checks
+                flag = ~torch.isfinite(value).all()
+                self.bad[name] = flag if name not in self.bad else self.bad[name] | flag
 
     def check(self, phase: str, step: int) -> None:
-        flags = {
-            **self.bad,
-            **{
-                f"{name} parameters": torch.stack([~torch.isfinite(p).all() for p in ps]).any()
-                for name, ps in self.parameters.items()
-            },
-        }
-        for name, bad in zip(flags, torch.stack(list(flags.values())).cpu().tolist()):
-            if bad:
+        for name, flag in self.bad.items():
+            if bool(flag):
+                raise Diverged(f"{name} not finite in {phase} at step {step}")
+        for name, state in self.agent.state_dict().items():
+            if any(not bool(torch.isfinite(t).all()) for t in tensors(state) if t.is_floating_point()):
                 raise Diverged(f"{name} not finite in {phase} at step {step}")
 
 
+def tensors(tree) -> list[torch.Tensor]:
+    """The tensors of a nested state dict."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    values = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else []
+    return [t for value in values for t in tensors(value)]
+
+
 def env_state(env: gym.Env) -> dict:
-    """The running episode exactly: MuJoCo integration state, time-limit counter, env RNG."""
+    """The running episode exactly: MuJoCo integration state, the body poses of the model (Adroit's
+    reset moves its goal there), time-limit counter, env RNG."""
     u, limit = env.unwrapped, env
     while not isinstance(limit, gym.wrappers.TimeLimit):
         limit = limit.env
     state = np.empty(mujoco.mj_stateSize(u.model, MJ_STATE))
     mujoco.mj_getState(u.model, u.data, state, MJ_STATE)
-    return {"mujoco": state, "elapsed_steps": limit._elapsed_steps, "np_random": u.np_random.bit_generator.state}
+    model = {"body_pos": u.model.body_pos.copy(), "body_quat": u.model.body_quat.copy()}
+    return {
+        "mujoco": state,
+        "model": model,
+        "elapsed_steps": limit._elapsed_steps,
+        "np_random": u.np_random.bit_generator.state,
+    }
 
 
 def restore_env_state(env: gym.Env, saved: dict) -> None:
     u, limit = env.unwrapped, env
     while not isinstance(limit, gym.wrappers.TimeLimit):
         limit = limit.env
+    u.model.body_pos[:], u.model.body_quat[:] = saved["model"]["body_pos"], saved["model"]["body_quat"]
     mujoco.mj_setState(u.model, u.data, saved["mujoco"], MJ_STATE)
     mujoco.mj_forward(u.model, u.data)
     limit._elapsed_steps = saved["elapsed_steps"]
@@ -897,27 +921,62 @@ class Run:
         atomic_write(self.dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
 
 
+def start_run(
+    cfg: Config,
+    checkpoint: Optional[dict],
+    agent,
+    evaluate: Evaluator,
+    device: torch.device,
+    dataset: Optional[dict],
+    dims: tuple[int, int],
+    first: tuple[str, Optional[dict]],
+) -> tuple[Run, str, int, Optional[dict]]:
+    """The run folder of a new run, with its first checkpoint (first = phase and loop state at
+    step 0), or the resumed one with its state restored into agent and RNGs. Returns the run and
+    the (phase, step, loop state) to continue from."""
+    stop = StopSignal()  # from here on, a signal stops the run at its next checkpoint
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint["agent"])
+        restore_rng_state(checkpoint["rng"], device)
+    run_dir = new_run_dir(cfg) if checkpoint is None else Path(cfg.resume)
+    config = {**asdict(cfg), "dataset_id": None if dataset is None else dataset["id"], "device_resolved": str(device)}
+    atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
+    run = Run(
+        cfg=cfg, dir=run_dir, device=device, agent=agent, evaluate=evaluate, dataset=dataset, obs_dim=dims[0], act_dim=dims[1],
+        log=RunLog(run_dir, cfg, [] if checkpoint is None else checkpoint["records"]), stop=stop, finite=FiniteCheck(agent),
+        wall_before=0.0 if checkpoint is None else checkpoint["wall_time_s"],
+        pretrain_time_s=None if checkpoint is None else checkpoint["pretrain_time_s"],
+    )  # fmt: skip
+    if checkpoint is None:
+        run.save_checkpoint(first[0], 0, first[1])  # from here on, --resume works
+        return run, first[0], 0, first[1]
+    return run, checkpoint["phase"], checkpoint["step"], checkpoint["loop"]
+
+
 def run_to_end(run: Run, train_phases) -> Path:
-    """Run the phases; on a signal or divergence write the summary and exit with its code."""
+    """Run the phases, then write the summary; on a signal or divergence exit with its code."""
+    status, error = "finished", None
     try:
         train_phases(run)
     except Stopped:
-        run.write_summary("interrupted")
-        run.log.close()
+        status = "interrupted"
+    except Diverged as exc:
+        status, error = "diverged", str(exc)
+    run.write_summary(status, error)
+    run.log.close()
+    run.stop.restore()
+    if status == "interrupted":
+        resume = f"python algorithms/{ALGO}.py --resume {run.dir}"
         print(
-            f"{ALGO}.py: stopped by signal {run.stop.signum}; checkpoint written. Resume with: python algorithms/{ALGO}.py --resume {run.dir}",
+            f"{ALGO}.py: stopped by signal {run.stop.signum}; checkpoint written. Resume with: {resume}",
             file=sys.stderr,
         )
         sys.exit(128 + run.stop.signum)
-    except Diverged as exc:
-        run.write_summary("diverged", str(exc))
-        run.log.close()
-        print(f"{ALGO}.py: error: diverged: {exc}; the last good state is {run.dir / 'checkpoint.pt'}", file=sys.stderr)
+    if status == "diverged":
+        print(
+            f"{ALGO}.py: error: diverged: {error}; the last good state is {run.dir / 'checkpoint.pt'}", file=sys.stderr
+        )
         sys.exit(EXIT_DIVERGED)
-    finally:
-        run.stop.restore()
-    run.write_summary("finished")
-    run.log.close()
     return run.dir
 
 
@@ -934,6 +993,8 @@ def online(run: Run, step: int, loop: Optional[dict]) -> bool:
     obs, _ = env.reset(seed=cfg.seed)
     losses = {}
     if loop is not None:
+        if loop["stopped"]:  # it reached stop_score: nothing more to train
+            return True
         buffer.load_state_dict(loop["buffer"])
         restore_env_state(env, loop["env"])
         obs, losses = loop["obs"], loop["losses"]
@@ -975,9 +1036,14 @@ def online(run: Run, step: int, loop: Optional[dict]) -> bool:
             progress.set_postfix(score=f"{record['normalized_score']:.1f}")
             stopped = cfg.stop_score is not None and record["normalized_score"] >= cfg.stop_score
         if run.stop.signum is not None or stopped or step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-            run.save_checkpoint(
-                "online", step, {"buffer": buffer.state_dict(), "env": env_state(env), "obs": obs, "losses": losses}
-            )
+            loop = {
+                "buffer": buffer.state_dict(),
+                "env": env_state(env),
+                "obs": obs,
+                "losses": losses,
+                "stopped": stopped,
+            }
+            run.save_checkpoint("online", step, loop)
         if run.stop.signum is not None:
             raise Stopped
         if stopped:
@@ -994,39 +1060,8 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     agent = SACAgent(obs_dim, act_dim, cfg, device)
-    if checkpoint is not None:
-        agent.load_state_dict(checkpoint["agent"])
-        restore_rng_state(checkpoint["rng"], device)
-    run_dir = new_run_dir(cfg) if checkpoint is None else Path(cfg.resume)
-    atomic_write(
-        run_dir / "config.yaml",
-        lambda tmp: tmp.write_text(yaml.safe_dump({**asdict(cfg), "device_resolved": str(device)}, sort_keys=False)),
-    )
-    parameters = {
-        "actor": list(agent.actor.parameters()),
-        "critic": list(agent.critic.parameters()),
-        "alpha": [agent.log_alpha],
-    }
-    run = Run(
-        cfg,
-        run_dir,
-        device,
-        agent,
-        evaluate,
-        RunLog(run_dir, cfg, [] if checkpoint is None else checkpoint["records"]),
-        None,
-        obs_dim,
-        act_dim,
-        StopSignal(),
-        FiniteCheck(parameters),
-        0.0 if checkpoint is None else checkpoint["wall_time_s"],
-    )
-    if checkpoint is None:
-        step, loop = 0, None
-        run.save_checkpoint("online", step, loop)  # from here on, --resume works
-    else:
-        step, loop = checkpoint["step"], checkpoint["loop"]
-    print(f"run {run_dir}: {GYM_IDS[cfg.env]}, steps {step + 1}..{cfg.total_steps}, device {device}", file=sys.stderr)
+    run, _, step, loop = start_run(cfg, checkpoint, agent, evaluate, device, None, (obs_dim, act_dim), ("online", None))
+    print(f"run {run.dir}: {GYM_IDS[cfg.env]}, device {device}, online from step {step}", file=sys.stderr)
 
     def phases(run: Run) -> None:
         online(run, step, loop)
@@ -1041,8 +1076,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         run_dir = train(resolve_config(cfg), checkpoint)
     except ConfigError as exc:
         fail(str(exc))
-    except KeyboardInterrupt:
-        print(f"{ALGO}.py: interrupted before training started", file=sys.stderr)
+    except KeyboardInterrupt:  # before the run folder exists, or a second Ctrl-C
+        print(f"{ALGO}.py: interrupted (a run folder keeps its last checkpoint)", file=sys.stderr)
         sys.exit(130)
     print(f"done: {run_dir}", file=sys.stderr)
 

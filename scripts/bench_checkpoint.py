@@ -75,7 +75,7 @@ def main(args: Args) -> None:
     online.extend(torch.randn(args.online_rows, sum(sizes)))
     env = so2.make_env("walker2d")
     env.reset(seed=0)
-    agent.set_learning_rate(cfg.finetune_lr)
+    agent.new_optimisers(cfg.finetune_lr)
     batch = online.sample((args.batch_size,))
     agent.finetune_critic_step(batch, online.split, 0.2)  # Adam state exists, as in a real checkpoint
     agent.actor_and_alpha_step(online.split(batch)[0], 0.2)

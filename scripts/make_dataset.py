@@ -351,6 +351,8 @@ def make(args: Args) -> str:
         )
     target = dataset_id(env, quality, args.steps)
     with dataset_lock(target):
+        if so2.dataset_path(target).exists() and not (so2.dataset_path(target) / "data").exists():
+            shutil.rmtree(so2.dataset_path(target))  # a folder without data is no dataset: a leftover
         exists = (so2.dataset_path(target) / "data").exists()
         if exists and quality == "random":  # made by a run or a concurrent process: reuse it
             arrays = so2.load_dataset(env, "random", args.steps or 1_000_000)[0]
@@ -411,17 +413,22 @@ def print_summary(target: str, env: str, returns: list[float], steps: Optional[i
     )
 
 
+def interrupt(signum: int, frame) -> None:
+    """SIGINT and SIGTERM unwind the script (its temporary files are removed on the way out)."""
+    raise KeyboardInterrupt(signum)
+
+
 def main() -> None:
-    # SIGTERM stops the script as Ctrl-C does: temporary files are removed on the way out.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, interrupt)
     try:
         make(tyro.cli(Args))
     except so2.ConfigError as exc:
         print(f"make_dataset.py: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("make_dataset.py: interrupted; no dataset was written", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + (exc.args[0] if exc.args else signal.SIGINT))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -140,25 +141,26 @@ def start_script(relative: str, args: list[str], datasets_root) -> subprocess.Po
     )
 
 
-def checkpoint_phase(run_dir: Optional[Path], since: float) -> Optional[str]:
-    """The phase of run_dir/checkpoint.pt if it was written after `since`, else None."""
+def checkpoint_position(run_dir: Optional[Path], since: float) -> Optional[tuple[str, int]]:
+    """(phase, step) of run_dir/checkpoint.pt if it was written after `since`, else None."""
     path = None if run_dir is None else run_dir / "checkpoint.pt"
     if path is None or not path.exists() or path.stat().st_mtime < since:
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)["phase"]
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    return checkpoint["phase"], checkpoint["step"]
 
 
 def wait_for_checkpoint(
     process: subprocess.Popen, out_dir: Path, phase: str, since: float, timeout: float = 300
 ) -> Path:
-    """Wait until the run in out_dir has checkpointed in `phase` after `since` while still running;
-    its folder. Fails if the run ended first: the signal or kill would then test nothing."""
+    """Wait until the run in out_dir, still running, has checkpointed after `since` at a step > 0
+    of `phase`; its folder. Fails if the run ended first: a signal or kill would test nothing."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         folders = run_dirs(out_dir)
-        if folders and checkpoint_phase(folders[0], since) == phase:
-            if process.poll() is None:
-                return folders[0]
+        position = checkpoint_position(folders[0], since) if folders else None
+        if position is not None and position[0] == phase and position[1] > 0 and process.poll() is None:
+            return folders[0]
         if process.poll() is not None:
             raise AssertionError(
                 f"the run ended (exit {process.returncode}) before a {phase} checkpoint could be interrupted: {process.stderr.read()[-2000:]}"
@@ -170,20 +172,26 @@ def wait_for_checkpoint(
 def kill_and_resume(
     relative: str, args: list[str], out_dir: Path, datasets_root, phases: dict[str, int], seed: int
 ) -> Path:
-    """Run a script, SIGKILL it at random moments (a random delay after a fresh checkpoint) the
-    given number of times in each phase, resume it with --resume each time, and let the last
-    process finish; the run folder."""
+    """Run a script, SIGKILL it at random moments (a random delay after a checkpoint past the
+    start of the phase) the given number of times in each phase, resume it with --resume each
+    time, and let the last process finish; the run folder. Every resumed process must continue
+    where a checkpoint left it, never from the start of the run."""
     rng = random.Random(seed)
     since, process = time.time(), start_script(relative, [*args, "--out-dir", str(out_dir)], datasets_root)
+    logs = []
     for phase, kills in phases.items():
         for _ in range(kills):
             run_dir = wait_for_checkpoint(process, out_dir, phase, since)
             time.sleep(rng.uniform(0.0, 0.15))
-            if process.poll() is None:
-                process.kill()
+            process.kill()  # a no-op if it has just ended
             process.wait()
+            logs.append(process.stderr.read())
             since, process = time.time(), start_script(relative, ["--resume", str(run_dir)], datasets_root)
-    assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
+    logs.append(process.stderr.read())
+    assert process.wait(timeout=600) == 0, logs[-1][-3000:]
+    for stderr in logs[1:]:  # the resumed processes
+        phase, step = re.search(r"(\w+) from step (\d+)", stderr).groups()
+        assert (phase, int(step)) != (next(iter(phases)), 0), "a resumed process started the run again"
     (run_dir,) = run_dirs(out_dir)
     return run_dir
 

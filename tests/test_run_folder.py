@@ -61,7 +61,8 @@ def test_non_finite_values_stop_the_run_as_diverged(name, method, calls, phase, 
         and not (run_dir / "final.pt").exists()
     )
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    assert all(torch.isfinite(v).all() for net in ("actor", "critic") for v in checkpoint["agent"][net].values())
+    so2 = load_script("algorithms/so2.py")
+    assert all(torch.isfinite(t).all() for t in so2.tensors(checkpoint["agent"]) if t.is_floating_point())
     assert all(None not in (r["return"], r["critic_loss"]) for r in read_metrics(run_dir) if r["step"]), (
         "no NaN record was written"
     )
@@ -89,6 +90,14 @@ def test_pretrained_accepts_only_a_finished_pretraining(reference, tmp_path, dat
         (lambda runs: ["--resume", str(runs("so2")), "--env", "hopper-random"], "env cannot change in a resumed run"),
         (lambda runs: ["--resume", str(runs("so2")), "--config", "configs/so2_cpu.yaml"], "leave out --config"),
         (lambda runs: ["--resume", "/nonexistent/run"], "no checkpoint.pt in"),
+        (
+            lambda runs: ["--resume", str(runs("so2")), "--online-steps", "100"],
+            "online_steps=100 is below the 300 steps the run has made in finetune",
+        ),
+        (
+            lambda runs: ["--resume", str(runs("so2")), "--finetune-lr", "0.1"],
+            "finetune_lr cannot change in a resumed run",
+        ),
     ],
 )
 def test_resume_refuses_foreign_or_changed_runs(args, message, reference, datasets_root):

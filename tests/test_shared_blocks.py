@@ -15,6 +15,7 @@ FILES = sorted((REPO / "algorithms").glob("*.py"))
 DELIBERATE = {
     "Config": "each algorithm has its own fields",
     "RESUME_FIXED": "the fields a resumed run cannot change depend on the algorithm",
+    "PHASE_BUDGET": "sac.py has one phase, online, with its own budget field",
     "resolve_config": "the checks of each algorithm's own fields",
     "parse_env_name": "cal_ql.py also takes AntMaze names",
     "dataset_ids": "cal_ql.py also resolves AntMaze ids",
