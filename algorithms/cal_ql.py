@@ -224,7 +224,7 @@ def resolve_config(cfg: Config) -> Config:
             (cfg.utd >= 1, "utd must be >= 1"),
             (cfg.pretrain_steps >= 0, "pretrain_steps must be >= 0"),
             (cfg.online_steps >= 1, "online_steps must be >= 1"),
-            (cfg.batch_size >= 2, "batch_size must be >= 2"),
+            (2 <= cfg.batch_size <= 1_000_000, "batch_size must be in [2, 1000000]"),
             (0 <= cfg.mixing_ratio < 1, "mixing_ratio must be in [0, 1): finetuning batches need online rows"),
             (
                 int(cfg.batch_size * cfg.mixing_ratio) >= 1 or cfg.mixing_ratio == 0,

@@ -121,8 +121,8 @@ def resolve_config(cfg: Config) -> Config:
             (cfg.total_steps >= 1, "total_steps must be >= 1"),
             (cfg.learning_starts >= 0, "learning_starts must be >= 0"),
             (
-                1 <= cfg.buffer_size <= 100_000_000 and cfg.batch_size >= 1,
-                "buffer_size must be in [1, 1e8] and batch_size >= 1",
+                1 <= cfg.buffer_size <= 100_000_000 and 1 <= cfg.batch_size <= 1_000_000,
+                "buffer_size must be in [1, 1e8] and batch_size in [1, 1000000]",
             ),
             (1 <= cfg.hidden_dim <= 65536, "hidden_dim must be in [1, 65536]"),
             (0 < cfg.gamma <= 1 and 0 < cfg.tau <= 1, "gamma and tau must be in (0, 1]"),

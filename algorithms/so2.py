@@ -198,8 +198,11 @@ def resolve_config(cfg: Config) -> Config:
             (cfg.pretrain_steps >= 0, "pretrain_steps must be >= 0"),
             (0 < cfg.pretrain_lr <= 1 and 0 < cfg.finetune_lr <= 1, "learning rates must be in (0, 1]"),
             (
-                cfg.batch_size >= 1 and cfg.online_batch_size >= 1 and cfg.mixed_batch_size >= 0,
-                "batch sizes must be positive",
+                1 <= cfg.batch_size <= 1_000_000
+                and 1 <= cfg.online_batch_size + cfg.mixed_batch_size <= 1_000_000
+                and cfg.online_batch_size >= 1
+                and cfg.mixed_batch_size >= 0,
+                "batch sizes must be in [1, 1000000] (online_batch_size >= 1, mixed_batch_size >= 0)",
             ),
             (cfg.pretrain_eval_every >= 1, "pretrain_eval_every must be >= 1"),
             (1 <= cfg.random_dataset_steps <= 100_000_000, "random_dataset_steps must be in [1, 1e8]"),

@@ -34,6 +34,8 @@ COMMON = [
     (["--checkpoint-every", "0"], "checkpoint_every must be >= 1"),
     (["--run-name", "a/b"], "run_name may hold letters, digits"),
     (["--device", "cuda:7"], "device 'cuda:7' is not usable"),
+    (["--device", "meta"], "device 'meta' is not usable: expected cpu or cuda"),
+    (["--batch-size", "100000000"], "1000000]"),
     (["--config", "/nonexistent/file.yaml"], "cannot use config file"),
 ]
 
