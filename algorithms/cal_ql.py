@@ -165,7 +165,8 @@ class Config:
     stored under their own id (local/<env>/random-n<steps>-v0), never as the 1M dataset."""
 
     online_steps: int = 1_000_000
-    """Online env steps in finetuning (released code: max_online_env_steps)."""
+    """Online env steps in finetuning (released code: max_online_env_steps); 0 stops after
+    pretraining (a pretraining that several finetunings share, as in a sweep)."""
     mixing_ratio: float = 0.5
     """Fraction of each finetuning batch drawn from the dataset; the rest from the online buffer."""
     utd: int = 1
@@ -223,7 +224,7 @@ def resolve_config(cfg: Config) -> Config:
         [
             (cfg.utd >= 1, "utd must be >= 1"),
             (cfg.pretrain_steps >= 0, "pretrain_steps must be >= 0"),
-            (cfg.online_steps >= 1, "online_steps must be >= 1"),
+            (cfg.online_steps >= 0, "online_steps must be >= 0"),
             (2 <= cfg.batch_size <= 1_000_000, "batch_size must be in [2, 1000000]"),
             (0 <= cfg.mixing_ratio < 1, "mixing_ratio must be in [0, 1): finetuning batches need online rows"),
             (
@@ -334,8 +335,11 @@ def check_common(cfg: Config) -> None:
             ),
             (
                 cfg.run_name is None
-                or (cfg.run_name.replace("-", "").replace(".", "").isalnum() and "__" not in cfg.run_name),
-                "run_name may hold letters, digits, '.' and '-' only",
+                or (
+                    cfg.run_name.replace("-", "").replace(".", "").replace("_", "").isalnum()
+                    and "__" not in cfg.run_name
+                ),
+                "run_name may hold letters, digits, '.', '-' and single '_' only",
             ),
         ]
     )
@@ -1654,7 +1658,8 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
             run.export("pretrain")
             step, loop = 0, None
             run.save_checkpoint("finetune", step, loop)
-        finetune(run, offline, step, loop)
+        if cfg.online_steps > 0:
+            finetune(run, offline, step, loop)
         run.export("final")
 
     return run_to_end(run, phases)

@@ -213,8 +213,11 @@ def check_common(cfg: Config) -> None:
             ),
             (
                 cfg.run_name is None
-                or (cfg.run_name.replace("-", "").replace(".", "").isalnum() and "__" not in cfg.run_name),
-                "run_name may hold letters, digits, '.' and '-' only",
+                or (
+                    cfg.run_name.replace("-", "").replace(".", "").replace("_", "").isalnum()
+                    and "__" not in cfg.run_name
+                ),
+                "run_name may hold letters, digits, '.', '-' and single '_' only",
             ),
         ]
     )

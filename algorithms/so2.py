@@ -114,7 +114,8 @@ class Config:
     stored under their own id (local/<env>/random-n<steps>-v0), never as the 1M dataset."""
 
     online_steps: int = 100_000
-    """Online env steps in finetuning, warm-up included."""
+    """Online env steps in finetuning, warm-up included; 0 stops after pretraining (a pretraining
+    that several finetunings share, as in a sweep)."""
     warmup_steps: int = 5_000
     """Env steps collected by the pretrained stochastic policy before finetuning updates begin."""
     utd: int = 10
@@ -206,8 +207,11 @@ def resolve_config(cfg: Config) -> Config:
             ),
             (cfg.pretrain_eval_every >= 1, "pretrain_eval_every must be >= 1"),
             (1 <= cfg.random_dataset_steps <= 100_000_000, "random_dataset_steps must be in [1, 1e8]"),
-            (cfg.online_steps >= 1, "online_steps must be >= 1"),
-            (0 <= cfg.warmup_steps <= cfg.online_steps, "warmup_steps must be in [0, online_steps]"),
+            (cfg.online_steps >= 0, "online_steps must be >= 0"),
+            (
+                cfg.online_steps == 0 or 0 <= cfg.warmup_steps <= cfg.online_steps,
+                "warmup_steps must be in [0, online_steps]",
+            ),
             (1 <= cfg.utd <= 10_000, "utd must be in [1, 10000]"),
             (cfg.sigma >= 0, "sigma must be >= 0"),
             (cfg.noise_clip >= 0, "noise_clip must be >= 0"),
@@ -298,8 +302,11 @@ def check_common(cfg: Config) -> None:
             ),
             (
                 cfg.run_name is None
-                or (cfg.run_name.replace("-", "").replace(".", "").isalnum() and "__" not in cfg.run_name),
-                "run_name may hold letters, digits, '.' and '-' only",
+                or (
+                    cfg.run_name.replace("-", "").replace(".", "").replace("_", "").isalnum()
+                    and "__" not in cfg.run_name
+                ),
+                "run_name may hold letters, digits, '.', '-' and single '_' only",
             ),
         ]
     )
@@ -1529,7 +1536,8 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
             run.export("pretrain")
             step, loop = 0, None
             run.save_checkpoint("finetune", step, loop)
-        finetune(run, dataset, step, loop)
+        if cfg.online_steps > 0:
+            finetune(run, dataset, step, loop)
         run.export("final")
 
     return run_to_end(run, phases)

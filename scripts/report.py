@@ -1,0 +1,303 @@
+"""Curves, tables and aggregate statistics from run folders (a sweep's, or any list).
+
+  python scripts/report.py runs/sweeps/so2_ablation_cpu --out results/so2_ablation_cpu --budgets 2000 5000 10000
+
+Writes to --out:
+  curves_env_steps.png   normalised score vs online env steps: mean over seeds with a 95% bootstrap
+                         CI, one panel per dataset, one line per variant;
+  curves_wall_clock.png  the same against wall-clock seconds of finetuning (each record placed at
+                         env_steps / online_steps of the run's finetuning time: the runs log no
+                         time per record, so a constant rate is assumed);
+  q_diagnostics.png      q_bias, kendall_tau and q_std_policy over finetuning (the paper's Fig. 4b);
+  table.md               per dataset and variant: pretrained, final, best score and the score at
+                         each budget, mean +- std over seeds with n, and the finetuning wall time;
+  aggregate.png, aggregate.json
+                         IQM of the final scores over all datasets with stratified-bootstrap 95% CIs
+                         and the probability of improvement of each variant over each other (rliable).
+Runs are grouped by (env, variant): the variant is the run's --run-name (the sweep sets it), the
+seed comes from its config. A run folder is any folder holding summary.json, config.yaml and
+metrics.jsonl (the README's run-folder contract); folders are searched recursively.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+# arch (rliable's bootstrap) warns that rliable still passes a RandomState; the results are the same.
+warnings.filterwarnings("ignore", category=FutureWarning, module="arch")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import tyro  # noqa: E402
+import yaml  # noqa: E402
+
+BOOTSTRAP_SAMPLES = 2000
+
+
+@dataclass
+class Args:
+    runs: tyro.conf.Positional[tuple[str, ...]]
+    """Run folders, or folders to search for them (e.g. a sweep's output folder)."""
+    out: str = "results/report"
+    """Folder for the figures and tables."""
+    budgets: tuple[int, ...] = ()
+    """Online env steps at which the table also gives the score (the last evaluation at or before)."""
+    reps: int = 2000
+    """Bootstrap resamples of rliable's interval estimates."""
+
+
+@dataclass
+class Run:
+    env: str
+    variant: str
+    seed: int
+    steps: np.ndarray  # online env steps of the finetuning records
+    records: list[dict]  # the finetuning records
+    finetune_time_s: float
+    summary: dict
+
+
+def find_runs(paths: tuple[str, ...]) -> list[Run]:
+    folders = sorted(
+        {
+            p.parent
+            for path in paths
+            for p in (
+                [Path(path) / "summary.json"]
+                if (Path(path) / "summary.json").exists()
+                else Path(path).rglob("summary.json")
+            )
+        }
+    )
+    runs = []
+    for folder in folders:
+        summary = json.loads((folder / "summary.json").read_text())
+        if summary.get("status") != "finished":
+            continue  # interrupted or diverged: not a result
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        online = [r for r in records if r["phase"] != "pretrain"]
+        if not online:
+            continue  # a pretraining-only run
+        finetune_time = summary["wall_time_s"] - (summary.get("pretrain_time_s") or 0.0)
+        steps = np.array([r["env_steps"] for r in online], dtype=float)
+        runs.append(
+            Run(
+                config["env"],
+                config.get("run_name") or "default",
+                config["seed"],
+                steps,
+                online,
+                finetune_time,
+                summary,
+            )
+        )
+    return runs
+
+
+def bootstrap_ci(values: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean over seeds (values [seeds])."""
+    if len(values) < 2:
+        return float(values.mean()), float(values.mean())
+    means = rng.choice(values, size=(BOOTSTRAP_SAMPLES, len(values)), replace=True).mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def on_grid(run: Run, key: str, grid: np.ndarray) -> np.ndarray:
+    """A record key at the env steps of `grid` (the last record at or before each)."""
+    values = np.array([np.nan if r[key] is None else r[key] for r in run.records], dtype=float)
+    index = np.searchsorted(run.steps, grid, side="right") - 1
+    return np.where(index >= 0, values[np.clip(index, 0, None)], np.nan)
+
+
+def grouped(runs: list[Run]) -> dict[str, dict[str, list[Run]]]:
+    groups: dict[str, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        groups[run.env][run.variant].append(run)
+    return {env: dict(sorted(v.items())) for env, v in sorted(groups.items())}
+
+
+def plot_curves(groups, key: str, x: str, path: Path, ylabel: str, rng: np.random.Generator) -> None:
+    """Mean over seeds with a 95% bootstrap CI, one panel per dataset. x: env_steps or wall_clock."""
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
+    for ax, (env, variants) in zip(axes[0], groups.items()):
+        for variant, runs in variants.items():
+            grid = np.unique(np.concatenate([r.steps for r in runs]))
+            values = np.stack([on_grid(r, key, grid) for r in runs])
+            mean = np.nanmean(values, 0)
+            ci = np.array(
+                [
+                    bootstrap_ci(col[~np.isnan(col)], rng) if (~np.isnan(col)).any() else (np.nan, np.nan)
+                    for col in values.T
+                ]
+            )
+            xs = grid if x == "env_steps" else grid / grid.max() * np.mean([r.finetune_time_s for r in runs])
+            ax.plot(xs, mean, label=f"{variant} (n={len(runs)})")
+            ax.fill_between(xs, ci[:, 0], ci[:, 1], alpha=0.2)
+        ax.set_title(env)
+        ax.set_xlabel(
+            "online env steps" if x == "env_steps" else "finetuning wall-clock seconds (constant rate assumed)"
+        )
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_q_diagnostics(groups, path: Path, rng: np.random.Generator) -> None:
+    keys = [
+        ("q_bias", "normalised Q bias (mean Q - MC) / |MC|"),
+        ("kendall_tau", "Kendall's tau (windows)"),
+        ("q_std_policy", "ensemble std of Q at pi"),
+    ]
+    fig, axes = plt.subplots(len(keys), len(groups), figsize=(5 * len(groups), 3 * len(keys)), squeeze=False)
+    for col, (env, variants) in enumerate(groups.items()):
+        for row, (key, label) in enumerate(keys):
+            ax = axes[row][col]
+            for variant, runs in variants.items():
+                grid = np.unique(np.concatenate([r.steps for r in runs]))
+                values = np.stack([on_grid(r, key, grid) for r in runs])
+                ci = np.array(
+                    [bootstrap_ci(c[~np.isnan(c)], rng) if (~np.isnan(c)).any() else (np.nan, np.nan) for c in values.T]
+                )
+                ax.plot(grid, np.nanmean(values, 0), label=variant)
+                ax.fill_between(grid, ci[:, 0], ci[:, 1], alpha=0.2)
+            ax.set_title(f"{env}: {key}")
+            ax.set_xlabel("online env steps")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def mean_std(values: list[float]) -> str:
+    values = np.asarray([v for v in values if v is not None], dtype=float)
+    return "n/a" if len(values) == 0 else f"{values.mean():.1f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.1f}"
+
+
+def table(groups, budgets: tuple[int, ...]) -> str:
+    """Mean ± sample std over seeds (n given) of the pretrained, final, best and budget scores."""
+    head = [
+        "dataset",
+        "variant",
+        "n",
+        "pretrained",
+        "final",
+        "best",
+        *[f"at {b:,} steps" for b in budgets],
+        "finetuning wall time (s)",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for env, variants in groups.items():
+        for variant, runs in variants.items():
+            scores = [[r["normalized_score"] for r in run.records] for run in runs]
+            cells = [
+                env,
+                variant,
+                str(len(runs)),
+                mean_std([s[0] for s in scores]),
+                mean_std([s[-1] for s in scores]),
+                mean_std([max(s) for s in scores]),
+            ]
+            cells += [
+                mean_std(
+                    [
+                        float(on_grid(run, "normalized_score", np.array([b]))[0]) if run.steps[0] <= b else None
+                        for run in runs
+                    ]
+                )
+                for b in budgets
+            ]
+            cells.append(f"{np.mean([r.finetune_time_s for r in runs]):.0f}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def estimate(value, ci) -> dict:
+    """A point estimate and its 95% interval from rliable, as plain floats."""
+    return {"value": float(np.ravel(value)[0]), "ci95": [float(x) for x in np.ravel(ci)]}
+
+
+def aggregate(groups, reps: int, path_png: Path) -> dict:
+    """rliable: IQM of final scores over runs x datasets with stratified-bootstrap CIs, and the
+    probability of improvement between variants. Variants need the same seeds count on every dataset."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    variants = sorted({v for env in groups.values() for v in env})
+    complete = [v for v in variants if all(v in env for env in groups.values())]
+    n = min(len(env[v]) for env in groups.values() for v in complete) if complete else 0
+    if n == 0:
+        return {}
+    scores = {
+        v: np.stack(
+            [
+                [run.records[-1]["normalized_score"] for run in sorted(env[v], key=lambda r: r.seed)[:n]]
+                for env in groups.values()
+            ],
+            axis=1,
+        )
+        for v in complete
+    }
+    state = np.random.RandomState(0)
+    iqm, iqm_ci = rly.get_interval_estimates(
+        scores, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=reps, random_state=state
+    )
+    pairs = {f"{a} > {b}": (scores[a], scores[b]) for a in complete for b in complete if a != b}
+    poi, poi_ci = (
+        rly.get_interval_estimates(pairs, metrics.probability_of_improvement, reps=reps, random_state=state)
+        if pairs
+        else ({}, {})
+    )
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.5 * len(complete)))
+    for i, v in enumerate(complete):
+        ax.plot(np.ravel(iqm_ci[v]), [i, i], lw=6, alpha=0.5)
+        ax.plot(np.ravel(iqm[v])[:1], [i], "k|", ms=14)
+    ax.set_yticks(range(len(complete)), complete)
+    ax.set_xlabel(f"IQM of final normalised score ({n} seeds x {len(groups)} datasets, 95% stratified-bootstrap CI)")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=110)
+    plt.close(fig)
+    return {
+        "runs_per_dataset": n, "datasets": list(groups),
+        "iqm": {v: estimate(iqm[v], iqm_ci[v]) for v in complete},
+        "probability_of_improvement": {k: estimate(poi[k], poi_ci[k]) for k in pairs},
+    }  # fmt: skip
+
+
+def main(args: Args) -> None:
+    runs = find_runs(args.runs)
+    if not runs:
+        print(
+            f"report.py: error: no finished run folders with finetuning records under {', '.join(args.runs)}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = grouped(runs)
+    rng = np.random.default_rng(0)
+    plot_curves(groups, "normalized_score", "env_steps", out / "curves_env_steps.png", "normalised score", rng)
+    plot_curves(groups, "normalized_score", "wall_clock", out / "curves_wall_clock.png", "normalised score", rng)
+    plot_q_diagnostics(groups, out / "q_diagnostics.png", rng)
+    (out / "table.md").write_text(table(groups, args.budgets))
+    (out / "aggregate.json").write_text(
+        json.dumps(aggregate(groups, args.reps, out / "aggregate.png"), indent=2) + "\n"
+    )
+    print(f"report of {len(runs)} runs ({', '.join(f'{e}: {len(v)} variants' for e, v in groups.items())}) in {out}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

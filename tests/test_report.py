@@ -1,0 +1,119 @@
+"""scripts/report.py on synthetic run folders: the figures exist, and the table's numbers equal a
+hand computation."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import load_script, run_script
+
+KEYS = (
+    "q_true",
+    "q_bias",
+    "q_bias_min",
+    "kendall_tau",
+    "q_std_policy",
+    "q_std_random",
+    "alpha",
+    "critic_loss",
+    "actor_loss",
+)
+
+
+def score(variant: str, seed: int, step: int) -> float:
+    return {"so2": 10.0, "sacn": 5.0}[variant] + seed + step / 1000
+
+
+def write_run(folder, env: str, variant: str, seed: int) -> None:
+    folder.mkdir(parents=True)
+    records = [
+        {
+            "phase": "pretrain",
+            "step": 100,
+            "env_steps": 0,
+            "return": 0.0,
+            "return_std": 0.0,
+            "normalized_score": 1.0,
+            **dict.fromkeys(KEYS, 0.1),
+        }
+    ]
+    for step in (0, 1000, 2000):
+        records.append(
+            {
+                "phase": "finetune",
+                "step": step * 10,
+                "env_steps": step,
+                "return": 0.0,
+                "return_std": 0.0,
+                "normalized_score": score(variant, seed, step),
+                **dict.fromkeys(KEYS, 0.1 * seed),
+            }
+        )
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"env": env, "seed": seed, "run_name": variant}))
+    (folder / "summary.json").write_text(
+        json.dumps({"status": "finished", "wall_time_s": 100.0 + seed, "pretrain_time_s": 40.0})
+    )
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    for env in ("hopper-random", "walker2d-random"):
+        for variant in ("so2", "sacn"):
+            for seed in range(3):
+                write_run(
+                    tmp_path / "runs" / env / variant / f"seed{seed}" / f"{env}__so2-{variant}__{seed}__1",
+                    env,
+                    variant,
+                    seed,
+                )
+    (tmp_path / "runs" / "unfinished").mkdir()
+    (tmp_path / "runs" / "unfinished" / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    return tmp_path
+
+
+def test_report_figures_table_and_aggregate(sweep, datasets_root):
+    out = sweep / "report"
+    result = run_script(
+        "scripts/report.py",
+        [str(sweep / "runs"), "--out", str(out), "--budgets", "1000", "--reps", "200"],
+        datasets_root,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "report of 12 runs" in result.stdout
+    for name in ("curves_env_steps.png", "curves_wall_clock.png", "q_diagnostics.png", "aggregate.png"):
+        assert (out / name).stat().st_size > 10_000, name
+    rows = {
+        tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[1:-1]]
+        for line in (out / "table.md").read_text().splitlines()[2:]
+    }
+    # so2 on hopper: seeds 0, 1, 2 -> pretrained 10, 11, 12; final 12, 13, 14; at 1,000 steps 11, 12, 13.
+    finals = np.array([score("so2", s, 2000) for s in range(3)])
+    assert rows[("hopper-random", "so2")] == [
+        "hopper-random",
+        "so2",
+        "3",
+        "11.0 ± 1.0",
+        f"{finals.mean():.1f} ± {finals.std(ddof=1):.1f}",
+        "13.0 ± 1.0",
+        "12.0 ± 1.0",
+        "61",
+    ]
+    assert rows[("walker2d-random", "sacn")][4] == "8.0 ± 1.0"
+    aggregate = json.loads((out / "aggregate.json").read_text())
+    assert aggregate["runs_per_dataset"] == 3 and aggregate["iqm"]["so2"]["value"] == pytest.approx(13.0)
+    # so2 beats sacn in every pair of runs: P(so2 > sacn) = 1.
+    assert aggregate["probability_of_improvement"]["so2 > sacn"]["value"] == pytest.approx(1.0)
+
+
+def test_bootstrap_ci_brackets_the_mean():
+    report = load_script("scripts/report.py")
+    low, high = report.bootstrap_ci(np.array([1.0, 2.0, 3.0, 10.0]), np.random.default_rng(0))
+    assert 1.0 <= low < 4.0 < high <= 10.0
+
+
+def test_no_runs_is_a_one_line_error(tmp_path, datasets_root):
+    result = run_script("scripts/report.py", [str(tmp_path)], datasets_root)
+    assert result.returncode == 2 and "no finished run folders" in result.stderr and "Traceback" not in result.stderr
