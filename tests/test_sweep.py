@@ -123,3 +123,15 @@ def test_submitit_local_executor_runs_a_tiny_sweep(tmp_path, datasets_root):
         "walker2d-random/pretrain/seed0": "finished",
         "walker2d-random/so2/seed0": "finished",
     }
+
+
+@pytest.mark.parametrize("name", ["so2_ablation_cpu", "so2_table1"])
+def test_committed_sweep_files_expand_to_valid_configs(name, tmp_path):
+    """Every run of the committed sweeps has values that are fields of the algorithm's Config."""
+    sweep = load_script("scripts/sweep.py")
+    so2 = load_script("algorithms/so2.py")
+    spec = yaml.safe_load((REPO / "configs" / "sweeps" / f"{name}.yaml").read_text())
+    specs = sweep.expand(spec, tmp_path)
+    assert len(specs) == len(spec["datasets"]) * len(spec["seeds"]) * (len(spec["variants"]) + 1)
+    for run in specs:
+        so2.check_types(so2.Config(**run.values), f"{run.id}: ")
