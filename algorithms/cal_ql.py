@@ -90,6 +90,7 @@ import yaml
 from tqdm import tqdm
 
 ALGO = "cal_ql"
+FIRST_RESULT = "For a first result on a CPU, shrink the budgets, e.g. --pretrain-steps 20000 --online-steps 10000 (no CPU preset for cal_ql.py yet)"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NUM_CRITICS = 2  # twin critics, as in the released code (min over the twin in targets and actor)
 
@@ -1404,6 +1405,40 @@ class Run:
         atomic_write(self.dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
 
 
+def seconds_per_call(fn, device: torch.device, calls: int) -> float:
+    """Seconds per call of fn after one warm-up call. The RNG states are restored afterwards, so
+    timing leaves the run exactly as it was."""
+    state = rng_state(device)
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    restore_rng_state(state, device)
+    return (time.perf_counter() - start) / calls
+
+
+def announce_time(parts: list[tuple[str, int, float]]) -> None:
+    """Print the time the rest of the run will spend in updates, from (phase, steps left, seconds
+    per step) measured on this device, and FIRST_RESULT when that is more than a day."""
+    if not parts:
+        return
+    hours = [steps * seconds / 3600 for _, steps, seconds in parts]
+    text = "; ".join(
+        f"{name}: {steps:,} steps x {1000 * seconds:.1f} ms = {h:.2f} h"
+        for (name, steps, seconds), h in zip(parts, hours)
+    )
+    print(
+        f"{ALGO}.py: estimated time in updates (evaluations and env steps not counted): {text}; total {sum(hours):.2f} h",
+        file=sys.stderr,
+    )
+    if sum(hours) > 24:
+        print(f"{ALGO}.py: that is days on this device. {FIRST_RESULT}", file=sys.stderr)
+
+
 def start_run(
     cfg: Config,
     checkpoint: Optional[dict],
@@ -1607,6 +1642,27 @@ def finetune(run: Run, offline: ReplayBuffer, step: int, loop: Optional[dict]) -
     progress.close()
 
 
+def time_phases(run: Run, phase: str, step: int) -> list[tuple[str, int, float]]:
+    """(phase, steps left, seconds per step) of the rest of the run, from updates timed on a copy of
+    the agent with random rows (a finetuning step: utd updates)."""
+    cfg, agent = run.cfg, copy.deepcopy(run.agent)
+    split = ReplayBuffer(1, run.obs_dim, run.act_dim, run.device).split
+    rows = torch.rand(cfg.batch_size, 2 * run.obs_dim + run.act_dim + 3, device=run.device)
+    parts = []
+    if phase == "pretrain" and cfg.pretrain_steps > step:
+        pretrain_update = lambda: agent.update(rows, split, conservative=True, calibrate=cfg.calibrate)  # noqa: E731
+        parts.append(("pretraining", cfg.pretrain_steps - step, seconds_per_call(pretrain_update, run.device, 3)))
+    online_left = cfg.online_steps - (step if phase == "finetune" else 0)
+    if online_left > 0:
+
+        def env_step() -> None:
+            for _ in range(cfg.utd):
+                agent.update(rows, split, conservative=not cfg.loose, calibrate=cfg.calibrate and cfg.calibrate_online)
+
+        parts.append(("finetuning", online_left, seconds_per_call(env_step, run.device, 1)))
+    return parts
+
+
 def read_pretrained(cfg: Config) -> dict:
     """A finished pretraining (pretrain.pt) that fits this run; ConfigError otherwise."""
     saved = read_export(cfg.pretrained, "pretrain")
@@ -1647,6 +1703,7 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
         f"run {run.dir}: dataset {dataset_id} ({len(arrays['rewards'])} transitions), {variant}, device {device}, {phase} from step {step}",
         file=sys.stderr,
     )
+    announce_time(time_phases(run, phase, step))
     offline = ReplayBuffer(len(arrays["rewards"]), obs_dim, act_dim, device)
     offline.extend(transition_rows(arrays, cfg))
 

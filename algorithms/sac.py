@@ -23,6 +23,7 @@ Deliberate differences from the paper and common implementations:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -47,6 +48,7 @@ import yaml
 from tqdm import tqdm
 
 ALGO = "sac"
+FIRST_RESULT = "For a first result on a CPU, shrink the budget, e.g. --total-steps 100000 (see results/README.md for SAC curves here)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -924,6 +926,40 @@ class Run:
         atomic_write(self.dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
 
 
+def seconds_per_call(fn, device: torch.device, calls: int) -> float:
+    """Seconds per call of fn after one warm-up call. The RNG states are restored afterwards, so
+    timing leaves the run exactly as it was."""
+    state = rng_state(device)
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    restore_rng_state(state, device)
+    return (time.perf_counter() - start) / calls
+
+
+def announce_time(parts: list[tuple[str, int, float]]) -> None:
+    """Print the time the rest of the run will spend in updates, from (phase, steps left, seconds
+    per step) measured on this device, and FIRST_RESULT when that is more than a day."""
+    if not parts:
+        return
+    hours = [steps * seconds / 3600 for _, steps, seconds in parts]
+    text = "; ".join(
+        f"{name}: {steps:,} steps x {1000 * seconds:.1f} ms = {h:.2f} h"
+        for (name, steps, seconds), h in zip(parts, hours)
+    )
+    print(
+        f"{ALGO}.py: estimated time in updates (evaluations and env steps not counted): {text}; total {sum(hours):.2f} h",
+        file=sys.stderr,
+    )
+    if sum(hours) > 24:
+        print(f"{ALGO}.py: that is days on this device. {FIRST_RESULT}", file=sys.stderr)
+
+
 def start_run(
     cfg: Config,
     checkpoint: Optional[dict],
@@ -1055,6 +1091,16 @@ def online(run: Run, step: int, loop: Optional[dict]) -> bool:
     return stopped
 
 
+def time_phases(run: Run, step: int) -> list[tuple[str, int, float]]:
+    """(phase, steps left, seconds per step) of the rest of the run, from updates timed on a copy of
+    the agent with random rows."""
+    cfg, agent = run.cfg, copy.deepcopy(run.agent)
+    split = ReplayBuffer(1, run.obs_dim, run.act_dim, run.device).split
+    rows = torch.rand(cfg.batch_size, 2 * run.obs_dim + run.act_dim + 2, device=run.device)
+    left = cfg.total_steps - max(step, cfg.learning_starts)
+    return [("training", left, seconds_per_call(lambda: agent.update(rows, split), run.device, 3))] if left > 0 else []
+
+
 def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
     """A new run (checkpoint None) or the continuation of a checkpointed one, to its end."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
@@ -1065,6 +1111,7 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
     agent = SACAgent(obs_dim, act_dim, cfg, device)
     run, _, step, loop = start_run(cfg, checkpoint, agent, evaluate, device, None, (obs_dim, act_dim), ("online", None))
     print(f"run {run.dir}: {GYM_IDS[cfg.env]}, device {device}, online from step {step}", file=sys.stderr)
+    announce_time(time_phases(run, step))
 
     def phases(run: Run) -> None:
         online(run, step, loop)

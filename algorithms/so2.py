@@ -41,6 +41,7 @@ Deliberate differences from both:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -66,6 +67,7 @@ import yaml
 from tqdm import tqdm
 
 ALGO = "so2"
+FIRST_RESULT = "A first result on a CPU in about 20 minutes: python algorithms/so2.py --config configs/so2_cpu.yaml"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENSEMBLE_TABLE = REPO_ROOT / "configs" / "so2_ensembles.yaml"
 
@@ -1290,6 +1292,40 @@ class Run:
         atomic_write(self.dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
 
 
+def seconds_per_call(fn, device: torch.device, calls: int) -> float:
+    """Seconds per call of fn after one warm-up call. The RNG states are restored afterwards, so
+    timing leaves the run exactly as it was."""
+    state = rng_state(device)
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    restore_rng_state(state, device)
+    return (time.perf_counter() - start) / calls
+
+
+def announce_time(parts: list[tuple[str, int, float]]) -> None:
+    """Print the time the rest of the run will spend in updates, from (phase, steps left, seconds
+    per step) measured on this device, and FIRST_RESULT when that is more than a day."""
+    if not parts:
+        return
+    hours = [steps * seconds / 3600 for _, steps, seconds in parts]
+    text = "; ".join(
+        f"{name}: {steps:,} steps x {1000 * seconds:.1f} ms = {h:.2f} h"
+        for (name, steps, seconds), h in zip(parts, hours)
+    )
+    print(
+        f"{ALGO}.py: estimated time in updates (evaluations and env steps not counted): {text}; total {sum(hours):.2f} h",
+        file=sys.stderr,
+    )
+    if sum(hours) > 24:
+        print(f"{ALGO}.py: that is days on this device. {FIRST_RESULT}", file=sys.stderr)
+
+
 def start_run(
     cfg: Config,
     checkpoint: Optional[dict],
@@ -1485,6 +1521,36 @@ def finetune(run: Run, dataset: torch.Tensor, step: int, loop: Optional[dict]) -
     progress.close()
 
 
+def time_phases(run: Run, phase: str, step: int) -> list[tuple[str, int, float]]:
+    """(phase, steps left, seconds per step) of the rest of the run, from updates timed on a copy of
+    the agent with random rows (a finetuning step: utd critic updates and one actor update)."""
+    cfg, agent = run.cfg, copy.deepcopy(run.agent)
+    split = ReplayBuffer(1, run.obs_dim, run.act_dim, run.device).split
+    width = 2 * run.obs_dim + run.act_dim + 2
+    parts = []
+    if phase == "pretrain" and cfg.pretrain_steps > step:
+        rows = torch.rand(cfg.batch_size, width, device=run.device)
+        parts.append(
+            (
+                "pretraining",
+                cfg.pretrain_steps - step,
+                seconds_per_call(lambda: agent.pretrain_step(rows, split), run.device, 3),
+            )
+        )
+    updating = cfg.online_steps - max(cfg.warmup_steps, step if phase == "finetune" else 0)
+    if updating > 0:
+        agent.new_optimisers(cfg.finetune_lr)
+        rows = torch.rand(cfg.online_batch_size + cfg.mixed_batch_size, width, device=run.device)
+
+        def env_step() -> None:
+            for _ in range(cfg.utd):
+                agent.finetune_critic_step(rows, split, cfg.alpha)
+            agent.actor_and_alpha_step(split(rows)[0], None if cfg.auto_alpha else cfg.alpha)
+
+        parts.append(("finetuning", updating, seconds_per_call(env_step, run.device, 1)))
+    return parts
+
+
 def read_pretrained(cfg: Config) -> dict:
     """A finished pretraining (pretrain.pt) that fits this run; ConfigError otherwise."""
     saved = read_export(cfg.pretrained, "pretrain")
@@ -1524,6 +1590,7 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
         f"run {run.dir}: dataset {dataset_id} ({len(dataset)} transitions), N={cfg.num_critics}, eta={cfg.eta}, device {device}, {phase} from step {step}",
         file=sys.stderr,
     )
+    announce_time(time_phases(run, phase, step))
 
     def phases(run: Run) -> None:
         nonlocal step, loop

@@ -138,3 +138,18 @@ def test_same_record_and_summary_keys_in_every_file(reference):
     for name in FILES:
         for record in read_metrics(reference(name)):
             assert tuple(record)[: len(so2.RECORD_KEYS)] == so2.RECORD_KEYS
+
+
+def test_time_estimate_restores_the_rng_and_points_to_a_first_result(capsys):
+    so2 = load_script("algorithms/so2.py")
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    seconds = so2.seconds_per_call(lambda: torch.rand(1000), torch.device("cpu"), 2)
+    assert seconds > 0 and torch.equal(torch.rand(3), expected)  # timing drew nothing from the run's RNG
+    so2.announce_time([("pretraining", 3_000_000, 0.08), ("finetuning", 95_000, 3.2)])
+    stderr = capsys.readouterr().err
+    assert "pretraining: 3,000,000 steps x 80.0 ms = 66.67 h" in stderr and "total 151.11 h" in stderr
+    assert "that is days on this device" in stderr and "configs/so2_cpu.yaml" in stderr
+    so2.announce_time([("finetuning", 1000, 0.01)])
+    assert "days" not in capsys.readouterr().err

@@ -30,6 +30,8 @@ DELIBERATE = {
     "read_pretrained": "the network sizes a pretraining must match",
     "train": "the algorithm's own phases",
     "ALGO": "the file's name",
+    "FIRST_RESULT": "the way to a first result on a CPU differs per algorithm",
+    "time_phases": "the phases and updates of each algorithm",
 }
 
 
