@@ -1646,8 +1646,9 @@ def time_phases(run: Run, phase: str, step: int) -> list[tuple[str, int, float]]
     """(phase, steps left, seconds per step) of the rest of the run, from updates timed on a copy of
     the agent with random rows (a finetuning step: utd updates)."""
     cfg, agent = run.cfg, copy.deepcopy(run.agent)
+    fixed = torch.Generator(run.device).manual_seed(0)  # the rows must not draw from the run's RNG
     split = ReplayBuffer(1, run.obs_dim, run.act_dim, run.device).split
-    rows = torch.rand(cfg.batch_size, 2 * run.obs_dim + run.act_dim + 3, device=run.device)
+    rows = torch.rand(cfg.batch_size, 2 * run.obs_dim + run.act_dim + 3, device=run.device, generator=fixed)
     parts = []
     if phase == "pretrain" and cfg.pretrain_steps > step:
         pretrain_update = lambda: agent.update(rows, split, conservative=True, calibrate=cfg.calibrate)  # noqa: E731

@@ -1095,8 +1095,9 @@ def time_phases(run: Run, step: int) -> list[tuple[str, int, float]]:
     """(phase, steps left, seconds per step) of the rest of the run, from updates timed on a copy of
     the agent with random rows."""
     cfg, agent = run.cfg, copy.deepcopy(run.agent)
+    fixed = torch.Generator(run.device).manual_seed(0)  # the rows must not draw from the run's RNG
     split = ReplayBuffer(1, run.obs_dim, run.act_dim, run.device).split
-    rows = torch.rand(cfg.batch_size, 2 * run.obs_dim + run.act_dim + 2, device=run.device)
+    rows = torch.rand(cfg.batch_size, 2 * run.obs_dim + run.act_dim + 2, device=run.device, generator=fixed)
     left = cfg.total_steps - max(step, cfg.learning_starts)
     return [("training", left, seconds_per_call(lambda: agent.update(rows, split), run.device, 3))] if left > 0 else []
 

@@ -1525,11 +1525,12 @@ def time_phases(run: Run, phase: str, step: int) -> list[tuple[str, int, float]]
     """(phase, steps left, seconds per step) of the rest of the run, from updates timed on a copy of
     the agent with random rows (a finetuning step: utd critic updates and one actor update)."""
     cfg, agent = run.cfg, copy.deepcopy(run.agent)
+    fixed = torch.Generator(run.device).manual_seed(0)  # the rows must not draw from the run's RNG
     split = ReplayBuffer(1, run.obs_dim, run.act_dim, run.device).split
     width = 2 * run.obs_dim + run.act_dim + 2
     parts = []
     if phase == "pretrain" and cfg.pretrain_steps > step:
-        rows = torch.rand(cfg.batch_size, width, device=run.device)
+        rows = torch.rand(cfg.batch_size, width, device=run.device, generator=fixed)
         parts.append(
             (
                 "pretraining",
@@ -1540,7 +1541,7 @@ def time_phases(run: Run, phase: str, step: int) -> list[tuple[str, int, float]]
     updating = cfg.online_steps - max(cfg.warmup_steps, step if phase == "finetune" else 0)
     if updating > 0:
         agent.new_optimisers(cfg.finetune_lr)
-        rows = torch.rand(cfg.online_batch_size + cfg.mixed_batch_size, width, device=run.device)
+        rows = torch.rand(cfg.online_batch_size + cfg.mixed_batch_size, width, device=run.device, generator=fixed)
 
         def env_step() -> None:
             for _ in range(cfg.utd):

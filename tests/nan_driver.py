@@ -18,14 +18,14 @@ spec.loader.exec_module(module)
 cls_name, method_name = target.split(".")
 cls = getattr(module, cls_name)
 method = getattr(cls, method_name)
-count = 0
+counts: dict[int, int] = {}
 
 
 def poisoned(self, *a, **kw):
-    global count
+    """Counted per agent: the start-of-run time estimate calls the same method on a copy."""
     out = method(self, *a, **kw)
-    count += 1
-    if count == int(calls):
+    counts[id(self)] = counts.get(id(self), 0) + 1
+    if counts[id(self)] == int(calls):
         with torch.no_grad():
             next(self.critic.parameters()).fill_(float("nan"))
     return out

@@ -63,12 +63,12 @@ def test_cal_ql_stopped_inside_the_updates_of_a_trajectory(reference, tmp_path, 
     still owed, and the resumed run ends as the uninterrupted one (in this process: torch and
     the data are the same as in the script)."""
     cal_ql = load_script("algorithms/cal_ql.py")
-    update, calls = cal_ql.CalQLAgent.update, [0]
+    update, calls = cal_ql.CalQLAgent.update, {}
 
     def signalling_update(agent, *args, **kwargs):
         out = update(agent, *args, **kwargs)
-        calls[0] += 1
-        if calls[0] == 300 + 3:  # the 3rd update of the first online trajectory
+        calls[id(agent)] = calls.get(id(agent), 0) + 1  # per agent: the time estimate uses a copy
+        if calls[id(agent)] == 300 + 3:  # the 3rd update of the first online trajectory
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
