@@ -9,17 +9,8 @@ import yaml
 
 from conftest import load_script, run_script
 
-KEYS = (
-    "q_true",
-    "q_bias",
-    "q_bias_min",
-    "kendall_tau",
-    "q_std_policy",
-    "q_std_random",
-    "alpha",
-    "critic_loss",
-    "actor_loss",
-)
+# The record keys after phase, step, env_steps, return, return_std and normalized_score.
+KEYS = load_script("algorithms/so2.py").RECORD_KEYS[6:]
 
 
 def score(variant: str, seed: int, step: int) -> float:
