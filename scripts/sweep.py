@@ -82,7 +82,9 @@ class RunSpec:
 
 
 def expand(sweep: dict, root: Path) -> list[RunSpec]:
-    """The runs of a sweep in dependency order: shared pretrainings first, then the variants."""
+    """The runs of a sweep, grouped by (dataset, seed) with the shared pretraining before its variants.
+    The local pool starts the first runnable run in this order, so it completes whole (dataset, seed)
+    groups early: a study cut short has finished seeds to report, not only pretrainings."""
     missing = {"name", "script", "datasets", "seeds", "variants"} - set(sweep)
     if missing:
         raise SweepError(f"sweep file lacks {', '.join(sorted(missing))}")
@@ -112,7 +114,7 @@ def expand(sweep: dict, root: Path) -> list[RunSpec]:
                         pretraining,
                     )
                 )
-    return sorted(specs, key=lambda s: s.depends is not None)
+    return specs
 
 
 def run_folder(spec: RunSpec) -> Optional[Path]:
@@ -174,7 +176,8 @@ def run_local(specs: list[RunSpec], workers: int, retries: int) -> dict[str, str
     stop: list[int] = []
     handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     running: dict[str, tuple[RunSpec, subprocess.Popen, float, Path]] = {}
-    final: dict[str, str] = {}
+    # runs that ended before this call count from the first progress line on
+    final = {s.id: {"done": "done", "diverged": "failed"}[state(s)] for s in specs if state(s) in ("done", "diverged")}
     shown = None
     try:
         while True:
@@ -212,10 +215,6 @@ def run_local(specs: list[RunSpec], workers: int, retries: int) -> dict[str, str
                 if len(running) >= workers:
                     break
                 if spec.id in running or spec.id in final:
-                    continue
-                now = state(spec)
-                if now in ("done", "diverged"):
-                    final[spec.id] = "done" if now == "done" else "failed"
                     continue
                 if spec.depends is not None and final.get(spec.depends.id) != "done":
                     if final.get(spec.depends.id) in ("failed", "blocked"):

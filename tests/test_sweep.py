@@ -52,10 +52,10 @@ def test_expansion_and_dependency_order(tmp_path):
     sweep = load_script("scripts/sweep.py")
     specs = sweep.expand(yaml.safe_load(open(write_sweep(tmp_path))), tmp_path / "tiny")
     assert [s.id for s in specs] == [
-        "walker2d-random/pretrain/seed0", "walker2d-random/pretrain/seed1",
-        "walker2d-random/so2/seed0", "walker2d-random/sacn/seed0", "walker2d-random/so2/seed1", "walker2d-random/sacn/seed1",
+        "walker2d-random/pretrain/seed0", "walker2d-random/so2/seed0", "walker2d-random/sacn/seed0",
+        "walker2d-random/pretrain/seed1", "walker2d-random/so2/seed1", "walker2d-random/sacn/seed1",
     ]  # fmt: skip
-    pretrain, so2 = specs[0], specs[2]
+    pretrain, so2 = specs[0], specs[1]
     assert pretrain.values["online_steps"] == 0 and pretrain.depends is None
     assert so2.depends is pretrain and so2.values["sigma"] == 0.3 and so2.values["utd"] == 2 and so2.values["seed"] == 0
     assert so2.folder == tmp_path / "tiny" / "walker2d-random" / "so2" / "seed0"
