@@ -834,7 +834,7 @@ def sera_reward(states: torch.Tensor, q: torch.Tensor, k: int, include_self: boo
 
 @torch.no_grad()
 def sera_bonus(
-    frozen_critic: VectorizedCritic, batch: torch.Tensor, n_offline: int, split, cfg: Config
+    frozen_critic: nn.Module, batch: torch.Tensor, n_offline: int, split, cfg: Config
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SERA on a mixed batch whose first n_offline rows come from the dataset: (reward bonus [B],
     0 on the dataset rows and sera_lambda * r_int on the online rows; r_int of the online rows),

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import REPO, load_script, run_script
 
-ALGORITHMS = ["algorithms/so2.py", "algorithms/cal_ql.py", "algorithms/sac.py"]
+ALGORITHMS = sorted(f"algorithms/{p.name}" for p in (REPO / "algorithms").glob("*.py"))
 SCRIPTS = sorted(
     f"scripts/{p.name}" for p in (REPO / "scripts").glob("*.py") if p.name != "common.py"
 )  # common.py is a module

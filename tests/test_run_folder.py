@@ -30,6 +30,7 @@ from conftest import (
         ("so2", "SO2Agent.pretrain_step", 40, "pretrain"),
         ("so2", "SO2Agent.finetune_critic_step", 30, "finetune"),
         ("cal_ql", "CalQLAgent.update", 340, "finetune"),
+        ("td3_bc", "TD3BCAgent.update", 320, "finetune"),
         ("sac", "SACAgent.update", 100, "online"),
     ],
 )
