@@ -24,7 +24,14 @@ from conftest import (
 
 @pytest.mark.parametrize(
     "name,phase",
-    [("so2", "finetune"), ("cal_ql", "pretrain"), ("cal_ql", "finetune"), ("td3_bc", "finetune"), ("sac", "online")],
+    [
+        ("so2", "finetune"),
+        ("cal_ql", "pretrain"),
+        ("cal_ql", "finetune"),
+        ("td3_bc", "finetune"),
+        ("iql", "pretrain"),
+        ("sac", "online"),
+    ],
 )
 def test_sigterm_checkpoints_exits_143_and_resumes(name, phase, reference, tmp_path, datasets_root):
     since = time.time()

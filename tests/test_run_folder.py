@@ -31,6 +31,7 @@ from conftest import (
         ("so2", "SO2Agent.finetune_critic_step", 30, "finetune"),
         ("cal_ql", "CalQLAgent.update", 340, "finetune"),
         ("td3_bc", "TD3BCAgent.update", 320, "finetune"),
+        ("iql", "IQLAgent.update", 150, "pretrain"),
         ("sac", "SACAgent.update", 100, "online"),
     ],
 )

@@ -24,7 +24,8 @@ DELIBERATE = {
     "GYM_IDS": "sac.py trains the locomotion envs only; cal_ql.py adds AntMaze",
     "REF_SCORES": "the same constants for the envs each file supports",
     "ReplayBuffer": "cal_ql.py stores the return-to-go and appends whole trajectories",
-    "VectorizedCritic": "sac.py keeps nn.Linear's default init, which trained the shipped behaviour policies",
+    "VectorizedCritic": "each method's released init: EDAC's (so2, cal_ql), nn.Linear's (td3_bc; sac, which "
+    "trained the shipped behaviour policies), orthogonal (iql)",
     "pretrain": "the algorithm's own update",
     "finetune": "the algorithm's own online loop",
     "read_pretrained": "the network sizes a pretraining must match",
