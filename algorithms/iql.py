@@ -710,12 +710,16 @@ class GaussianPolicy(nn.Module):
         self.log_std = nn.Parameter(torch.zeros(act_dim))
 
     def distribution(self, obs: torch.Tensor) -> torch.distributions.Normal:
-        return torch.distributions.Normal(torch.tanh(self.mean(obs)), self.log_std.clamp(-5.0, 2.0).exp())
+        # No argument checks: a diverged (NaN) policy must reach the finite check, not raise here
+        # (rsample too: sample() rejects a NaN std).
+        return torch.distributions.Normal(
+            torch.tanh(self.mean(obs)), self.log_std.clamp(-5.0, 2.0).exp(), validate_args=False
+        )
 
     def forward(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, None]:
         """(action clipped to [-1, 1], None): the mean when deterministic (evaluation), else a sample."""
         dist = self.distribution(obs)
-        return (dist.mean if deterministic else dist.sample()).clamp(-1.0, 1.0), None
+        return (dist.mean if deterministic else dist.rsample()).clamp(-1.0, 1.0), None
 
 
 class ValueNetwork(nn.Module):

@@ -229,6 +229,11 @@ RESUME_ARGS = {
         "--pretrain-eval-every 100 --batch-size 32 --online-steps 300 --eval-every 60 --eval-episodes 2 "
         "--mc-tail-steps 5 --kendall-windows 2 --checkpoint-every 25 --mixing-ratio 0.5 --sera --sera-k 3"
     ).split(),
+    "awac": (
+        "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 32 32 --pretrain-steps 300 "
+        "--pretrain-eval-every 100 --batch-size 32 --online-steps 300 --eval-every 60 --eval-episodes 2 "
+        "--mc-tail-steps 5 --kendall-windows 2 --checkpoint-every 25 --mixing-ratio 0.5 --sera --sera-k 3"
+    ).split(),
     "sac": (
         "--env hopper --total-steps 1200 --learning-starts 200 --eval-every 300 --eval-episodes 2 "
         "--hidden-dim 32 --batch-size 32 --checkpoint-every 25"
@@ -239,6 +244,7 @@ PHASES = {
     "cal_ql": ("pretrain", "finetune"),
     "td3_bc": ("pretrain", "finetune"),
     "iql": ("pretrain", "finetune"),
+    "awac": ("pretrain", "finetune"),
     "sac": ("online",),
 }
 FILES = list(RESUME_ARGS)

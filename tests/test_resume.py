@@ -30,6 +30,7 @@ from conftest import (
         ("cal_ql", "finetune"),
         ("td3_bc", "finetune"),
         ("iql", "pretrain"),
+        ("awac", "finetune"),
         ("sac", "online"),
     ],
 )

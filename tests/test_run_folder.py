@@ -32,6 +32,7 @@ from conftest import (
         ("cal_ql", "CalQLAgent.update", 340, "finetune"),
         ("td3_bc", "TD3BCAgent.update", 320, "finetune"),
         ("iql", "IQLAgent.update", 150, "pretrain"),
+        ("awac", "AWACAgent.update", 330, "finetune"),
         ("sac", "SACAgent.update", 100, "online"),
     ],
 )
