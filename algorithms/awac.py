@@ -114,7 +114,8 @@ class Config:
     batch_size: int = 256
     """Mini-batch size, offline and online."""
     pretrain_eval_every: int = 5_000
-    """Evaluate every this many pretraining steps (and at the end of pretraining; CORL's configs: 5,000)."""
+    """Evaluate every this many pretraining steps (and at the end of pretraining; CORL's Adroit
+    finetuning configs: 5,000)."""
     pretrained: Optional[str] = None
     """Path of a finished pretraining (pretrain.pt of an earlier run); skips pretraining."""
     random_dataset_steps: int = 1_000_000
@@ -179,6 +180,10 @@ def resolve_config(cfg: Config) -> Config:
         [
             (cfg.pretrain_steps >= 0, "pretrain_steps must be >= 0"),
             (cfg.online_steps >= 0, "online_steps must be >= 0"),
+            (
+                cfg.online_steps == 0 or cfg.mixing_ratio is None or cfg.online_steps >= online_batch,
+                f"online_steps must be 0 or >= {online_batch} (with mixing_ratio, updates start once the online buffer holds the online rows of a batch)",
+            ),
             (2 <= cfg.batch_size <= 1_000_000, "batch_size must be in [2, 1000000]"),
             (0 <= mixing < 1, "mixing_ratio must be in [0, 1): finetuning batches need online rows"),
             (cfg.pretrain_eval_every >= 1, "pretrain_eval_every must be >= 1"),
@@ -850,10 +855,21 @@ class Evaluator:
     """Runs one episode per env in `envs` together (one batched deterministic policy forward per
     step) and computes the normalised score and the Q diagnostics on the collected rollouts.
     Every evaluation starts from the same seeded initial states, so scores compare across
-    evaluations and runs; it draws nothing from the training RNG."""
+    evaluations and runs; it draws nothing from the training RNG. The Q diagnostics compare Q with
+    the discounted return of the rewards the critic learns, reward * reward_scale + reward_bias;
+    scores use the raw returns."""
 
-    def __init__(self, base: str, envs: list[gym.Env], cfg: Config, device: torch.device):
+    def __init__(
+        self,
+        base: str,
+        envs: list[gym.Env],
+        cfg: Config,
+        device: torch.device,
+        reward_scale: float = 1.0,
+        reward_bias: float = 0.0,
+    ):
         self.base, self.envs, self.cfg, self.device = base, envs, cfg, device
+        self.reward_scale, self.reward_bias = reward_scale, reward_bias
         self.seeds = [cfg.seed * 1000 + 500 + i for i in range(len(envs))]
 
     @torch.no_grad()
@@ -893,7 +909,8 @@ class Evaluator:
                 continue
             obs.append(np.asarray(ep["obs"][:n]))
             act.append(np.asarray(ep["act"][:n]))
-            q_true.append(discounted_returns(np.asarray(ep["rew"]), self.cfg.gamma)[:n])
+            rewards = np.asarray(ep["rew"]) * self.reward_scale + self.reward_bias
+            q_true.append(discounted_returns(rewards, self.cfg.gamma)[:n])
             lengths.append(n)
         nan = float("nan")
         if not lengths:

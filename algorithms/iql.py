@@ -38,10 +38,13 @@ Deliberate differences from the released code, two of them fixes of known traps:
   - the twin critics are one vectorised module (one batched matmul per layer).
   - environments are gymnasium v5 MuJoCo and Minari datasets (the paper used D4RL on
     gym/mujoco-py). AntMaze (the paper's finetuning domain) is not wired in this file yet; Adroit
-    names are accepted with the locomotion values (pass --no-scale-rewards: the released code
-    scales locomotion rewards only).
+    names are accepted with the locomotion values (their rewards stay unscaled, as ant's: the
+    released code scales halfcheetah, hopper and walker2d rewards only).
+  - dataset actions are not clipped to +-(1 - 1e-5) (released D4RLDataset clip_to_eps); the
+    Gaussian policy is not squashed, so its log-likelihood is finite at +-1 anyway.
 SERA: the same rule and choices as algorithms/cal_ql.py, on the online rows of each batch, with
-q = min over the twin of the critic frozen at the end of pretraining. Uniform sampling leaves a
+q = min over the twin of the critic frozen at the end of pretraining; the bonus is added to the
+scaled reward as it is (sera_lambda weighs it against rewards x scale). Uniform sampling leaves a
 batch with about 256 x online / (dataset + online) online rows, too few for a k-NN, so --sera needs
 --mixing-ratio (a fixed dataset share of each batch, e.g. 0.5 as in cal_ql.py).
 """
@@ -116,9 +119,10 @@ class Config:
     """Inverse temperature beta of the advantage weights exp(beta A) (locomotion 3, AntMaze 10)."""
     max_weight: float = 100.0
     """Advantage weights are clipped at this value (released code: 100)."""
-    scale_rewards: bool = True
-    """Rewards x 1000 / (max - min episode return of the dataset), dataset and online alike
-    (released code, locomotion); false keeps the raw rewards (Adroit)."""
+    scale_rewards: Optional[bool] = None
+    """Rewards x 1000 / (max - min episode return of the dataset), dataset and online alike. None:
+    for halfcheetah, hopper and walker2d only (the released code's rule; ant, pen and door keep raw
+    rewards); True / False force it."""
     actor_lr_cosine: bool = True
     """Offline, decay the policy's learning rate to 0 on a cosine over pretrain_steps (released
     train_offline.py); online it is actor_lr throughout."""
@@ -193,6 +197,10 @@ def resolve_config(cfg: Config) -> Config:
         [
             (cfg.pretrain_steps >= 0, "pretrain_steps must be >= 0"),
             (cfg.online_steps >= 0, "online_steps must be >= 0"),
+            (
+                cfg.online_steps == 0 or cfg.mixing_ratio is None or cfg.online_steps >= online_batch,
+                f"online_steps must be 0 or >= {online_batch} (with mixing_ratio, updates start once the online buffer holds the online rows of a batch)",
+            ),
             (2 <= cfg.batch_size <= 1_000_000, "batch_size must be in [2, 1000000]"),
             (0 <= mixing < 1, "mixing_ratio must be in [0, 1): finetuning batches need online rows"),
             (cfg.pretrain_eval_every >= 1, "pretrain_eval_every must be >= 1"),
@@ -606,10 +614,11 @@ def dataset_rows(arrays: dict[str, np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(columns, axis=1))
 
 
-def reward_scale(arrays: dict[str, np.ndarray], scale_rewards: bool) -> float:
-    """1000 / (max - min episode return) of the dataset (released code, locomotion), or 1. Episodes
-    end where terminals or timeouts is 1, the last one at the end of the data."""
-    if not scale_rewards:
+def reward_scale(arrays: dict[str, np.ndarray], base: str, scale_rewards: Optional[bool]) -> float:
+    """1000 / (max - min episode return) of the dataset, or 1: by default for halfcheetah, hopper and
+    walker2d only (released code). Episodes end where terminals or timeouts is 1, the last one at
+    the end of the data."""
+    if not (scale_rewards if scale_rewards is not None else base in ("halfcheetah", "hopper", "walker2d")):
         return 1.0
     ends = (arrays["terminals"] > 0) | (arrays["timeouts"] > 0)
     ends[-1] = True
@@ -618,7 +627,7 @@ def reward_scale(arrays: dict[str, np.ndarray], scale_rewards: bool) -> float:
     spread = returns.max() - returns.min()
     if spread <= 0:
         raise ConfigError(
-            "every episode of the dataset has the same return, so it sets no reward scale; use --no-scale-rewards"
+            "every episode of the dataset has the same return, so it sets no reward scale; use --scale-rewards False"
         )
     return float(1000.0 / spread)
 
@@ -911,10 +920,21 @@ class Evaluator:
     """Runs one episode per env in `envs` together (one batched deterministic policy forward per
     step) and computes the normalised score and the Q diagnostics on the collected rollouts.
     Every evaluation starts from the same seeded initial states, so scores compare across
-    evaluations and runs; it draws nothing from the training RNG."""
+    evaluations and runs; it draws nothing from the training RNG. The Q diagnostics compare Q with
+    the discounted return of the rewards the critic learns, reward * reward_scale + reward_bias;
+    scores use the raw returns."""
 
-    def __init__(self, base: str, envs: list[gym.Env], cfg: Config, device: torch.device):
+    def __init__(
+        self,
+        base: str,
+        envs: list[gym.Env],
+        cfg: Config,
+        device: torch.device,
+        reward_scale: float = 1.0,
+        reward_bias: float = 0.0,
+    ):
         self.base, self.envs, self.cfg, self.device = base, envs, cfg, device
+        self.reward_scale, self.reward_bias = reward_scale, reward_bias
         self.seeds = [cfg.seed * 1000 + 500 + i for i in range(len(envs))]
 
     @torch.no_grad()
@@ -954,7 +974,8 @@ class Evaluator:
                 continue
             obs.append(np.asarray(ep["obs"][:n]))
             act.append(np.asarray(ep["act"][:n]))
-            q_true.append(discounted_returns(np.asarray(ep["rew"]), self.cfg.gamma)[:n])
+            rewards = np.asarray(ep["rew"]) * self.reward_scale + self.reward_bias
+            q_true.append(discounted_returns(rewards, self.cfg.gamma)[:n])
             lengths.append(n)
         nan = float("nan")
         if not lengths:
@@ -1561,11 +1582,20 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
         raise ConfigError(
             f"--resume: dataset {dataset_id} on disk is not the one the run started with ({checkpoint['dataset']['fingerprint']}, now {data_info['fingerprint']})"
         )
-    scale = reward_scale(arrays, cfg.scale_rewards)
+    scale = reward_scale(arrays, base, cfg.scale_rewards)
+    if pretrained is not None and pretrained["dataset"] != data_info:
+        raise ConfigError(
+            f"checkpoint '{cfg.pretrained}' was pretrained on dataset {pretrained['dataset']['fingerprint']}, not this {dataset_id} ({data_info['fingerprint']}): its values would not fit this reward scale"
+        )
+    if checkpoint is not None and checkpoint["phase"] == "pretrain" and cfg.actor_lr_cosine:
+        if cfg.pretrain_steps != checkpoint["config"]["pretrain_steps"]:
+            raise ConfigError(
+                "--resume: pretrain_steps cannot change during pretraining with actor_lr_cosine (the schedule's length); resume with the same budget"
+            )
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    evaluate = Evaluator(base, [make_env(base) for _ in range(cfg.eval_episodes)], cfg, device)
+    evaluate = Evaluator(base, [make_env(base) for _ in range(cfg.eval_episodes)], cfg, device, reward_scale=scale)
     agent = IQLAgent(obs_dim, act_dim, cfg, device)
     if pretrained is not None:
         agent.load_state_dict(pretrained["agent"])

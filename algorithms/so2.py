@@ -902,10 +902,21 @@ class Evaluator:
     """Runs one episode per env in `envs` together (one batched deterministic policy forward per
     step) and computes the normalised score and the Q diagnostics on the collected rollouts.
     Every evaluation starts from the same seeded initial states, so scores compare across
-    evaluations and runs; it draws nothing from the training RNG."""
+    evaluations and runs; it draws nothing from the training RNG. The Q diagnostics compare Q with
+    the discounted return of the rewards the critic learns, reward * reward_scale + reward_bias;
+    scores use the raw returns."""
 
-    def __init__(self, base: str, envs: list[gym.Env], cfg: Config, device: torch.device):
+    def __init__(
+        self,
+        base: str,
+        envs: list[gym.Env],
+        cfg: Config,
+        device: torch.device,
+        reward_scale: float = 1.0,
+        reward_bias: float = 0.0,
+    ):
         self.base, self.envs, self.cfg, self.device = base, envs, cfg, device
+        self.reward_scale, self.reward_bias = reward_scale, reward_bias
         self.seeds = [cfg.seed * 1000 + 500 + i for i in range(len(envs))]
 
     @torch.no_grad()
@@ -945,7 +956,8 @@ class Evaluator:
                 continue
             obs.append(np.asarray(ep["obs"][:n]))
             act.append(np.asarray(ep["act"][:n]))
-            q_true.append(discounted_returns(np.asarray(ep["rew"]), self.cfg.gamma)[:n])
+            rewards = np.asarray(ep["rew"]) * self.reward_scale + self.reward_bias
+            q_true.append(discounted_returns(rewards, self.cfg.gamma)[:n])
             lengths.append(n)
         nan = float("nan")
         if not lengths:

@@ -26,12 +26,13 @@ initialisation, Adam 3e-4, batch 256, 1M offline steps, state normalisation with
 evaluation on 10 episodes every 5,000 steps; the online budget is the SO2 paper's 100k env steps
 (TD3+BC itself was offline only).
 Deliberate differences and choices where no released code exists:
-  - there is no released TD3+BC finetuning code (the SO2 paper ran DI-engine's). Online data mixing
-    follows the closest released online TD3+BC, BOORL (YiqinYang/BOORL): every batch is half
-    dataset rows and half online rows (`mixing_ratio` 0.5), one update per env step, exploration
-    noise N(0, 0.1) as in TD3. Online updates start once the online buffer holds one online
-    half-batch of rows (128 env steps at the defaults), so no batch repeats one transition.
-    The policy-delay counter runs on from pretraining.
+  - there is no released TD3+BC finetuning code (the SO2 paper ran DI-engine's). The batch follows
+    the closest released online TD3+BC, BOORL (YiqinYang/BOORL): half dataset rows, half online
+    rows (`mixing_ratio` 0.5). The rest is this file's choice, not BOORL's (BOORL runs 5 critic
+    updates per env step after a 25k-step warm-up and drops the BC term): one update per env
+    step, TD3's exploration noise N(0, 0.1), updates from the moment the online buffer holds one
+    online half-batch (128 env steps at the defaults, so no batch repeats one transition), and the
+    policy-delay counter running on from pretraining.
   - the dataset's actions are not clipped; the actor outputs tanh(.) in [-1, 1] (max_action 1).
   - the twin critics are one vectorised module (one batched matmul per layer).
   - environments are gymnasium v5 MuJoCo and Minari datasets (the paper used D4RL on
@@ -127,7 +128,7 @@ class Config:
     """Online env steps in finetuning (the SO2 paper's budget); 0 stops after pretraining."""
     mixing_ratio: float = 0.5
     """Fraction of each finetuning batch drawn from the dataset; the rest from the online buffer
-    (BOORL: 128 + 128)."""
+    (BOORL's batch: 128 + 128)."""
     expl_noise: float = 0.1
     """Std of the Gaussian exploration noise added to the policy's action online (TD3: 0.1)."""
     loose: bool = False
@@ -183,6 +184,10 @@ def resolve_config(cfg: Config) -> Config:
         [
             (cfg.pretrain_steps >= 0, "pretrain_steps must be >= 0"),
             (cfg.online_steps >= 0, "online_steps must be >= 0"),
+            (
+                cfg.online_steps == 0 or cfg.online_steps >= online_batch,
+                f"online_steps must be 0 or >= {online_batch} (updates start once the online buffer holds the online rows of a batch)",
+            ),
             (2 <= cfg.batch_size <= 1_000_000, "batch_size must be in [2, 1000000]"),
             (0 <= cfg.mixing_ratio < 1, "mixing_ratio must be in [0, 1): finetuning batches need online rows"),
             (cfg.pretrain_eval_every >= 1, "pretrain_eval_every must be >= 1"),
@@ -864,10 +869,21 @@ class Evaluator:
     """Runs one episode per env in `envs` together (one batched deterministic policy forward per
     step) and computes the normalised score and the Q diagnostics on the collected rollouts.
     Every evaluation starts from the same seeded initial states, so scores compare across
-    evaluations and runs; it draws nothing from the training RNG."""
+    evaluations and runs; it draws nothing from the training RNG. The Q diagnostics compare Q with
+    the discounted return of the rewards the critic learns, reward * reward_scale + reward_bias;
+    scores use the raw returns."""
 
-    def __init__(self, base: str, envs: list[gym.Env], cfg: Config, device: torch.device):
+    def __init__(
+        self,
+        base: str,
+        envs: list[gym.Env],
+        cfg: Config,
+        device: torch.device,
+        reward_scale: float = 1.0,
+        reward_bias: float = 0.0,
+    ):
         self.base, self.envs, self.cfg, self.device = base, envs, cfg, device
+        self.reward_scale, self.reward_bias = reward_scale, reward_bias
         self.seeds = [cfg.seed * 1000 + 500 + i for i in range(len(envs))]
 
     @torch.no_grad()
@@ -907,7 +923,8 @@ class Evaluator:
                 continue
             obs.append(np.asarray(ep["obs"][:n]))
             act.append(np.asarray(ep["act"][:n]))
-            q_true.append(discounted_returns(np.asarray(ep["rew"]), self.cfg.gamma)[:n])
+            rewards = np.asarray(ep["rew"]) * self.reward_scale + self.reward_bias
+            q_true.append(discounted_returns(rewards, self.cfg.gamma)[:n])
             lengths.append(n)
         nan = float("nan")
         if not lengths:

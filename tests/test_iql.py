@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RESUME_ARGS, check_summary, finished_run, load_script, read_metrics
+from conftest import RESUME_ARGS, assert_main_refuses, check_summary, finished_run, load_script, read_metrics
 
 iql = load_script("algorithms/iql.py")
 
@@ -40,10 +40,27 @@ def test_reward_scale_is_1000_over_the_episode_return_range():
         "terminals": np.array([0, 1, 0, 0], dtype=np.float32),  # episode 1 ends by termination
         "timeouts": np.array([0, 0, 1, 0], dtype=np.float32),  # episode 2 by a time limit; 3 is cut
     }
-    assert math.isclose(iql.reward_scale(arrays, True), 1000.0 / (5.0 - (-1.0)))
-    assert iql.reward_scale(arrays, False) == 1.0
-    with pytest.raises(iql.ConfigError, match="no-scale-rewards"):
-        iql.reward_scale({**arrays, "rewards": np.array([1, 0, 1, 1], dtype=np.float32)}, True)
+    assert math.isclose(iql.reward_scale(arrays, "hopper", None), 1000.0 / (5.0 - (-1.0)))
+    assert iql.reward_scale(arrays, "hopper", False) == 1.0
+    # the released rule scales halfcheetah, hopper and walker2d only
+    assert iql.reward_scale(arrays, "ant", None) == 1.0 and iql.reward_scale(arrays, "pen", None) == 1.0
+    assert math.isclose(iql.reward_scale(arrays, "ant", True), 1000.0 / 6.0)
+    with pytest.raises(iql.ConfigError, match="--scale-rewards False"):
+        iql.reward_scale({**arrays, "rewards": np.array([1, 0, 1, 1], dtype=np.float32)}, "hopper", None)
+
+
+def test_q_diagnostics_compare_q_with_returns_of_the_rewards_the_critic_learns():
+    """A critic that predicts the discounted return of reward * scale + bias exactly has no bias
+    (the shared Evaluator; iql.py and cal_ql.py train on transformed rewards)."""
+    cfg = iql.Config(gamma=0.5, kendall_windows=1)
+    evaluator = iql.Evaluator("hopper", [], cfg, torch.device("cpu"), reward_scale=2.0, reward_bias=-1.0)
+    episode = {"obs": [np.zeros(3)] * 3, "act": [np.zeros(2)] * 3, "rew": [1.0, 3.0, 2.0], "terminated": True}
+    # transformed rewards 1, 5, 3: returns 1 + 0.5 (5 + 0.5 * 3) = 4.25, 5 + 1.5 = 6.5, 3
+    true = torch.tensor([4.25, 6.5, 3.0])
+    critic = lambda obs, act: true.expand(2, -1)  # noqa: E731
+    out = evaluator.q_diagnostics(type("Agent", (), {"critic": staticmethod(critic)}), [episode])
+    assert abs(out["q_bias"]) < 1e-6 and abs(out["q_bias_min"]) < 1e-6 and math.isclose(out["q_true"], 13.75 / 3)
+    assert out["kendall_tau"] == 1.0
 
 
 def test_update_order_value_then_policy_then_critics():
@@ -98,7 +115,7 @@ def test_online_rewards_are_scaled_exactly_as_the_datasets(sera_run):
     checkpoint = torch.load(sera_run / "checkpoint.pt", weights_only=False)
     cfg = iql.Config(**checkpoint["config"])
     arrays, _ = iql.load_dataset("walker2d", "random", cfg.random_dataset_steps)
-    scale = iql.reward_scale(arrays, True)
+    scale = iql.reward_scale(arrays, "walker2d", None)
     assert scale > 1.5  # a scale that a missing multiplication would show
     obs_, act, rew, _, done = iql.ReplayBuffer(1, 17, 6, torch.device("cpu")).split(
         checkpoint["loop"]["online"]["rows"]
@@ -142,3 +159,21 @@ def test_locomotion_config_is_the_defaults_with_their_sources():
     cfg = iql.resolve_config(cfg)
     defaults = iql.Config()
     assert {f for f in vars(defaults) if getattr(cfg, f) != getattr(defaults, f)} == {"env", "config"}
+
+
+def test_pretraining_of_another_dataset_is_refused(sera_run, tmp_path, capsys, datasets_root):
+    """Its critic learned another reward scale; one line, before any training."""
+    iql.load_dataset("walker2d", "random", 1000)  # the other dataset exists (made once)
+    capsys.readouterr()
+    args = [*RESUME_ARGS["iql"], "--random-dataset-steps", "1000", "--pretrained", str(sera_run / "pretrain.pt")]
+    assert_main_refuses(iql, [*args, "--out-dir", str(tmp_path)], capsys, "its values would not fit this reward scale")
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_resume_inside_pretraining_keeps_the_cosine_schedule_length(sera_run, tmp_path, capsys):
+    checkpoint = torch.load(sera_run / "checkpoint.pt", weights_only=False)
+    checkpoint.update(phase="pretrain", step=100)  # as if stopped at step 100 of 300
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    assert_main_refuses(
+        iql, ["--resume", str(tmp_path), "--pretrain-steps", "400"], capsys, "pretrain_steps cannot change"
+    )
