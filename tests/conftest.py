@@ -197,11 +197,15 @@ def kill_and_resume(
 
 
 def same_run(a: Path, b: Path) -> None:
-    """Two runs wrote the same metrics.jsonl and ended with the same networks."""
+    """Two runs wrote the same metrics.jsonl and ended with the same agent: every network and
+    optimiser tensor of final.pt equal."""
     assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
     agent_a, agent_b = (torch.load(run / "final.pt", map_location="cpu", weights_only=False)["agent"] for run in (a, b))
-    for net in ("actor", "critic", "target_critic"):
-        assert all(torch.equal(agent_a[net][k], agent_b[net][k]) for k in agent_a[net]), net
+    assert agent_a.keys() == agent_b.keys() and {"actor", "critic"} <= agent_a.keys()
+    tensors = load_script("algorithms/so2.py").tensors  # the nested state dict's tensors, in order
+    for name in agent_a:
+        tensors_a, tensors_b = tensors(agent_a[name]), tensors(agent_b[name])
+        assert len(tensors_a) == len(tensors_b) and all(torch.equal(x, y) for x, y in zip(tensors_a, tensors_b)), name
 
 
 # Tiny runs of each algorithm file with phases long enough (hundreds of steps, a checkpoint every
@@ -234,6 +238,11 @@ RESUME_ARGS = {
         "--pretrain-eval-every 100 --batch-size 32 --online-steps 300 --eval-every 60 --eval-episodes 2 "
         "--mc-tail-steps 5 --kendall-windows 2 --checkpoint-every 25 --mixing-ratio 0.5 --sera --sera-k 3"
     ).split(),
+    "pex": (
+        "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 32 32 --pretrain-steps 300 "
+        "--pretrain-eval-every 100 --batch-size 32 --online-steps 300 --collection-steps 50 --eval-every 60 "
+        "--eval-episodes 2 --mc-tail-steps 5 --kendall-windows 2 --checkpoint-every 25 --so2 --so2-utd 2"
+    ).split(),
     "sac": (
         "--env hopper --total-steps 1200 --learning-starts 200 --eval-every 300 --eval-episodes 2 "
         "--hidden-dim 32 --batch-size 32 --checkpoint-every 25"
@@ -245,6 +254,7 @@ PHASES = {
     "td3_bc": ("pretrain", "finetune"),
     "iql": ("pretrain", "finetune"),
     "awac": ("pretrain", "finetune"),
+    "pex": ("pretrain", "finetune"),
     "sac": ("online",),
 }
 FILES = list(RESUME_ARGS)

@@ -31,6 +31,7 @@ from conftest import (
         ("td3_bc", "finetune"),
         ("iql", "pretrain"),
         ("awac", "finetune"),
+        ("pex", "finetune"),
         ("sac", "online"),
     ],
 )

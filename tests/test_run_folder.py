@@ -33,6 +33,7 @@ from conftest import (
         ("td3_bc", "TD3BCAgent.update", 320, "finetune"),
         ("iql", "IQLAgent.update", 150, "pretrain"),
         ("awac", "AWACAgent.update", 330, "finetune"),
+        ("pex", "PEXAgent.update", 420, "finetune"),
         ("sac", "SACAgent.update", 100, "online"),
     ],
 )

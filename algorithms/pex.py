@@ -1,0 +1,1627 @@
+"""PEX: IQL pretraining, then online finetuning by policy expansion, optionally with SO2's techniques.
+
+Papers: Zhang, Xu & Yu, "Policy Expansion for Bridging Offline-to-Online Reinforcement Learning",
+ICLR 2023 (arXiv 2302.00935, code Haichao-Zhang/PEX); Kostrikov et al., "Offline Reinforcement
+Learning with Implicit Q-Learning", ICLR 2022 (IQL); Zhang et al., "A Perspective of Q-value
+Estimation on Offline-to-Online Reinforcement Learning", AAAI 2024 (SO2, its Table 9 adds SO2 to
+PEX).
+Pipeline in this file, top to bottom:
+  1. the D4RL-style dataset, resolved to a Minari dataset (generated on the spot for *-random by
+     scripts/make_dataset.py); rewards unchanged (the release's locomotion rule);
+  2. offline pretraining: IQL as the PEX release writes it (pex/algorithms/iql.py): V by
+     expectile regression on min(Q'_1, Q'_2)(s, a), the twin critics towards r + gamma (1 - d)
+     V(s') with the V from before this step, the target update, then the policy by advantage-
+     weighted regression with the advantage from before the V step, its learning rate on a cosine
+     decay over the pretraining;
+  3. online finetuning: the offline policy is frozen and a NEW policy is added (policy expansion);
+     critics and V continue from pretraining. At each step both propose an action (the offline
+     policy its mode, the new policy a sample) and one is drawn from softmax(inverse temperature x
+     min Q(s, a_k)). Every transition goes to the online buffer; after 5,000 env steps of
+     collection every env step brings one update on a batch of half dataset, half online rows:
+     IQL's V and Q steps as offline, and the new policy's AWR step on the actions the policy set
+     selects at the batch's states;
+  4. batched evaluation (greedy: both modes, the higher-Q one) with the same Q diagnostics as
+     algorithms/so2.py.
+The run folder (checkpoint, --resume, signals, divergence) is the same in every algorithm file.
+
+Defaults follow the release (main_offline.py / main_online.py): 2x256 networks, Adam 3e-4 for all,
+batch 256, target rate 0.005, weights clipped at 100, inverse temperature 10, 5,000 collection
+steps, one update per env step, 1M offline steps, evaluation on 10 episodes every 10,000 offline
+steps. Expectile 0.9 and temperature 10: the values of the README's locomotion commands (its
+halfcheetah-random example); the argparse defaults are 0.7 and 10. The online budget is the SO2
+paper's 100k env steps (the release's: 1M).
+--so2 (the SO2 paper does not say how it combined SO2 with PEX; this file's reading): IQL's
+bootstrap target V(s') has no action to perturb, so the perturbed value update acts where the
+target critic meets an action in that chain, V's regression target: min Q'(s, a~) with
+a~ = clip(a + clip(N(0, 0.3^2), -0.6, 0.6), -1, 1) (SO2's sigma and clip), online only as in SO2;
+and 10 V and Q updates per online env step (SO2's utd), the new policy stepped once per env step.
+Deliberate differences from the release:
+  - networks use algorithms/iql.py's blocks: orthogonal(sqrt 2) init with zero biases (the PEX
+    release: nn.Linear's default for V and Q, Xavier-uniform for the policy); the twin critics are
+    one vectorised module.
+  - evaluation is greedy (the new policy's mode, the argmax over Q); the release evaluates with
+    epsilon 0.1 in both draws.
+  - sampled actions are clipped to [-1, 1] before they are stored (the release stores them
+    unclipped; the MuJoCo environment clips them anyway).
+  - the collection steps count toward the online budget; updates start at env step 5,001 (the
+    release updates before its env step, once its buffer holds more than 5,000 rows).
+  - environments are gymnasium v5 MuJoCo and Minari datasets (the release used D4RL on gym).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Literal, Optional
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+import yaml
+from tqdm import tqdm
+
+ALGO = "pex"
+FIRST_RESULT = "For a first result on a CPU, shrink the budgets, e.g. --pretrain-steps 20000 --online-steps 10000"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NUM_CRITICS = 2  # twin critics: min over the twin for V's target, the advantage and the pick
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    env: str = "hopper-random"
+    """D4RL-style dataset name: {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,
+    medium-expert,expert} or {pen,door}-{human,cloned,expert}."""
+    config: Optional[str] = None
+    """YAML file of field values (e.g. configs/pex/locomotion.yaml); flags given on the command
+    line override it."""
+    resume: Optional[str] = None
+    """Run folder to continue from its checkpoint.pt, in either phase; its saved config is the
+    default and flags override it (not env, seed, or the network sizes)."""
+    seed: int = 0
+    """Seed of torch, numpy and the environments; same seed on CPU gives identical metrics."""
+    device: str = "auto"
+    """Torch device: 'auto' picks cuda when available, else cpu."""
+    hidden_dims: tuple[int, ...] = (256, 256)
+    """Hidden layer widths of both policies, the value network and each twin critic (release: 2 x 256)."""
+    gamma: float = 0.99
+    """Discount factor."""
+    tau: float = 5e-3
+    """Polyak rate of the target critics, applied after every update."""
+    lr: float = 3e-4
+    """Adam learning rate of every network (release: one --learning_rate)."""
+    expectile: float = 0.9
+    """Expectile of V's regression on Q (release README's locomotion commands: 0.9; argparse default 0.7)."""
+    temperature: float = 10.0
+    """Inverse temperature beta of the advantage weights exp(beta A) (release: 10)."""
+    max_weight: float = 100.0
+    """Advantage weights are clipped at this value (release: EXP_ADV_MAX 100)."""
+    actor_lr_cosine: bool = True
+    """Offline, decay the policy's learning rate to 0 on a cosine over pretrain_steps (release:
+    CosineAnnealingLR); the new policy's online learning rate is constant."""
+
+    pretrain_steps: int = 1_000_000
+    """Offline gradient steps (release: 1M)."""
+    batch_size: int = 256
+    """Mini-batch size, offline and online (online: half dataset, half online rows)."""
+    pretrain_eval_every: int = 10_000
+    """Evaluate every this many pretraining steps (and at the end of pretraining)."""
+    pretrained: Optional[str] = None
+    """Path of a finished pretraining (pretrain.pt of an earlier run); skips pretraining."""
+    random_dataset_steps: int = 1_000_000
+    """Size of a *-random dataset generated when none is on disk (D4RL: 1M). Other sizes are
+    stored under their own id (local/<env>/random-n<steps>-v0), never as the 1M dataset."""
+
+    online_steps: int = 100_000
+    """Online env steps in finetuning (the SO2 paper's budget; the release's: 1M); 0 stops after
+    pretraining."""
+    collection_steps: int = 5_000
+    """Env steps by the policy set before the first online update (release: initial_collection_steps)."""
+    inv_temperature: float = 10.0
+    """Inverse temperature of the draw between the two policies' proposals by their Q (release: 10)."""
+    so2: bool = False
+    """Finetune with SO2's perturbed value update (so2_sigma, so2_noise_clip) and so2_utd updates
+    per env step (the SO2 paper's Table 9 combination; see the header for where the noise acts)."""
+    so2_sigma: float = 0.3
+    """With --so2: std of the noise on the action of V's regression target (SO2: 0.3)."""
+    so2_noise_clip: float = 0.6
+    """With --so2: that noise is clipped to [-so2_noise_clip, so2_noise_clip] (SO2: 0.6)."""
+    so2_utd: int = 10
+    """With --so2: V and Q updates per online env step (SO2: 10); the new policy steps once."""
+
+    eval_every: int = 10_000
+    """Evaluate when the online env steps reach a multiple of this (and at the start and end;
+    release: eval_period 10,000)."""
+    eval_episodes: int = 10
+    """Evaluation episodes, run together with one batched policy forward per step."""
+    kendall_windows: int = 10
+    """M: each evaluation episode is cut into M consecutive windows for Kendall's tau."""
+    mc_tail_steps: int = 460
+    """Q diagnostics skip the last steps of a time-limit-truncated evaluation episode, whose
+    Monte-Carlo return misses the cut-off tail (0.99^460 < 1%)."""
+
+    checkpoint_every: int = 10_000
+    """Write checkpoint.pt every this many steps of the phase (gradient steps in pretraining, env
+    steps online), besides the phase boundary, the end and a SIGINT / SIGTERM."""
+    out_dir: str = "runs"
+    """Runs are written to <out_dir>/<env>__pex[-<run_name>]__<seed>__<unix time>/."""
+    run_name: Optional[str] = None
+    """Name added to the run folder to tell variants apart (letters, digits, '.', '-')."""
+    track: bool = False
+    """Log to Weights & Biases (works with WANDB_MODE=offline)."""
+    wandb_project: str = "offline-to-online"
+    """W&B project name (runs are grouped by algorithm)."""
+
+
+# Fields a resumed run cannot change: they define the data, networks, optimisers or evaluation.
+RESUME_FIXED = (
+    "env", "seed", "hidden_dims", "random_dataset_steps", "eval_episodes", "pretrained", "gamma", "lr",
+    "batch_size", "actor_lr_cosine", "so2",
+)  # fmt: skip
+# The step budget of each phase: a resumed run cannot be given fewer steps than it has made.
+PHASE_BUDGET = {"pretrain": "pretrain_steps", "finetune": "online_steps"}
+
+
+def resolve_config(cfg: Config) -> Config:
+    """Check every value; ConfigError if bad."""
+    parse_env_name(cfg.env)
+    check_common(cfg)
+    check(
+        [
+            (cfg.pretrain_steps >= 0, "pretrain_steps must be >= 0"),
+            (cfg.online_steps >= 0, "online_steps must be >= 0"),
+            (
+                cfg.online_steps == 0 or 0 <= cfg.collection_steps < cfg.online_steps,
+                "collection_steps must be in [0, online_steps)",
+            ),
+            (2 <= cfg.batch_size <= 1_000_000, "batch_size must be in [2, 1000000]"),
+            (cfg.pretrain_eval_every >= 1, "pretrain_eval_every must be >= 1"),
+            (1 <= cfg.random_dataset_steps <= 100_000_000, "random_dataset_steps must be in [1, 1e8]"),
+            (0 < cfg.gamma < 1 and 0 < cfg.tau <= 1, "gamma must be in (0, 1) and tau in (0, 1]"),
+            (0 < cfg.lr <= 1, "lr must be in (0, 1]"),
+            (
+                len(cfg.hidden_dims) >= 1 and 1 <= min(cfg.hidden_dims) and max(cfg.hidden_dims) <= 65536,
+                "hidden_dims must be non-empty and in [1, 65536]",
+            ),
+            (0 < cfg.expectile < 1, "expectile must be in (0, 1)"),
+            (cfg.temperature >= 0 and cfg.max_weight > 0, "temperature must be >= 0 and max_weight > 0"),
+            (cfg.inv_temperature >= 0, "inv_temperature must be >= 0"),
+            (
+                cfg.so2_sigma >= 0 and cfg.so2_noise_clip >= 0 and 1 <= cfg.so2_utd <= 10_000,
+                "so2_sigma and so2_noise_clip must be >= 0 and so2_utd in [1, 10000]",
+            ),
+        ]
+    )
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Config parsing and checks (the same block in every algorithm file)
+# ----------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = 1  # of checkpoint.pt, pretrain.pt and final.pt
+
+
+class ConfigError(Exception):
+    """Bad input: reported as one line on stderr, exit code 2, before any compute or run folder."""
+
+
+def fail(message: str) -> None:
+    print(f"{ALGO}.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def type_problem(value, hint) -> bool:
+    """True if value does not fit the type hint (int, float, bool, str, Optional, Literal, tuple);
+    floats must be finite."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return all(type_problem(value, arg) for arg in args)
+    if origin is Literal:
+        return value not in args
+    if origin is tuple:
+        return not isinstance(value, tuple) or any(type_problem(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is not None
+    if hint is float:
+        return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if hint is int:
+        return isinstance(value, bool) or not isinstance(value, int)
+    return not isinstance(value, hint)
+
+
+def check_types(cfg: Config, source: str) -> None:
+    hints = typing.get_type_hints(Config)
+    for f in fields(Config):
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        if type_problem(value, hint):
+            expected = {float: "a finite float", int: "int", str: "str", bool: "bool"}.get(
+                hint, str(hint).replace("typing.", "")
+            )
+            raise ConfigError(f"{source}{f.name} must be {expected}, got {value!r}")
+
+
+def check(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def writable_dir_problem(path: Path) -> Optional[str]:
+    """Why files cannot be created under path (a file in the way, no write permission), or None."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"'{existing}' is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"'{existing}' is not writable"
+    return None
+
+
+def check_common(cfg: Config) -> None:
+    """Types (from the --config file too), finite numbers, seed, evaluation, paths and device."""
+    check_types(cfg, "")
+    check(
+        [
+            (0 <= cfg.seed < 2**31, "seed must be in [0, 2^31)"),
+            (1 <= cfg.eval_episodes <= 1000, "eval_episodes must be in [1, 1000]"),
+            (cfg.eval_every >= 1 and cfg.checkpoint_every >= 1, "eval_every and checkpoint_every must be >= 1"),
+            (
+                1 <= cfg.kendall_windows <= 10_000 and cfg.mc_tail_steps >= 0,
+                "kendall_windows must be in [1, 10000] and mc_tail_steps >= 0",
+            ),
+            (
+                cfg.run_name is None
+                or (
+                    cfg.run_name.replace("-", "").replace(".", "").replace("_", "").isalnum()
+                    and "__" not in cfg.run_name
+                ),
+                "run_name may hold letters, digits, '.', '-' and single '_' only",
+            ),
+        ]
+    )
+    problem = writable_dir_problem(Path(cfg.out_dir))
+    if problem:
+        raise ConfigError(f"out_dir '{cfg.out_dir}' cannot hold run folders: {problem}")
+    if cfg.device != "auto":
+        try:
+            if torch.device(cfg.device).type not in ("cpu", "cuda"):
+                raise RuntimeError("expected cpu or cuda")
+            torch.empty(0, device=cfg.device)
+        except (RuntimeError, AssertionError) as exc:
+            raise ConfigError(f"device '{cfg.device}' is not usable: {first_line(exc)}")
+
+
+def read_config_file(path: str) -> Config:
+    """Field values from a YAML file (lists become tuples); the type checks come later."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise TypeError("expected a mapping of field names to values")
+        return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except (OSError, yaml.YAMLError, TypeError) as exc:
+        raise ConfigError(f"cannot use config file '{path}': {first_line(exc)}")
+
+
+def read_checkpoint(run_dir: str) -> dict:
+    """RUN_DIR/checkpoint.pt of this algorithm; ConfigError otherwise."""
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        raise ConfigError(
+            f"--resume: no checkpoint.pt in '{run_dir}' (a run folder of this project's algorithm files, after its first checkpoint)"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        fmt, algo = checkpoint["format"], checkpoint["algo"]
+    except Exception as exc:
+        raise ConfigError(f"--resume: cannot read '{path}': {first_line(exc)}")
+    if fmt != CHECKPOINT_FORMAT or algo != ALGO:
+        raise ConfigError(
+            f"--resume: '{path}' is a checkpoint of algorithms/{algo}.py (format {fmt}), not of algorithms/{ALGO}.py (format {CHECKPOINT_FORMAT})"
+        )
+    return checkpoint
+
+
+def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
+    """tyro CLI -> (config, checkpoint to resume or None). --config FILE: the file's values are
+    the defaults that flags override. --resume RUN_DIR: the run's saved config is the default;
+    flags override it, except the RESUME_FIXED fields."""
+    cfg = tyro.cli(Config, args=argv)
+    if cfg.resume is not None:
+        if cfg.config is not None:
+            raise ConfigError("--resume continues with the run's saved config; leave out --config")
+        checkpoint = read_checkpoint(cfg.resume)
+        saved = replace(Config(**checkpoint["config"]), resume=cfg.resume)
+        cfg = tyro.cli(Config, args=argv, default=saved)
+        changed = [name for name in RESUME_FIXED if getattr(cfg, name) != getattr(saved, name)]
+        budget = PHASE_BUDGET[checkpoint["phase"]]
+        if getattr(cfg, budget) < checkpoint["step"]:
+            raise ConfigError(
+                f"--resume: {budget}={getattr(cfg, budget)} is below the {checkpoint['step']} steps the run has made in {checkpoint['phase']}"
+            )
+        if changed:
+            raise ConfigError(
+                f"--resume: {', '.join(changed)} cannot change in a resumed run (saved: {', '.join(f'{n}={getattr(saved, n)}' for n in changed)})"
+            )
+        return cfg, checkpoint
+    if cfg.config is not None:
+        defaults = read_config_file(cfg.config)
+        check_types(defaults, f"config file '{cfg.config}': ")  # before tyro sees the defaults
+        cfg = tyro.cli(Config, args=argv, default=replace(defaults, config=cfg.config))
+    return cfg, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets: D4RL names -> Minari datasets -> flat transition arrays (cached), scores
+# ----------------------------------------------------------------------------------------------
+GYM_IDS = {
+    "halfcheetah": "HalfCheetah-v5",
+    "hopper": "Hopper-v5",
+    "walker2d": "Walker2d-v5",
+    "ant": "Ant-v5",
+    "pen": "AdroitHandPen-v1",
+    "door": "AdroitHandDoor-v1",
+}
+ADROIT = ("pen", "door")
+GENERATED = ("halfcheetah", "hopper", "walker2d", "ant")  # scripts/make_dataset.py makes their sets
+LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
+ADROIT_QUALITIES = ("human", "cloned", "expert")
+# D4RL reference returns (random, expert) that define the normalised score.
+REF_SCORES = {
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+    "pen": (96.262799, 3076.833),
+    "door": (-56.512833, 2880.569),
+}
+
+
+def parse_env_name(name: str) -> tuple[str, str]:
+    """'walker2d-medium-replay' -> ('walker2d', 'medium-replay'); ConfigError if unknown."""
+    base, _, quality = name.partition("-")
+    if base not in GYM_IDS or quality not in (ADROIT_QUALITIES if base in ADROIT else LOCOMOTION_QUALITIES):
+        locomotion = ",".join(b for b in GYM_IDS if b not in ADROIT)
+        raise ConfigError(
+            f"unknown env '{name}'; expected {{{locomotion}}}-{{{','.join(LOCOMOTION_QUALITIES)}}} or {{{','.join(ADROIT)}}}-{{{','.join(ADROIT_QUALITIES)}}}"
+        )
+    return base, quality
+
+
+def dataset_ids(base: str, quality: str, random_steps: int) -> tuple[str, list[str]]:
+    """(local id, hub ids) tried in that order. The hub has no random, medium-replay or
+    medium-expert locomotion sets; its medium/expert sets come from other policies than D4RL's."""
+    name = quality if quality != "random" or random_steps == 1_000_000 else f"random-n{random_steps}"
+    local = f"local/{base}/{name}-v0"
+    if base in ADROIT:
+        return local, [f"D4RL/{base}/{quality}-v2"]
+    return local, [f"mujoco/{base}/{quality}-v0"] if quality in ("medium", "expert") else []
+
+
+def normalized_score(base: str, returns):
+    low, high = REF_SCORES[base]
+    return 100.0 * (np.asarray(returns) - low) / (high - low)
+
+
+def flatten_episodes(episodes) -> dict[str, np.ndarray]:
+    """Episodes (observations with T+1 rows, actions/rewards/terminations/truncations with T) ->
+    float32 transition arrays in D4RL's q-learning layout. terminals = terminations only: a
+    time-limit truncation is not a terminal state, and observations[t + 1] is the real next state
+    even at a truncation; timeouts marks truncations, so episode boundaries stay recoverable."""
+    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
+    for ep in episodes:
+        parts["observations"].append(ep["observations"][:-1])
+        parts["next_observations"].append(ep["observations"][1:])
+        parts["actions"].append(ep["actions"])
+        parts["rewards"].append(ep["rewards"])
+        parts["terminals"].append(ep["terminations"])
+        parts["timeouts"].append(ep["truncations"])
+    return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
+
+
+def dataset_path(dataset_id: str = "") -> Path:
+    """Minari's folder of a dataset ($MINARI_DATASETS_PATH, default ~/.minari/datasets), without
+    creating anything, so that a read-only store can be read."""
+    return Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets") / dataset_id
+
+
+def cache_key(dataset_id: str) -> str:
+    stat = (dataset_path(dataset_id) / "data" / "main_data.hdf5").stat()
+    return f"flat-v1:{dataset_id}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def save_flat_cache(dataset_id: str, arrays: dict[str, np.ndarray]) -> None:
+    path = dataset_path(dataset_id) / "flat_cache.npz"
+    tmp = path.with_name(f".flat_cache.tmp{os.getpid()}.npz")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, key=np.array(cache_key(dataset_id)), **arrays)
+        os.replace(tmp, path)
+    except OSError:  # a read-only store only costs the next load its flattening time
+        tmp.unlink(missing_ok=True)
+
+
+def read_flat_cache(dataset_id: str) -> Optional[dict[str, np.ndarray]]:
+    """The cached arrays, or None when the cache is missing, stale or unreadable (a cache miss)."""
+    try:
+        with np.load(dataset_path(dataset_id) / "flat_cache.npz") as cache:
+            if str(cache["key"]) != cache_key(dataset_id):
+                return None
+            return {k: cache[k] for k in cache.files if k != "key"}
+    except Exception:  # missing, truncated or garbage file: flatten the dataset again
+        return None
+
+
+def build_flat_cache(dataset_id: str) -> dict[str, np.ndarray]:
+    import minari
+
+    dataset = minari.load_dataset(dataset_id)
+    episodes = (
+        {
+            "observations": e.observations,
+            "actions": e.actions,
+            "rewards": e.rewards,
+            "terminations": e.terminations,
+            "truncations": e.truncations,
+        }
+        for e in dataset.iterate_episodes()
+    )
+    arrays = flatten_episodes(episodes)
+    save_flat_cache(dataset_id, arrays)
+    return arrays
+
+
+def generate_random_dataset(base: str, steps: int) -> None:
+    """*-random sets are made on the spot by scripts/make_dataset.py (D4RL random protocol), so a
+    first run needs no network. That script locks the id: concurrent first runs make it once."""
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "make_dataset.py"), f"{base}-random", "--steps", str(steps)]
+    print(
+        f"{ALGO}.py: {base}-random is not on disk; generating it: python scripts/make_dataset.py {base}-random --steps {steps}",
+        file=sys.stderr,
+    )
+    code = subprocess.run(command).returncode
+    if code in (2, 130, 143):  # bad input or a signal: the script has said why in one line
+        sys.exit(code)
+    if code != 0:
+        raise ConfigError(f"generating {base}-random failed (exit code {code}); see its output above")
+
+
+def load_dataset(base: str, quality: str, random_steps: int) -> tuple[dict[str, np.ndarray], str]:
+    """Flat transition arrays and the Minari id they came from. Order: local/<env>/<quality>-v0,
+    then the hub id on disk, then for *-random a set generated here, then a download (needs the
+    network). A damaged dataset is a ConfigError that says how to make it again."""
+    root = dataset_path()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"MINARI_DATASETS_PATH '{root}' is a file, not a folder")
+    local_id, hub_ids = dataset_ids(base, quality, random_steps)
+    on_disk = [i for i in [local_id, *hub_ids] if (dataset_path(i) / "data").exists()]
+    if not on_disk and quality == "random":
+        generate_random_dataset(base, random_steps)
+        on_disk = [local_id]
+    if not on_disk:
+        on_disk = [download_dataset(base, quality, local_id, hub_ids)]
+    dataset_id = on_disk[0]
+    remedy = f"delete {dataset_path(dataset_id)} and " + (
+        f"make it again with: python scripts/make_dataset.py {base}-{quality}"
+        if dataset_id == local_id
+        else "run again to download it"
+    )
+    if not (dataset_path(dataset_id) / "data" / "main_data.hdf5").is_file():
+        raise ConfigError(f"dataset {dataset_id} is damaged (data/main_data.hdf5 is missing); {remedy}")
+    arrays = read_flat_cache(dataset_id)
+    if arrays is None:
+        try:
+            arrays = build_flat_cache(dataset_id)
+        except Exception as exc:  # h5py / minari errors of a truncated or corrupt file
+            raise ConfigError(f"dataset {dataset_id} is damaged ({first_line(exc)}); {remedy}")
+    return arrays, dataset_id
+
+
+def download_dataset(base: str, quality: str, local_id: str, hub_ids: list[str]) -> str:
+    """Minari's download of the first hub id that works; ConfigError naming the way to make the
+    dataset offline. Without a network the hub's name does not resolve: that fails at once,
+    where the download itself would retry for ~25 s."""
+    import socket
+
+    import minari
+
+    errors = []
+    try:
+        if hub_ids:
+            socket.getaddrinfo("huggingface.co", 443)
+    except OSError as exc:
+        errors.append(f"the Minari hub (huggingface.co) is unreachable: {first_line(exc)}")
+    for hub_id in hub_ids if not errors else []:
+        try:
+            minari.download_dataset(hub_id)
+            return hub_id
+        except Exception as exc:  # no network, missing hf extra, id gone: all mean "unavailable"
+            errors.append(f"{hub_id}: {first_line(exc)}")
+    tried = f"; download failed ({'; '.join(errors)})" if errors else " and the Minari hub has no such dataset"
+    make = "" if base not in GENERATED else f"; generate it with: python scripts/make_dataset.py {base}-{quality}"
+    raise ConfigError(
+        f"dataset '{base}-{quality}' is not on disk (looked for {', '.join([local_id, *hub_ids])}){tried}. It is unavailable offline{make}"
+    )
+
+
+def dataset_fingerprint(arrays: dict[str, np.ndarray]) -> str:
+    """Content hash of the flat dataset arrays: a resumed run checks that it reloaded the same data
+    (the checkpoint does not copy the dataset)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(arrays):
+        digest.update(key.encode() + np.ascontiguousarray(arrays[key]).tobytes())
+    return f"{len(arrays['rewards'])} transitions, blake2b {digest.hexdigest()}"
+
+
+def make_env(base: str) -> gym.Env:
+    if base in ADROIT:
+        try:
+            import gymnasium_robotics  # noqa: F401  (registers the Adroit environments)
+        except ImportError:
+            raise ConfigError(f"'{base}' needs the Adroit environments: pip install gymnasium-robotics==1.4.2")
+    return gym.make(GYM_IDS[base])
+
+
+def dataset_rows(arrays: dict[str, np.ndarray]) -> torch.Tensor:
+    """Flat arrays -> replay rows [obs | action | reward | next_obs | done]; done = terminals only:
+    a time-limit truncation keeps bootstrapping."""
+    columns = [
+        arrays["observations"],
+        arrays["actions"],
+        arrays["rewards"][:, None],
+        arrays["next_observations"],
+        arrays["terminals"][:, None],
+    ]
+    return torch.from_numpy(np.concatenate(columns, axis=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Replay buffer
+# ----------------------------------------------------------------------------------------------
+class ReplayBuffer:
+    """Transitions as rows [obs | action | reward | next_obs | done] of one device tensor, so a
+    batch is one gather. When full, new rows overwrite the oldest (FIFO)."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.sizes = [obs_dim, act_dim, 1, obs_dim, 1]
+        self.rows = torch.zeros(capacity, sum(self.sizes), device=device)
+        self.capacity, self.size, self.ptr = capacity, 0, 0
+        # Host staging row: one env step is written into it and copied to the device once.
+        self.stage = torch.zeros(sum(self.sizes), pin_memory=device.type == "cuda")
+        self.stage_np = self.stage.numpy()
+        self.offsets = np.cumsum([0] + self.sizes)
+
+    def extend(self, rows: torch.Tensor) -> None:
+        """Append rows in order, to the same slots as adding them one by one would."""
+        n = rows.shape[0]
+        start = (self.ptr + max(n - self.capacity, 0)) % self.capacity
+        rows = rows[-self.capacity :].to(self.rows.device)
+        first = min(len(rows), self.capacity - start)
+        self.rows[start : start + first] = rows[:first]
+        self.rows[: len(rows) - first] = rows[first:]
+        self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
+
+    def add(self, obs, action, reward, next_obs, done) -> None:
+        for k, value in enumerate((obs, action, reward, next_obs, done)):
+            self.stage_np[self.offsets[k] : self.offsets[k + 1]] = value
+        self.rows[self.ptr].copy_(self.stage)  # blocking: the staging row is rewritten next step
+        self.ptr, self.size = (self.ptr + 1) % self.capacity, min(self.size + 1, self.capacity)
+
+    def sample(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.rows[torch.randint(0, self.size, shape, device=self.rows.device)]
+
+    def split(self, batch: torch.Tensor):
+        """Rows -> (obs, action, reward, next_obs, done), reward and done without the last dim."""
+        obs, act, rew, next_obs, done = torch.split(batch, self.sizes, dim=-1)
+        return obs, act, rew.squeeze(-1), next_obs, done.squeeze(-1)
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows[: self.size].cpu(), "ptr": self.ptr}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Rows back into the same slots; a buffer that is not full (e.g. a resumed run given a
+        larger budget) continues after its last row."""
+        self.size = len(state["rows"])
+        self.ptr = state["ptr"] if self.size == self.capacity else self.size
+        self.rows[: self.size] = state["rows"].to(self.rows.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+def mlp(sizes: list[int]) -> nn.Sequential:
+    """ReLU MLP with orthogonal(sqrt 2) weights and zero biases on every layer (released code's
+    default_init)."""
+    layers = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        layer = nn.Linear(fan_in, fan_out)
+        nn.init.orthogonal_(layer.weight, gain=math.sqrt(2))
+        nn.init.zeros_(layer.bias)
+        layers += [layer, nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+class GaussianPolicy(nn.Module):
+    """N(tanh(MLP(s)), exp(log_std)) with a state-independent log-std (init 0, clipped to [-5, 2]) and
+    no tanh squashing of samples: released NormalTanhPolicy(state_dependent_std=False,
+    tanh_squash_distribution=False, log_std_min=-5)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...]):
+        super().__init__()
+        self.mean = mlp([obs_dim, *hidden_dims, act_dim])
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+
+    def distribution(self, obs: torch.Tensor) -> torch.distributions.Normal:
+        # No argument checks: a diverged (NaN) policy must reach the finite check, not raise here
+        # (rsample too: sample() rejects a NaN std).
+        return torch.distributions.Normal(
+            torch.tanh(self.mean(obs)), self.log_std.clamp(-5.0, 2.0).exp(), validate_args=False
+        )
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, None]:
+        """(action clipped to [-1, 1], None): the mean when deterministic (evaluation), else a sample."""
+        dist = self.distribution(obs)
+        return (dist.mean if deterministic else dist.rsample()).clamp(-1.0, 1.0), None
+
+
+class ValueNetwork(nn.Module):
+    """V(s): ReLU MLP of the given widths -> [B]."""
+
+    def __init__(self, obs_dim: int, hidden_dims: tuple[int, ...]):
+        super().__init__()
+        self.net = mlp([obs_dim, *hidden_dims, 1])
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+class VectorizedCritic(nn.Module):
+    """N Q-networks (ReLU MLPs of the given widths on concat(s, a)) as one [N, in, out] weight per
+    layer, evaluated with one batched matmul per layer; orthogonal(sqrt 2) weights per member and
+    zero biases (released code)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], num_critics: int):
+        super().__init__()
+        sizes = [obs_dim + act_dim, *hidden_dims, 1]
+        self.num_critics = num_critics
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            weight = torch.empty(num_critics, fan_in, fan_out)
+            for member in weight:
+                nn.init.orthogonal_(member, gain=math.sqrt(2))
+            self.weights.append(nn.Parameter(weight))
+            self.biases.append(nn.Parameter(torch.zeros(num_critics, 1, fan_out)))
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """obs [B, S], action [B, A] -> Q [N, B]."""
+        x = torch.cat([obs, action], dim=-1).expand(self.num_critics, -1, -1)  # a view: no copy per member
+        for w, b in zip(self.weights[:-1], self.biases[:-1]):
+            x = torch.relu(torch.baddbmm(b, x, w))
+        return torch.baddbmm(self.biases[-1], x, self.weights[-1]).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses and updates: PEX (IQL offline; a frozen offline policy and a new one, picked by Q online)
+# ----------------------------------------------------------------------------------------------
+def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
+    """mean |expectile - 1(diff < 0)| diff^2 with diff = Q - V: above-V errors weigh `expectile`,
+    below-V errors 1 - expectile."""
+    weight = torch.where(diff > 0, expectile, 1.0 - expectile)
+    return (weight * diff.pow(2)).mean()
+
+
+def advantage_weights(q: torch.Tensor, v: torch.Tensor, temperature: float, max_weight: float) -> torch.Tensor:
+    """exp(temperature (Q - V)), clipped at max_weight (released: 100)."""
+    return torch.exp((q - v) * temperature).clamp(max=max_weight)
+
+
+def cosine_lr(base: float, step: int, total: int) -> float:
+    """Learning rate of the step-th offline update (1-based) on the released cosine decay to 0 over
+    `total` updates (optax.cosine_decay_schedule, counted from 0)."""
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(step - 1, total) / total))
+
+
+def perturbed_action(action: torch.Tensor, noise: torch.Tensor, sigma: float, noise_clip: float) -> torch.Tensor:
+    """SO2's perturbation: clip(a + clip(sigma * noise, -c, c), -1, 1), noise ~ N(0, 1) drawn by the
+    caller."""
+    return (action + (sigma * noise).clamp(-noise_clip, noise_clip)).clamp(-1.0, 1.0)
+
+
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+class PEXAgent:
+    """Offline policy, new policy (used from the expansion on), value network, twin critics,
+    target critics and their optimisers."""
+
+    def __init__(self, obs_dim: int, act_dim: int, cfg: Config, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.policy = GaussianPolicy(obs_dim, act_dim, cfg.hidden_dims).to(device)
+        self.new_policy = GaussianPolicy(obs_dim, act_dim, cfg.hidden_dims).to(device)
+        self.value = ValueNetwork(obs_dim, cfg.hidden_dims).to(device)
+        self.critic = VectorizedCritic(obs_dim, act_dim, cfg.hidden_dims, NUM_CRITICS).to(device)
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.new_optimisers()
+        self.expanded = False
+
+    # state-dict key -> attribute; "actor" (the offline policy) as in every algorithm file's exports
+    KEYS = {
+        "actor": "policy",
+        "new_actor": "new_policy",
+        "value": "value",
+        "critic": "critic",
+        "target_critic": "target_critic",
+        "actor_optim": "policy_optim",
+        "new_actor_optim": "new_policy_optim",
+        "value_optim": "value_optim",
+        "critic_optim": "critic_optim",
+    }
+
+    def new_optimisers(self) -> None:
+        """Fresh Adam states: at the start, and at the expansion (the release builds a new learner
+        that loads the offline networks)."""
+        self.policy_optim = torch.optim.Adam(self.policy.parameters(), lr=self.cfg.lr)
+        self.new_policy_optim = torch.optim.Adam(self.new_policy.parameters(), lr=self.cfg.lr)
+        self.value_optim = torch.optim.Adam(self.value.parameters(), lr=self.cfg.lr)
+        self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=self.cfg.lr)
+
+    def expand(self) -> None:
+        """Freeze the offline policy; the new policy joins it."""
+        self.policy.requires_grad_(False)
+        self.new_optimisers()
+        self.expanded = True
+
+    def state_dict(self) -> dict:
+        return {**{key: getattr(self, name).state_dict() for key, name in self.KEYS.items()}, "expanded": self.expanded}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["expanded"] and not self.expanded:
+            self.expand()
+        for key, name in self.KEYS.items():
+            getattr(self, name).load_state_dict(state[key])
+        self.expanded = state["expanded"]
+
+    def actor(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, None]:
+        """The acting policy: the IQL policy before the expansion; after it, the policy set: the
+        offline policy's mode and the new policy's sample (its mode when deterministic), one of
+        them drawn by softmax(inv_temperature Q) (the higher-Q one when deterministic)."""
+        if not self.expanded:
+            return self.policy(obs, deterministic)
+        proposals = torch.stack([self.policy(obs, True)[0], self.new_policy(obs, deterministic)[0]], dim=1)
+        q = self.critic(
+            obs[:, None].expand(-1, 2, -1).reshape(-1, obs.shape[1]), proposals.reshape(-1, proposals.shape[2])
+        )
+        q = q.min(0).values.view(-1, 2)
+        if deterministic:
+            pick = q.argmax(-1)
+        else:
+            # Gumbel-max: the same draw as a categorical over softmax(inv_temperature q), and a
+            # diverged (NaN) Q reaches the finite check instead of raising in torch.multinomial.
+            gumbel = -torch.log(-torch.log(torch.rand_like(q).clamp_min(1e-20)))
+            pick = (self.cfg.inv_temperature * q + gumbel).argmax(-1)
+        return proposals[torch.arange(len(obs), device=obs.device), pick], None
+
+    def update(self, batch: torch.Tensor, split, policy_step: bool = True, sigma: float = 0.0) -> dict:
+        """One update as the release's IQL: V and Q from the values before this step, the targets,
+        then (policy_step) the policy: offline the IQL policy on the dataset's actions, after the
+        expansion the new policy on the actions the policy set picks. sigma > 0 perturbs the action
+        of V's target (--so2)."""
+        cfg = self.cfg
+        obs, act, rew, next_obs, done = split(batch)
+        with torch.no_grad():
+            if sigma > 0:
+                act_target = perturbed_action(act, torch.randn_like(act), sigma, cfg.so2_noise_clip)
+            else:
+                act_target = act
+            q = self.target_critic(obs, act_target).min(0).values
+            next_v = self.value(next_obs)
+        v = self.value(obs)
+        advantage = (q - v).detach()
+        value_loss = expectile_loss(q - v, cfg.expectile)
+        self.value_optim.zero_grad(set_to_none=True)
+        value_loss.backward()
+        self.value_optim.step()
+
+        y = rew + cfg.gamma * (1.0 - done) * next_v
+        critic_loss = (self.critic(obs, act) - y).pow(2).mean()  # release: the mean over the twin
+        self.critic_optim.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_optim.step()
+        soft_update(self.target_critic, self.critic, cfg.tau)
+        out = {"critic_loss": critic_loss.detach(), "value_loss": value_loss.detach()}
+        if not policy_step:
+            return out
+        if not self.expanded:
+            policy, optim, actions = self.policy, self.policy_optim, act
+            weights = advantage_weights(advantage, torch.zeros_like(advantage), cfg.temperature, cfg.max_weight)
+        else:
+            policy, optim = self.new_policy, self.new_policy_optim
+            with torch.no_grad():
+                actions = self.actor(obs)[0]
+                q_sel = self.target_critic(obs, actions).min(0).values
+                weights = advantage_weights(q_sel, self.value(obs), cfg.temperature, cfg.max_weight)
+        actor_loss = -(weights * policy.distribution(obs).log_prob(actions).sum(-1)).mean()
+        optim.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        optim.step()
+        out.update(actor_loss=actor_loss.detach(), adv_weight=weights.mean(), actor_lr=optim.param_groups[0]["lr"])
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and Q diagnostics
+# ----------------------------------------------------------------------------------------------
+def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
+    """Monte-Carlo return-to-go G_t = r_t + gamma G_{t+1} along one episode (G_T = 0)."""
+    out = np.zeros(len(rewards), dtype=np.float64)
+    running = 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        running = rewards[t] + gamma * running
+        out[t] = running
+    return out
+
+
+def kendall_tau(x: np.ndarray, y: np.ndarray) -> float:
+    """Kendall's tau-b (ties handled as in scipy.stats.kendalltau); nan if either is constant."""
+    dx = np.sign(x[:, None] - x[None, :])
+    dy = np.sign(y[:, None] - y[None, :])
+    denominator = math.sqrt(np.count_nonzero(dx) * np.count_nonzero(dy))
+    return float((dx * dy).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def windowed_kendall_tau(q_est: np.ndarray, q_true: np.ndarray, windows: int) -> list[float]:
+    """The paper's rank metric for one episode: cut the state-action pairs into `windows`
+    consecutive windows and compute Kendall's tau between estimated and true Q in each."""
+    taus = [
+        kendall_tau(a, b) for a, b in zip(np.array_split(q_est, windows), np.array_split(q_true, windows)) if len(a) > 1
+    ]
+    return [t for t in taus if not math.isnan(t)]
+
+
+class Evaluator:
+    """Runs one episode per env in `envs` together (one batched deterministic policy forward per
+    step) and computes the normalised score and the Q diagnostics on the collected rollouts.
+    Every evaluation starts from the same seeded initial states, so scores compare across
+    evaluations and runs; it draws nothing from the training RNG. The Q diagnostics compare Q with
+    the discounted return of the rewards the critic learns, reward * reward_scale + reward_bias;
+    scores use the raw returns."""
+
+    def __init__(
+        self,
+        base: str,
+        envs: list[gym.Env],
+        cfg: Config,
+        device: torch.device,
+        reward_scale: float = 1.0,
+        reward_bias: float = 0.0,
+    ):
+        self.base, self.envs, self.cfg, self.device = base, envs, cfg, device
+        self.reward_scale, self.reward_bias = reward_scale, reward_bias
+        self.seeds = [cfg.seed * 1000 + 500 + i for i in range(len(envs))]
+
+    @torch.no_grad()
+    def __call__(self, agent) -> dict[str, float]:
+        obs = np.stack([env.reset(seed=s)[0] for env, s in zip(self.envs, self.seeds)]).astype(np.float32)
+        episodes = [{"obs": [], "act": [], "rew": [], "terminated": False} for _ in self.envs]
+        active = list(range(len(self.envs)))
+        while active:
+            actions = agent.actor(torch.as_tensor(obs[active], device=self.device), deterministic=True)[0].cpu().numpy()
+            still = []
+            for i, action in zip(active, actions):
+                ep = episodes[i]
+                ep["obs"].append(obs[i].copy())
+                ep["act"].append(action)
+                next_obs, reward, terminated, truncated, _ = self.envs[i].step(action)
+                ep["rew"].append(reward)
+                obs[i] = next_obs
+                if terminated or truncated:
+                    ep["terminated"] = terminated
+                else:
+                    still.append(i)
+            active = still
+        returns = np.array([sum(ep["rew"]) for ep in episodes])
+        result = {
+            "return": float(returns.mean()),
+            "return_std": float(returns.std()),
+            "normalized_score": float(normalized_score(self.base, returns).mean()),
+        }
+        result.update(self.q_diagnostics(agent, episodes))
+        return result
+
+    def q_diagnostics(self, agent, episodes: list[dict]) -> dict[str, float]:
+        obs, act, q_true, lengths = [], [], [], []
+        for ep in episodes:
+            n = len(ep["rew"]) if ep["terminated"] else max(len(ep["rew"]) - self.cfg.mc_tail_steps, 0)
+            if n == 0:
+                continue
+            obs.append(np.asarray(ep["obs"][:n]))
+            act.append(np.asarray(ep["act"][:n]))
+            rewards = np.asarray(ep["rew"]) * self.reward_scale + self.reward_bias
+            q_true.append(discounted_returns(rewards, self.cfg.gamma)[:n])
+            lengths.append(n)
+        nan = float("nan")
+        if not lengths:
+            return {
+                "q_bias": nan,
+                "q_bias_min": nan,
+                "kendall_tau": nan,
+                "q_true": nan,
+                "q_std_policy": nan,
+                "q_std_random": nan,
+            }
+        obs_t = torch.as_tensor(np.concatenate(obs), device=self.device)
+        act_t = torch.as_tensor(np.concatenate(act), device=self.device)
+        q_members = agent.critic(obs_t, act_t)
+        q_mean, q_min = q_members.mean(0).cpu().numpy(), q_members.min(0).values.cpu().numpy()
+        q_true_all = np.concatenate(q_true)
+        scale = np.abs(q_true_all).mean()
+        taus = []
+        for q_est_ep, q_true_ep in zip(np.split(q_mean, np.cumsum(lengths)[:-1]), q_true):
+            taus += windowed_kendall_tau(q_est_ep, q_true_ep, self.cfg.kendall_windows)
+        rng = np.random.default_rng(self.cfg.seed + 12345)
+        random_actions = torch.as_tensor(
+            rng.uniform(-1, 1, tuple(act_t.shape)), dtype=torch.float32, device=self.device
+        )
+        return {
+            "q_bias": float((q_mean.mean() - q_true_all.mean()) / scale) if scale > 0 else nan,
+            "q_bias_min": float((q_min.mean() - q_true_all.mean()) / scale) if scale > 0 else nan,
+            "kendall_tau": float(np.mean(taus)) if taus else nan,
+            "q_true": float(q_true_all.mean()),
+            "q_std_policy": float(q_members.std(0).mean()),  # on the evaluated policy's actions
+            "q_std_random": float(agent.critic(obs_t, random_actions).std(0).mean()),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folder: name, metrics, checkpoint, signals, divergence (the same block in every algorithm file)
+# ----------------------------------------------------------------------------------------------
+# Exit codes: 0 finished, 2 bad input, 3 diverged; a SIGINT / SIGTERM exits with 128 + its number
+# (130 / 143) once the checkpoint is written.
+EXIT_DIVERGED = 3
+# Keys of every metrics.jsonl record, in this order, in every algorithm file (None where a value
+# does not exist yet); an algorithm's own losses follow them.
+RECORD_KEYS = (
+    "phase",
+    "step",
+    "env_steps",
+    "return",
+    "return_std",
+    "normalized_score",
+    "q_true",
+    "q_bias",
+    "q_bias_min",
+    "kendall_tau",
+    "q_std_policy",
+    "q_std_random",
+    "alpha",
+    "critic_loss",
+    "actor_loss",
+)
+MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads, warm-start included
+
+
+class Stopped(Exception):
+    """A SIGINT or SIGTERM arrived; the checkpoint holds the state after the step in progress."""
+
+
+class Diverged(Exception):
+    """A loss or a parameter is not finite; the last checkpoint is the last good state."""
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp) then rename tmp over path: a reader, a crash or a kill never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def new_run_dir(cfg: Config) -> Path:
+    """<out_dir>/<env>__<algo>[-<run_name>]__<seed>__<unix time>; '-1', '-2', ... is appended when
+    that folder exists (mkdir is atomic, so two runs started in the same second never share one)."""
+    stem = f"{cfg.env}__{ALGO}{'-' + cfg.run_name if cfg.run_name else ''}__{cfg.seed}__{int(time.time())}"
+    for k in itertools.count():
+        try:
+            path = Path(cfg.out_dir) / (stem if k == 0 else f"{stem}-{k}")
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {
+        "python": platform.python_version(),
+        **{name: version(name) for name in ("torch", "numpy", "gymnasium", "mujoco", "minari")},
+    }
+
+
+class RunLog:
+    """metrics.jsonl (one record per evaluation, the whole file rewritten atomically per record)
+    and optional wandb. A resumed run starts from its checkpoint's records, so records written
+    after that checkpoint are replaced by their identical re-run."""
+
+    def __init__(self, run_dir: Path, cfg: Config, records: list[dict]):
+        self.path = run_dir / "metrics.jsonl"
+        self.records = list(records)
+        self.text = "".join(json.dumps(r) + "\n" for r in self.records)
+        atomic_write(self.path, lambda tmp: tmp.write_text(self.text))
+        self.wandb = None
+        if cfg.track:
+            import wandb
+
+            # The id follows the folder, so a resumed run continues the same wandb run.
+            run_id = hashlib.blake2b(str(run_dir.resolve()).encode(), digest_size=8).hexdigest()
+            self.wandb = wandb.init(
+                project=cfg.wandb_project,
+                group=ALGO,
+                name=run_dir.name,
+                id=run_id,
+                resume="allow",
+                config=asdict(cfg),
+                dir=str(run_dir),
+            )
+
+    def write(self, record: dict) -> None:
+        record = {
+            **dict.fromkeys(RECORD_KEYS),
+            **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()},
+        }
+        self.records.append(record)
+        self.text += json.dumps(record) + "\n"
+        atomic_write(self.path, lambda tmp: tmp.write_text(self.text))
+        if self.wandb is not None:
+            self.wandb.log({f"{record['phase']}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class StopSignal:
+    """SIGINT and SIGTERM only record the signal; the train loop finishes the step in progress,
+    writes the checkpoint and exits with 128 + the signal number. A second signal acts at once
+    (the previous checkpoint stays)."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame) -> None:
+        self.signum = signum
+        self.restore()
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class FiniteCheck:
+    """Whether a loss, a parameter or an optimiser moment stopped being finite. Losses are folded
+    into one flag per name on the device (no host sync per update); check() reads the flags and
+    every tensor of the agent's state at evaluations and before checkpoints."""
+
+    def __init__(self, agent):
+        self.agent = agent
+        self.bad: dict[str, torch.Tensor] = {}
+
+    def watch(self, values: dict) -> None:
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):  # floats are config values, finite by the checks
+                flag = ~torch.isfinite(value).all()
+                self.bad[name] = flag if name not in self.bad else self.bad[name] | flag
+
+    def check(self, phase: str, step: int) -> None:
+        for name, flag in self.bad.items():
+            if bool(flag):
+                raise Diverged(f"{name} not finite in {phase} at step {step}")
+        for name, state in self.agent.state_dict().items():
+            if any(not bool(torch.isfinite(t).all()) for t in tensors(state) if t.is_floating_point()):
+                raise Diverged(f"{name} not finite in {phase} at step {step}")
+
+
+def tensors(tree) -> list[torch.Tensor]:
+    """The tensors of a nested state dict."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    values = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else []
+    return [t for value in values for t in tensors(value)]
+
+
+def env_state(env: gym.Env) -> dict:
+    """The running episode exactly: MuJoCo integration state, the body poses of the model (Adroit's
+    reset moves its goal there), time-limit counter, env RNG."""
+    u, limit = env.unwrapped, env
+    while not isinstance(limit, gym.wrappers.TimeLimit):
+        limit = limit.env
+    state = np.empty(mujoco.mj_stateSize(u.model, MJ_STATE))
+    mujoco.mj_getState(u.model, u.data, state, MJ_STATE)
+    model = {"body_pos": u.model.body_pos.copy(), "body_quat": u.model.body_quat.copy()}
+    return {
+        "mujoco": state,
+        "model": model,
+        "elapsed_steps": limit._elapsed_steps,
+        "np_random": u.np_random.bit_generator.state,
+    }
+
+
+def restore_env_state(env: gym.Env, saved: dict) -> None:
+    u, limit = env.unwrapped, env
+    while not isinstance(limit, gym.wrappers.TimeLimit):
+        limit = limit.env
+    u.model.body_pos[:], u.model.body_quat[:] = saved["model"]["body_pos"], saved["model"]["body_quat"]
+    mujoco.mj_setState(u.model, u.data, saved["mujoco"], MJ_STATE)
+    mujoco.mj_forward(u.model, u.data)
+    limit._elapsed_steps = saved["elapsed_steps"]
+    u.np_random.bit_generator.state = saved["np_random"]
+
+
+def rng_state(device: torch.device) -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": np.random.get_state(),
+    }
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    np.random.set_state(state["numpy"])
+
+
+def read_export(path: str, kind: str) -> dict:
+    """An exported agent (pretrain.pt or final.pt) of this algorithm; ConfigError otherwise."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        fmt, algo, saved_kind = saved["format"], saved["algo"], saved.get("kind")
+        saved["agent"]["actor"]
+    except Exception as exc:
+        raise ConfigError(f"cannot read checkpoint '{path}': {first_line(exc)}")
+    if saved_kind is None:
+        raise ConfigError(
+            f"'{path}' is the training state of a run, not a finished {kind}; continue that run with --resume {Path(path).parent}"
+        )
+    if (fmt, algo, saved_kind) != (CHECKPOINT_FORMAT, ALGO, kind):
+        raise ConfigError(
+            f"'{path}' is a {saved_kind} export of algorithms/{algo}.py (format {fmt}), not a {kind} of algorithms/{ALGO}.py"
+        )
+    return saved
+
+
+@dataclass
+class Run:
+    """Everything a train loop touches besides its own loop variables."""
+
+    cfg: Config
+    dir: Path
+    device: torch.device
+    agent: object
+    evaluate: Evaluator
+    log: RunLog
+    dataset: Optional[dict]  # {"id", "fingerprint"}; None for a run without a dataset
+    obs_dim: int
+    act_dim: int
+    stop: StopSignal
+    finite: FiniteCheck
+    wall_before: float  # seconds run before this process (resumed runs)
+    pretrain_time_s: Optional[float] = None
+    started: float = field(default_factory=time.time)
+
+    def wall_time(self) -> float:
+        return self.wall_before + time.time() - self.started
+
+    def save_checkpoint(self, phase: str, step: int, loop: dict) -> None:
+        """checkpoint.pt: the whole training state after `step` steps of `phase`. It is written only
+        after the finite check passes, so it always holds the last good state."""
+        self.finite.check(phase, step)
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "algo": ALGO,
+            "config": asdict(self.cfg),
+            "dataset": self.dataset,
+            "phase": phase,
+            "step": step,
+            "agent": self.agent.state_dict(),
+            "loop": loop,
+            "rng": rng_state(self.device),
+            "records": self.log.records,
+            "wall_time_s": self.wall_time(),
+            "pretrain_time_s": self.pretrain_time_s,
+        }
+        atomic_write(self.dir / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+
+    def export(self, kind: str) -> None:
+        """pretrain.pt / final.pt: the agent (networks, optimisers, temperature) and its config."""
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "algo": ALGO,
+            "kind": kind,
+            "config": asdict(self.cfg),
+            "dataset": self.dataset,
+            "obs_dim": self.obs_dim,
+            "act_dim": self.act_dim,
+            "agent": self.agent.state_dict(),
+        }
+        atomic_write(self.dir / f"{kind}.pt", lambda tmp: torch.save(state, tmp))
+
+    def write_summary(self, status: str, error: Optional[str] = None) -> None:
+        """summary.json: status (finished / interrupted / diverged), scores, final Q diagnostics,
+        wall time, device and versions; the same keys in every algorithm file."""
+        online = [r for r in self.log.records if r["phase"] != "pretrain"]
+        last = online[-1] if online else {}
+        scores = [r["normalized_score"] for r in online if r["normalized_score"] is not None]
+        summary = {
+            "status": status,
+            "error": error,
+            "algo": ALGO,
+            "env": self.cfg.env,
+            "seed": self.cfg.seed,
+            "run_name": self.cfg.run_name,
+            "dataset": self.dataset,
+            "env_steps": last.get("env_steps", 0),
+            "pretrained_score": online[0]["normalized_score"] if online and online[0]["env_steps"] == 0 else None,
+            "final_score": last.get("normalized_score"),
+            "best_score": max(scores) if scores else None,
+            "final_return": last.get("return"),
+            "final_q_bias": last.get("q_bias"),
+            "final_kendall_tau": last.get("kendall_tau"),
+            "final_q_std_policy": last.get("q_std_policy"),
+            "wall_time_s": round(self.wall_time(), 1),
+            "pretrain_time_s": None if self.pretrain_time_s is None else round(self.pretrain_time_s, 1),
+            "resume_command": None if status == "finished" else f"python algorithms/{ALGO}.py --resume {self.dir}",
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device)
+            if self.device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "versions": versions(),
+        }
+        atomic_write(self.dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+
+
+def seconds_per_call(fn, device: torch.device, calls: int) -> float:
+    """Seconds per call of fn after one warm-up call. The RNG states are restored afterwards, so
+    timing leaves the run exactly as it was."""
+    state = rng_state(device)
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    restore_rng_state(state, device)
+    return (time.perf_counter() - start) / calls
+
+
+def announce_time(parts: list[tuple[str, int, float]]) -> None:
+    """Print the time the rest of the run will spend in updates, from (phase, steps left, seconds
+    per step) measured on this device, and FIRST_RESULT when that is more than a day."""
+    if not parts:
+        return
+    hours = [steps * seconds / 3600 for _, steps, seconds in parts]
+    text = "; ".join(
+        f"{name}: {steps:,} steps x {1000 * seconds:.1f} ms = {h:.2f} h"
+        for (name, steps, seconds), h in zip(parts, hours)
+    )
+    print(
+        f"{ALGO}.py: estimated time in updates (evaluations and env steps not counted): {text}; total {sum(hours):.2f} h",
+        file=sys.stderr,
+    )
+    if sum(hours) > 24:
+        print(f"{ALGO}.py: that is days on this device. {FIRST_RESULT}", file=sys.stderr)
+
+
+def start_run(
+    cfg: Config,
+    checkpoint: Optional[dict],
+    agent,
+    evaluate: Evaluator,
+    device: torch.device,
+    dataset: Optional[dict],
+    dims: tuple[int, int],
+    first: tuple[str, Optional[dict]],
+) -> tuple[Run, str, int, Optional[dict]]:
+    """The run folder of a new run, with its first checkpoint (first = phase and loop state at
+    step 0), or the resumed one with its state restored into agent and RNGs. Returns the run and
+    the (phase, step, loop state) to continue from."""
+    stop = StopSignal()  # from here on, a signal stops the run at its next checkpoint
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint["agent"])
+        restore_rng_state(checkpoint["rng"], device)
+    run_dir = new_run_dir(cfg) if checkpoint is None else Path(cfg.resume)
+    config = {**asdict(cfg), "dataset_id": None if dataset is None else dataset["id"], "device_resolved": str(device)}
+    atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
+    run = Run(
+        cfg=cfg, dir=run_dir, device=device, agent=agent, evaluate=evaluate, dataset=dataset, obs_dim=dims[0], act_dim=dims[1],
+        log=RunLog(run_dir, cfg, [] if checkpoint is None else checkpoint["records"]), stop=stop, finite=FiniteCheck(agent),
+        wall_before=0.0 if checkpoint is None else checkpoint["wall_time_s"],
+        pretrain_time_s=None if checkpoint is None else checkpoint["pretrain_time_s"],
+    )  # fmt: skip
+    if checkpoint is None:
+        run.save_checkpoint(first[0], 0, first[1])  # from here on, --resume works
+        return run, first[0], 0, first[1]
+    return run, checkpoint["phase"], checkpoint["step"], checkpoint["loop"]
+
+
+def run_to_end(run: Run, train_phases) -> Path:
+    """Run the phases, then write the summary; on a signal or divergence exit with its code."""
+    status, error = "finished", None
+    try:
+        train_phases(run)
+    except Stopped:
+        status = "interrupted"
+    except Diverged as exc:
+        status, error = "diverged", str(exc)
+    run.write_summary(status, error)
+    run.log.close()
+    run.stop.restore()
+    if status == "interrupted":
+        resume = f"python algorithms/{ALGO}.py --resume {run.dir}"
+        print(
+            f"{ALGO}.py: stopped by signal {run.stop.signum}; checkpoint written. Resume with: {resume}",
+            file=sys.stderr,
+        )
+        sys.exit(128 + run.stop.signum)
+    if status == "diverged":
+        print(
+            f"{ALGO}.py: error: diverged: {error}; the last good state is {run.dir / 'checkpoint.pt'}", file=sys.stderr
+        )
+        sys.exit(EXIT_DIVERGED)
+    return run.dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Train loop
+# ----------------------------------------------------------------------------------------------
+def losses_record(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v) for k, v in losses.items()}
+
+
+def pretrain(run: Run, data: ReplayBuffer, step: int, loop: dict) -> None:
+    """IQL gradient steps step+1 .. pretrain_steps (the offline policy); loop holds the drawn batch
+    indices."""
+    cfg, agent = run.cfg, run.agent
+    # Indices for many steps are drawn at once; a batch is gathered per step from the device buffer.
+    chunk, indices = 1000, None if loop["indices"] is None else loop["indices"].to(run.device)
+    progress = tqdm(
+        range(step + 1, cfg.pretrain_steps + 1),
+        desc="pretrain (IQL)",
+        unit="upd",
+        mininterval=1,
+        initial=step,
+        total=cfg.pretrain_steps,
+    )
+    for step in progress:
+        if (step - 1) % chunk == 0:
+            indices = torch.randint(0, data.size, (chunk, cfg.batch_size), device=data.rows.device)
+        if cfg.actor_lr_cosine:
+            for group in agent.policy_optim.param_groups:
+                group["lr"] = cosine_lr(cfg.lr, step, cfg.pretrain_steps)
+        losses = agent.update(data.rows[indices[(step - 1) % chunk]], data.split)
+        run.finite.watch(losses)
+        if step % cfg.pretrain_eval_every == 0 or step == cfg.pretrain_steps:
+            run.finite.check("pretrain", step)
+            record = {"phase": "pretrain", "step": step, "env_steps": 0, **run.evaluate(agent), **losses_record(losses)}
+            run.log.write(record)
+            progress.set_postfix(score=f"{record['normalized_score']:.1f}")
+        if run.stop.signum is not None or step % cfg.checkpoint_every == 0:
+            run.save_checkpoint("pretrain", step, {"indices": indices})
+        if run.stop.signum is not None:
+            raise Stopped
+    progress.close()
+
+
+def finetune(run: Run, dataset: ReplayBuffer, step: int, loop: Optional[dict]) -> None:
+    """Online env steps step+1 .. online_steps with the expanded policy set: act, store, and after
+    collection_steps do utd V/Q updates (the last with the new policy's step) on batches of half
+    dataset, half online rows. loop (None at the start) holds the online rows, the running
+    episode, the counters and the last losses."""
+    cfg, agent, device = run.cfg, run.agent, run.device
+    online = ReplayBuffer(cfg.online_steps, run.obs_dim, run.act_dim, device)
+    online_batch = cfg.batch_size // 2  # release: half from the online buffer, the rest from the dataset
+    utd, sigma = (cfg.so2_utd, cfg.so2_sigma) if cfg.so2 else (1, 0.0)
+    env = make_env(parse_env_name(cfg.env)[0])
+    obs, _ = env.reset(seed=cfg.seed)
+    if loop is None:
+        agent.expand()
+        updates, losses = 0, {}
+        run.finite.check("finetune", 0)
+        run.log.write({"phase": "finetune", "step": 0, "env_steps": 0, **run.evaluate(agent)})
+    else:
+        online.load_state_dict(loop["online"])
+        restore_env_state(env, loop["env"])
+        obs, updates, losses = loop["obs"], loop["updates"], dict(loop["losses"])
+    obs_stage = torch.zeros(run.obs_dim, pin_memory=device.type == "cuda")
+    progress = tqdm(
+        range(step + 1, cfg.online_steps + 1),
+        desc="finetune (PEX + SO2)" if cfg.so2 else "finetune (PEX)",
+        unit="env step",
+        mininterval=1,
+        initial=step,
+        total=cfg.online_steps,
+    )
+    for env_step in progress:
+        obs_stage.numpy()[:] = obs
+        with torch.no_grad():
+            action = agent.actor(obs_stage.to(device)[None])[0][0].cpu().numpy()
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        # done = termination only; a time-limit truncation still bootstraps from next_obs.
+        online.add(obs, action, reward, next_obs, float(terminated))
+        obs = env.reset()[0] if terminated or truncated else next_obs
+
+        if env_step > cfg.collection_steps:
+            # All utd mini-batches of this env step in one gather per buffer; dataset rows first.
+            batches = torch.cat(
+                [
+                    dataset.sample((utd, cfg.batch_size - online_batch)),
+                    online.sample((utd, online_batch)),
+                ],
+                dim=1,
+            )
+            for k in range(utd):
+                losses = agent.update(batches[k], online.split, policy_step=k == utd - 1, sigma=sigma)
+                run.finite.watch(losses)
+            updates += utd
+
+        if env_step % cfg.eval_every == 0 or env_step == cfg.online_steps:
+            run.finite.check("finetune", env_step)
+            record = {
+                "phase": "finetune",
+                "step": updates,
+                "env_steps": env_step,
+                **run.evaluate(agent),
+                **losses_record(losses),
+            }
+            run.log.write(record)
+            progress.set_postfix(score=f"{record['normalized_score']:.1f}")
+        if run.stop.signum is not None or env_step % cfg.checkpoint_every == 0 or env_step == cfg.online_steps:
+            loop = {
+                "online": online.state_dict(),
+                "env": env_state(env),
+                "obs": obs,
+                "updates": updates,
+                "losses": losses,
+            }
+            run.save_checkpoint("finetune", env_step, loop)
+        if run.stop.signum is not None:
+            raise Stopped
+    progress.close()
+
+
+def time_phases(run: Run, phase: str, step: int) -> list[tuple[str, int, float]]:
+    """(phase, steps left, seconds per step) of the rest of the run, from updates timed on a copy of
+    the agent with random rows (a finetuning step: utd V/Q updates and one policy step)."""
+    cfg, agent = run.cfg, copy.deepcopy(run.agent)
+    fixed = torch.Generator(run.device).manual_seed(0)  # the rows must not draw from the run's RNG
+    split = ReplayBuffer(1, run.obs_dim, run.act_dim, run.device).split
+    rows = torch.rand(cfg.batch_size, 2 * run.obs_dim + run.act_dim + 2, device=run.device, generator=fixed)
+    parts = []
+    if phase == "pretrain" and cfg.pretrain_steps > step:
+        parts.append(
+            (
+                "pretraining",
+                cfg.pretrain_steps - step,
+                seconds_per_call(lambda: agent.update(rows, split), run.device, 3),
+            )
+        )
+    updating = cfg.online_steps - max(cfg.collection_steps, step if phase == "finetune" else 0)
+    if updating > 0:
+        utd, sigma = (cfg.so2_utd, cfg.so2_sigma) if cfg.so2 else (1, 0.0)
+        if not agent.expanded:
+            agent.expand()
+
+        def env_step() -> None:
+            for k in range(utd):
+                agent.update(rows, split, policy_step=k == utd - 1, sigma=sigma)
+
+        parts.append(("finetuning", updating, seconds_per_call(env_step, run.device, 1)))
+    return parts
+
+
+def read_pretrained(cfg: Config) -> dict:
+    """A finished pretraining (pretrain.pt) that fits this run; ConfigError otherwise."""
+    saved = read_export(cfg.pretrained, "pretrain")
+    config = saved["config"]
+    if config["env"] != cfg.env:
+        raise ConfigError(f"checkpoint '{cfg.pretrained}' was pretrained on {config['env']}, not {cfg.env}")
+    if tuple(config["hidden_dims"]) != tuple(cfg.hidden_dims):
+        raise ConfigError(
+            f"checkpoint '{cfg.pretrained}' has hidden_dims {tuple(config['hidden_dims'])}; this run has {cfg.hidden_dims}"
+        )
+    return saved
+
+
+def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
+    """A new run (checkpoint None) or the continuation of a checkpointed one, to its end."""
+    base, quality = parse_env_name(cfg.env)
+    pretrained = read_pretrained(cfg) if cfg.pretrained is not None and checkpoint is None else None
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    arrays, dataset_id = load_dataset(base, quality, cfg.random_dataset_steps)
+    obs_dim, act_dim = arrays["observations"].shape[1], arrays["actions"].shape[1]
+    data_info = {"id": dataset_id, "fingerprint": dataset_fingerprint(arrays)}
+    if checkpoint is not None and checkpoint["dataset"] != data_info:
+        raise ConfigError(
+            f"--resume: dataset {dataset_id} on disk is not the one the run started with ({checkpoint['dataset']['fingerprint']}, now {data_info['fingerprint']})"
+        )
+    if checkpoint is not None and checkpoint["phase"] == "pretrain" and cfg.actor_lr_cosine:
+        if cfg.pretrain_steps != checkpoint["config"]["pretrain_steps"]:
+            raise ConfigError(
+                "--resume: pretrain_steps cannot change during pretraining with actor_lr_cosine (the schedule's length); resume with the same budget"
+            )
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    evaluate = Evaluator(base, [make_env(base) for _ in range(cfg.eval_episodes)], cfg, device)
+    agent = PEXAgent(obs_dim, act_dim, cfg, device)
+    if pretrained is not None:
+        agent.load_state_dict(pretrained["agent"])
+    first = ("pretrain", {"indices": None}) if pretrained is None else ("finetune", None)
+    run, phase, step, loop = start_run(cfg, checkpoint, agent, evaluate, device, data_info, (obs_dim, act_dim), first)
+    print(
+        f"run {run.dir}: dataset {dataset_id} ({len(arrays['rewards'])} transitions), PEX{' + SO2' if cfg.so2 else ''}, device {device}, {phase} from step {step}",
+        file=sys.stderr,
+    )
+    announce_time(time_phases(run, phase, step))
+    dataset = ReplayBuffer(len(arrays["rewards"]), obs_dim, act_dim, device)
+    dataset.extend(dataset_rows(arrays))
+
+    def phases(run: Run) -> None:
+        nonlocal step, loop
+        if phase == "pretrain":
+            pretrain(run, dataset, step, loop)
+            run.pretrain_time_s = run.wall_time()
+            run.export("pretrain")
+            step, loop = 0, None
+            run.save_checkpoint("finetune", step, loop)
+        if cfg.online_steps > 0:
+            finetune(run, dataset, step, loop)
+        run.export("final")
+
+    return run_to_end(run, phases)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        cfg, checkpoint = parse_args(sys.argv[1:] if argv is None else argv)
+        run_dir = train(resolve_config(cfg), checkpoint)
+    except ConfigError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:  # before the run folder exists, or a second Ctrl-C
+        print(f"{ALGO}.py: interrupted (a run folder keeps its last checkpoint)", file=sys.stderr)
+        sys.exit(130)
+    print(f"done: {run_dir}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
