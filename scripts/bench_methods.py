@@ -32,6 +32,7 @@ PER_STEP = {
     ("iql", "finetuning"): "env step: 1 update",
     ("awac", "finetuning"): "env step: 1 update",
     ("cal_ql", "finetuning"): "env step: 1 update (CQL term on)",
+    ("pex", "finetuning"): "env step: 1 V/Q update + 1 new-policy update (policy set picks the actions)",
 }
 
 
@@ -41,7 +42,7 @@ class Args:
     """Interleaved rounds; each method keeps its fastest."""
     device: str = "cpu"
     """Torch device."""
-    algos: tuple[str, ...] = ("sac", "so2", "cal_ql", "td3_bc", "iql", "awac")
+    algos: tuple[str, ...] = ("sac", "so2", "cal_ql", "td3_bc", "iql", "awac", "pex")
     """Algorithm files to time (sac first: it is the baseline)."""
 
 
@@ -60,6 +61,7 @@ def make_run(name: str, device: torch.device) -> tuple[object, SimpleNamespace]:
             "td3_bc": lambda: module.TD3BCAgent(OBS_DIM, ACT_DIM, cfg, device, stats),
             "iql": lambda: module.IQLAgent(OBS_DIM, ACT_DIM, cfg, device),
             "awac": lambda: module.AWACAgent(OBS_DIM, ACT_DIM, cfg, device, stats),
+            "pex": lambda: module.PEXAgent(OBS_DIM, ACT_DIM, cfg, device),
         }[name]()
     return module, SimpleNamespace(cfg=cfg, agent=agent, device=device, obs_dim=OBS_DIM, act_dim=ACT_DIM)
 
