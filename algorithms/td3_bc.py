@@ -184,12 +184,12 @@ def resolve_config(cfg: Config) -> Config:
         [
             (cfg.pretrain_steps >= 0, "pretrain_steps must be >= 0"),
             (cfg.online_steps >= 0, "online_steps must be >= 0"),
+            (2 <= cfg.batch_size <= 1_000_000, "batch_size must be in [2, 1000000]"),
+            (0 <= cfg.mixing_ratio < 1, "mixing_ratio must be in [0, 1): finetuning batches need online rows"),
             (
                 cfg.online_steps == 0 or cfg.online_steps >= online_batch,
                 f"online_steps must be 0 or >= {online_batch} (updates start once the online buffer holds the online rows of a batch)",
             ),
-            (2 <= cfg.batch_size <= 1_000_000, "batch_size must be in [2, 1000000]"),
-            (0 <= cfg.mixing_ratio < 1, "mixing_ratio must be in [0, 1): finetuning batches need online rows"),
             (cfg.pretrain_eval_every >= 1, "pretrain_eval_every must be >= 1"),
             (1 <= cfg.random_dataset_steps <= 100_000_000, "random_dataset_steps must be in [1, 1e8]"),
             (0 < cfg.gamma < 1 and 0 < cfg.tau <= 1, "gamma must be in (0, 1) and tau in (0, 1]"),
