@@ -96,10 +96,3 @@ def test_uniform_sampling_from_the_pretraining(sera_run, tmp_path, datasets_root
     first = next(r for r in read_metrics(sera_run) if r["phase"] == "finetune")
     assert records[0]["return"] == first["return"]  # the pretrained policy
     assert [(r["env_steps"], r["step"]) for r in records] == [(0, 0), (60, 60)]
-
-
-def test_locomotion_config_is_the_defaults_with_their_sources():
-    cfg, _ = awac.parse_args(["--config", str(awac.REPO_ROOT / "configs" / "awac" / "locomotion.yaml")])
-    cfg = awac.resolve_config(cfg)
-    defaults = awac.Config()
-    assert {f for f in vars(defaults) if getattr(cfg, f) != getattr(defaults, f)} == {"env", "config"}

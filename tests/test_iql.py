@@ -154,13 +154,6 @@ def test_sample_union_draws_dataset_and_online_rows_in_proportion():
     assert iql.sample_union(dataset, empty, 50).sum() == 0  # before the first online step
 
 
-def test_locomotion_config_is_the_defaults_with_their_sources():
-    cfg, _ = iql.parse_args(["--config", str(iql.REPO_ROOT / "configs" / "iql" / "locomotion.yaml")])
-    cfg = iql.resolve_config(cfg)
-    defaults = iql.Config()
-    assert {f for f in vars(defaults) if getattr(cfg, f) != getattr(defaults, f)} == {"env", "config"}
-
-
 def test_pretraining_of_another_dataset_is_refused(sera_run, tmp_path, capsys, datasets_root):
     """Its critic learned another reward scale; one line, before any training."""
     iql.load_dataset("walker2d", "random", 1000)  # the other dataset exists (made once)

@@ -97,10 +97,3 @@ def test_plain_pex_from_the_pretraining(so2_run, tmp_path, datasets_root):
     first = next(r for r in read_metrics(so2_run) if r["phase"] == "finetune")
     assert records[0]["return"] == first["return"]  # the same expanded policy set at the start
     assert [(r["env_steps"], r["step"]) for r in records] == [(0, 0), (60, 10), (120, 70)]  # one per env step
-
-
-def test_locomotion_config_is_the_defaults_with_their_sources():
-    cfg, _ = pex.parse_args(["--config", str(pex.REPO_ROOT / "configs" / "pex" / "locomotion.yaml")])
-    cfg = pex.resolve_config(cfg)
-    defaults = pex.Config()
-    assert {f for f in vars(defaults) if getattr(cfg, f) != getattr(defaults, f)} == {"env", "config"}

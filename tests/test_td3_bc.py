@@ -140,13 +140,3 @@ def test_loose_finetuning_from_the_pretraining(sera_run, tmp_path, datasets_root
     first = next(r for r in read_metrics(sera_run) if r["phase"] == "finetune")
     assert records[0]["return"] == first["return"]
     assert records[-1]["bc_lambda"] == 1.0 and "sera_reward" not in records[-1]
-
-
-def test_locomotion_config_is_the_defaults_with_their_sources():
-    """configs/td3_bc/locomotion.yaml names a source for each default: it loads, resolves, and
-    differs from the Config defaults in its dataset only."""
-    cfg, _ = td3_bc.parse_args(["--config", str(td3_bc.REPO_ROOT / "configs" / "td3_bc" / "locomotion.yaml")])
-    cfg = td3_bc.resolve_config(cfg)
-    defaults = td3_bc.Config()
-    differing = {f for f in vars(defaults) if getattr(cfg, f) != getattr(defaults, f)}
-    assert differing == {"env", "config"} and cfg.env == "hopper-medium"

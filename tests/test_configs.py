@@ -1,0 +1,16 @@
+"""The locomotion config of each baseline file names a source for every default: it loads, resolves,
+and differs from the file's Config defaults in its dataset only."""
+
+import pytest
+
+from conftest import REPO, load_script
+
+
+@pytest.mark.parametrize("name", ["td3_bc", "iql", "awac", "pex"])
+def test_locomotion_config_is_the_defaults_with_their_sources(name):
+    algo = load_script(f"algorithms/{name}.py")
+    cfg, _ = algo.parse_args(["--config", str(REPO / "configs" / name / "locomotion.yaml")])
+    cfg = algo.resolve_config(cfg)
+    defaults = algo.Config()
+    assert {f for f in vars(defaults) if getattr(cfg, f) != getattr(defaults, f)} == {"env", "config"}
+    assert cfg.env == "hopper-medium"
