@@ -33,6 +33,8 @@ PER_STEP = {
     ("awac", "finetuning"): "env step: 1 update",
     ("cal_ql", "finetuning"): "env step: 1 update (CQL term on)",
     ("pex", "finetuning"): "env step: 1 V/Q update + 1 new-policy update (policy set picks the actions)",
+    ("off2on", "pretraining"): "1 CQL update of each of the 5 agents (batch 256 each, 10+10+10 CQL actions)",
+    ("off2on", "finetuning"): "1 update: 10 critics, mixture policy, temperature, density-ratio network",
 }
 
 
@@ -42,7 +44,7 @@ class Args:
     """Interleaved rounds; each method keeps its fastest."""
     device: str = "cpu"
     """Torch device."""
-    algos: tuple[str, ...] = ("sac", "so2", "cal_ql", "td3_bc", "iql", "awac", "pex")
+    algos: tuple[str, ...] = ("sac", "so2", "cal_ql", "td3_bc", "iql", "awac", "pex", "off2on")
     """Algorithm files to time (sac first: it is the baseline)."""
 
 
@@ -62,6 +64,7 @@ def make_run(name: str, device: torch.device) -> tuple[object, SimpleNamespace]:
             "iql": lambda: module.IQLAgent(OBS_DIM, ACT_DIM, cfg, device),
             "awac": lambda: module.AWACAgent(OBS_DIM, ACT_DIM, cfg, device, stats),
             "pex": lambda: module.PEXAgent(OBS_DIM, ACT_DIM, cfg, device),
+            "off2on": lambda: module.Off2OnAgent(OBS_DIM, ACT_DIM, cfg, device),
         }[name]()
     return module, SimpleNamespace(cfg=cfg, agent=agent, device=device, obs_dim=OBS_DIM, act_dim=ACT_DIM)
 

@@ -243,6 +243,12 @@ RESUME_ARGS = {
         "--pretrain-eval-every 100 --batch-size 32 --online-steps 300 --collection-steps 50 --eval-every 60 "
         "--eval-episodes 2 --mc-tail-steps 5 --kendall-windows 2 --checkpoint-every 25 --so2 --so2-utd 2"
     ).split(),
+    "off2on": (
+        "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 32 32 --num-agents 2 --cql-n-actions 2 "
+        "--cql-bc-steps 100 --pretrain-steps 300 --pretrain-eval-every 100 --batch-size 32 --weight-batch-size 16 "
+        "--online-steps 300 --epoch-steps 50 --first-epoch-multiplier 2 --eval-every 60 --eval-episodes 2 "
+        "--mc-tail-steps 5 --kendall-windows 2 --checkpoint-every 25 --so2 --so2-utd 2"
+    ).split(),
     "sac": (
         "--env hopper --total-steps 1200 --learning-starts 200 --eval-every 300 --eval-episodes 2 "
         "--hidden-dim 32 --batch-size 32 --checkpoint-every 25"
@@ -255,6 +261,7 @@ PHASES = {
     "iql": ("pretrain", "finetune"),
     "awac": ("pretrain", "finetune"),
     "pex": ("pretrain", "finetune"),
+    "off2on": ("pretrain", "finetune"),
     "sac": ("online",),
 }
 FILES = list(RESUME_ARGS)

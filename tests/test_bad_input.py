@@ -39,6 +39,10 @@ TINY = {
         "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 16 --pretrain-steps 4 --online-steps 4 "
         "--collection-steps 2 --batch-size 4 --eval-episodes 1"
     ).split(),
+    "off2on": (
+        "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 16 --num-agents 2 --cql-n-actions 2 "
+        "--pretrain-steps 4 --online-steps 4 --epoch-steps 2 --batch-size 4 --weight-batch-size 2 --eval-episodes 1"
+    ).split(),
     "sac": "--env hopper --total-steps 4 --learning-starts 2 --eval-episodes 1 --hidden-dim 16".split(),
 }
 # (flags, message) that every algorithm file refuses.

@@ -32,6 +32,7 @@ from conftest import (
         ("iql", "pretrain"),
         ("awac", "finetune"),
         ("pex", "finetune"),
+        ("off2on", "finetune"),
         ("sac", "online"),
     ],
 )

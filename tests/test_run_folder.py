@@ -34,6 +34,7 @@ from conftest import (
         ("iql", "IQLAgent.update", 150, "pretrain"),
         ("awac", "AWACAgent.update", 330, "finetune"),
         ("pex", "PEXAgent.update", 420, "finetune"),
+        ("off2on", "Off2OnAgent.online_update", 330, "finetune"),
         ("sac", "SACAgent.update", 100, "online"),
     ],
 )
