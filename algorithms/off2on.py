@@ -96,7 +96,7 @@ import yaml
 from tqdm import tqdm
 
 ALGO = "off2on"
-FIRST_RESULT = "For a first result on a CPU, shrink the budgets, e.g. --pretrain-steps 10000 --cql-bc-steps 2000 --online-steps 10000 --first-epoch-multiplier 1"
+FIRST_RESULT = "For a first result on a CPU, shrink the budgets as configs/sweeps/off2on_cpu.yaml does: --pretrain-steps 5000 --cql-bc-steps 1000 --online-steps 10000 --first-epoch-multiplier 1 (about 2 h of updates on one core)"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRIORITY_CLIP = (1e-3, 1e3)  # release: priorities w^(1/T) / mean are clipped to [0.001, 1000]
 LOG_STD_BOUNDS = (-20.0, 2.0)  # rlkit's TanhGaussianPolicy, for each agent and for the mixture
@@ -912,6 +912,11 @@ class Off2OnAgent:
             self.log_alpha.zero_()
         self.new_optimisers()
 
+    # the networks and optimisers in the state dict, by attribute name
+    MODULES = (
+        "actor", "critic", "target_critic", "weight_net", "actor_optim", "critic_optim", "alpha_optim", "weight_optim"
+    )  # fmt: skip
+
     def state_dict(self) -> dict:
         return {
             **{name: getattr(self, name).state_dict() for name in self.MODULES},
@@ -919,10 +924,6 @@ class Off2OnAgent:
             "log_alpha": self.log_alpha.detach().cpu(),
             "online": self.online,
         }
-
-    MODULES = (
-        "actor", "critic", "target_critic", "weight_net", "actor_optim", "critic_optim", "alpha_optim", "weight_optim"
-    )  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         if state["online"] and not self.online:
@@ -1600,32 +1601,38 @@ def pretrain(run: Run, data: ReplayBuffer, step: int, loop: dict) -> None:
     progress.close()
 
 
+def online_schedule(cfg: Config) -> tuple[int, float]:
+    """(updates per env step, std of the target-action noise): SO2's with --so2, else (1, 0)."""
+    return (cfg.so2_utd, cfg.so2_sigma) if cfg.so2 else (1, 0.0)
+
+
 def epoch_updates(cfg: Config, epoch_start: int, env_steps: int) -> int:
     """Updates owed to the epoch of env steps epoch_start+1 .. env_steps: utd per env step, times
     first_epoch_multiplier in the first epoch."""
-    utd = cfg.so2_utd if cfg.so2 else 1
+    utd = online_schedule(cfg)[0]
     return (env_steps - epoch_start) * utd * (cfg.first_epoch_multiplier if epoch_start == 0 else 1)
 
 
 def finetune(run: Run, dataset: ReplayBuffer, step: int, loop: Optional[dict]) -> None:
     """Online env steps step+1 .. online_steps, by epochs: epoch_steps env steps with the stochastic
     mixture policy from a reset, then the epoch's updates on prioritised batches over dataset +
-    online rows (the budget cuts the last epoch). Each iteration below is one env step or one update, so a signal
-    stops the run between any two; loop (None at the start) holds the online rows, the priorities,
+    online rows (the budget cuts the last epoch). Each iteration below is one env step or one
+    update, so a signal stops the run between any two; loop (None at the start) holds the online rows, the priorities,
     the running episode, the counters and the last losses."""
     cfg, agent, device = run.cfg, run.agent, run.device
     online = ReplayBuffer(cfg.online_steps, run.obs_dim, run.act_dim, device)
     n_data = dataset.size
-    utd, sigma = (cfg.so2_utd, cfg.so2_sigma) if cfg.so2 else (1, 0.0)
+    utd, sigma = online_schedule(cfg)
     # Priorities of [dataset rows | online rows]; a row's priority decides how often it is drawn.
-    priority = torch.zeros(n_data + cfg.online_steps, device=device)
+    # float64, so that their cumulative sum over a million rows keeps the smallest ones.
+    priority = torch.zeros(n_data + cfg.online_steps, dtype=torch.float64, device=device)
     env = make_env(parse_env_name(cfg.env)[0])
     obs, _ = env.reset(seed=cfg.seed)
     if loop is None:
         agent.go_online()
         priority[:n_data] = 1.0
         max_priority = torch.tensor(
-            initial_max_priority(n_data, cfg.init_online_fraction, cfg.epoch_steps), device=device
+            initial_max_priority(n_data, cfg.init_online_fraction, cfg.epoch_steps), dtype=torch.float64, device=device
         )
         env_steps, updates, pending, epoch_start, losses = 0, 0, 0, 0, {}
         run.finite.check("finetune", 0)
@@ -1666,7 +1673,7 @@ def finetune(run: Run, dataset: ReplayBuffer, step: int, loop: Optional[dict]) -
             if epoch_end:
                 pending = epoch_updates(cfg, epoch_start, env_steps)
         else:  # one of the epoch's updates
-            cumulative = priority[: n_data + online.size].double().cumsum(0)
+            cumulative = priority[: n_data + online.size].cumsum(0)
             index = stratified_draw(cumulative, cfg.batch_size)
             from_online = index >= n_data
             batch = torch.where(
@@ -1684,7 +1691,7 @@ def finetune(run: Run, dataset: ReplayBuffer, step: int, loop: Optional[dict]) -
             losses, new_priorities = agent.online_update(
                 batch, weight_rows, online.split, policy_step=(updates + 1) % utd == 0, sigma=sigma
             )
-            priority[index] = new_priorities
+            priority[index] = new_priorities.double()
             max_priority = torch.maximum(max_priority, new_priorities.max())
             losses["online_share"] = from_online.float().mean()
             run.finite.watch(losses)
@@ -1736,7 +1743,7 @@ def time_phases(run: Run, phase: str, step: int) -> list[tuple[str, int, float]]
         parts.append(("pretraining", cfg.pretrain_steps - step, seconds_per_call(update, run.device, 3)))
     done = step if phase == "finetune" else 0
     if cfg.online_steps > done:
-        utd, sigma = (cfg.so2_utd, cfg.so2_sigma) if cfg.so2 else (1, 0.0)
+        utd, sigma = online_schedule(cfg)
         if not agent.online:
             agent.go_online()
 

@@ -102,8 +102,15 @@ def test_mixture_policy_acts_with_the_mixture_and_its_log_prob():
     assert torch.allclose(log_prob, squashed.log_prob(action).sum(-1), atol=1e-4)
 
 
-def split_of(agent):
-    return off2on.ReplayBuffer(1, 3, 2, torch.device("cpu")).split
+SPLIT = off2on.ReplayBuffer(1, 3, 2, torch.device("cpu")).split  # rows of the agents above -> fields
+
+
+def online_agent_and_rows():
+    """An agent gone online, a batch of 4 rows and a density-ratio batch of 3 + 3 rows."""
+    agent, cfg = make_agent()
+    agent.go_online()
+    torch.manual_seed(1)
+    return agent, cfg, torch.rand(4, 10) * 2 - 1, torch.rand(6, 10) * 2 - 1
 
 
 def test_each_agent_pretrains_on_its_own_batch():
@@ -117,7 +124,7 @@ def test_each_agent_pretrains_on_its_own_batch():
     for batch in (rows, other):
         copy_ = copy.deepcopy(agent)
         torch.manual_seed(7)  # the same noise draws in both
-        copy_.pretrain_update(batch, split_of(agent), bc=False)
+        copy_.pretrain_update(batch, SPLIT, bc=False)
         results.append(copy_)
     a, b = results
     for name in ("actor", "critic"):
@@ -142,19 +149,18 @@ def test_cql_critic_loss_against_a_loop_over_agents_and_critics():
     with torch.no_grad():  # Q that varies with the action (the init's last layers are near 0)
         for p in [*agent.critic.parameters(), *agent.target_critic.parameters()]:
             p.normal_(0.0, 0.5)
-    split = split_of(agent)
     torch.manual_seed(1)
     rows = torch.rand(k, b, 10) * 2 - 1
     rows[..., 8] = (torch.rand(k, b) < 0.3).float()  # some terminations
     torch.manual_seed(7)
-    out = copy.deepcopy(agent).pretrain_update(rows, split, bc=False)
+    out = copy.deepcopy(agent).pretrain_update(rows, SPLIT, bc=False)
     # the update's draws in its order: the policy sample at s (temperature and policy losses), the
     # next action and the CQL policy actions (at s, then at s'), the random actions
     torch.manual_seed(7)
     torch.randn(k, b, a_dim)
     noise = torch.randn(k, (1 + 2 * n) * b, a_dim)
     random_actions = torch.empty(k, n * b, a_dim).uniform_(-1.0, 1.0)
-    obs, act, rew, next_obs, done = split(rows)
+    obs, act, rew, next_obs, done = SPLIT(rows)
     expected = 0.0
     with torch.no_grad():
         for i in range(k):
@@ -178,9 +184,9 @@ def test_cql_critic_loss_against_a_loop_over_agents_and_critics():
     assert torch.allclose(out["critic_loss"], expected, rtol=1e-5)
 
 
-def online_target(agent, rows, split, sigma, seed):
+def online_target(agent, rows, sigma, seed):
     """The TD target y [2K, B] as the header writes it, with the update's noise draws."""
-    obs, act, rew, next_obs, done = split(rows)
+    obs, act, rew, next_obs, done = SPLIT(rows)
     torch.manual_seed(seed)
     with torch.no_grad():
         next_action, next_log_pi = agent.actor(next_obs)
@@ -193,23 +199,19 @@ def online_target(agent, rows, split, sigma, seed):
 
 
 def test_so2_perturbs_the_next_action_of_the_target():
-    agent, cfg = make_agent()
-    agent.go_online()
-    split = split_of(agent)
-    torch.manual_seed(1)
-    rows, weight_rows = torch.rand(4, 10) * 2 - 1, torch.rand(6, 10) * 2 - 1
+    agent, cfg, rows, weight_rows = online_agent_and_rows()
     rows[:, 8] = 0.0  # not done: the target bootstraps
     losses = {}
     for sigma in (0.0, 0.3):
         updated = copy.deepcopy(agent)
         torch.manual_seed(5)
-        out, new_priorities = updated.online_update(rows, weight_rows, split, policy_step=False, sigma=sigma)
-        y, q = online_target(agent, rows, split, sigma, seed=5)
+        out, new_priorities = updated.online_update(rows, weight_rows, SPLIT, policy_step=False, sigma=sigma)
+        y, q = online_target(agent, rows, sigma, seed=5)
         assert torch.allclose(out["critic_loss"], (q - y).pow(2).mean(1).sum())
         assert "actor_loss" not in out and "alpha_loss" not in out  # no policy step
         assert all(torch.equal(p, p0) for p, p0 in zip(updated.actor.parameters(), agent.actor.parameters()))
         with torch.no_grad():
-            obs, act = split(torch.cat([weight_rows, rows]))[:2]
+            obs, act = SPLIT(torch.cat([weight_rows, rows]))[:2]
             w = agent.weight_net(obs, act)
         assert torch.allclose(new_priorities, off2on.priorities(w[6:], w[:3], 5.0))  # pre-step network
         losses[sigma] = out["critic_loss"]
@@ -217,20 +219,16 @@ def test_so2_perturbs_the_next_action_of_the_target():
 
 
 def test_policy_step_trains_the_mixture_on_the_mean_of_the_twin_minima():
-    agent, cfg = make_agent()
-    agent.go_online()
-    split = split_of(agent)
-    torch.manual_seed(1)
-    rows, weight_rows = torch.rand(4, 10) * 2 - 1, torch.rand(6, 10) * 2 - 1
+    agent, cfg, rows, weight_rows = online_agent_and_rows()
     assert math.isclose(agent.log_alpha.exp().item(), 1.0)  # reset to 1 online
     with torch.no_grad():
         agent.log_alpha.fill_(math.log(0.5))
     updated = copy.deepcopy(agent)
     torch.manual_seed(5)
-    out, _ = updated.online_update(rows, weight_rows, split, policy_step=True, sigma=0.0)
+    out, _ = updated.online_update(rows, weight_rows, SPLIT, policy_step=True, sigma=0.0)
     torch.manual_seed(5)
     with torch.no_grad():
-        obs = split(rows)[0]
+        obs = SPLIT(rows)[0]
         action, log_pi = agent.actor(obs)
         q = agent.critic(obs, action).view(3, 2, -1)
         q_mean_of_minima = torch.stack([torch.minimum(q[i, 0], q[i, 1]) for i in range(3)]).mean(0)
