@@ -1,5 +1,5 @@
-"""Run an algorithm file whose critic becomes NaN after a given number of calls of an agent
-method, as a diverging run would:
+"""Run an algorithm file whose critic (the policy in a file without one) becomes NaN after a given
+number of calls of an agent method, as a diverging run would:
 
   python tests/nan_driver.py algorithms/so2.py SO2Agent.finetune_critic_step 30 --env ... (flags)
 """
@@ -27,7 +27,8 @@ def poisoned(self, *a, **kw):
     counts[id(self)] = counts.get(id(self), 0) + 1
     if counts[id(self)] == int(calls):
         with torch.no_grad():
-            next(self.critic.parameters()).fill_(float("nan"))
+            network = self.critic if hasattr(self, "critic") else self.actor
+            next(network.parameters()).fill_(float("nan"))
     return out
 
 

@@ -43,12 +43,18 @@ TINY = {
         "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 16 --num-agents 2 --cql-n-actions 2 "
         "--pretrain-steps 4 --online-steps 4 --epoch-steps 2 --batch-size 4 --weight-batch-size 2 --eval-episodes 1"
     ).split(),
+    "odt": (
+        "--env walker2d-random --random-dataset-steps 1500 --embed-dim 8 --n-layers 1 --n-heads 1 --context-length 4 "
+        "--eval-context-length 2 --pretrain-steps 4 --online-steps 4 --batch-size 4 --eval-episodes 1"
+    ).split(),
     "sac": "--env hopper --total-steps 4 --learning-starts 2 --eval-episodes 1 --hidden-dim 16".split(),
 }
-# (flags, message) that every algorithm file refuses.
+# Two float fields of each file for the finite-number checks (odt.py has no discount or target rate).
+FLOATS = {**dict.fromkeys(TINY, ("gamma", "tau")), "odt": ("lr", "dropout")}
+# (flags, message) that every algorithm file refuses; {0} and {1} are the file's FLOATS.
 COMMON = [
-    (["--gamma", "nan"], "gamma must be a finite float, got nan"),
-    (["--tau", "inf"], "tau must be a finite float, got inf"),
+    (["--{0}", "nan"], "{0} must be a finite float, got nan"),
+    (["--{1}", "inf"], "{1} must be a finite float, got inf"),
     (["--seed", "-1"], "seed must be in [0, 2^31)"),
     (["--eval-episodes", "100000"], "eval_episodes must be in [1, 1000]"),
     (["--checkpoint-every", "0"], "checkpoint_every must be >= 1"),
@@ -63,11 +69,12 @@ COMMON = [
 @pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("flags,message", COMMON, ids=[m.split()[0] for _, m in COMMON])
 def test_common_bad_values(name, flags, message, tmp_path, capsys):
+    flags = [flag.format(*(f.replace("_", "-") for f in FLOATS[name])) for flag in flags]
     assert_main_refuses(
         load_script(f"algorithms/{name}.py"),
         [*TINY[name], "--out-dir", str(tmp_path / "runs"), *flags],
         capsys,
-        message,
+        message.format(*FLOATS[name]),
     )
     assert not (tmp_path / "runs").exists()
 

@@ -33,6 +33,7 @@ from conftest import (
         ("awac", "finetune"),
         ("pex", "finetune"),
         ("off2on", "finetune"),
+        ("odt", "finetune"),
         ("sac", "online"),
     ],
 )

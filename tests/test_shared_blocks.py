@@ -33,6 +33,8 @@ DELIBERATE = {
     "ALGO": "the file's name",
     "FIRST_RESULT": "the way to a first result on a CPU differs per algorithm",
     "time_phases": "the phases and updates of each algorithm",
+    "Evaluator": "odt.py's policy reads a window of returns-to-go, states and actions, and has no Q to diagnose",
+    "check_common": "odt.py has no Q diagnostics, so no kendall_windows / mc_tail_steps to check",
 }
 
 

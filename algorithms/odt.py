@@ -1,0 +1,1625 @@
+"""ODT: Online Decision Transformer, offline pretraining and online finetuning of one return-conditioned policy.
+
+Paper: Zheng, Zhang & Grover, "Online Decision Transformer", ICML 2022 (arXiv 2202.05607, code
+facebookresearch/online-dt, read at commit c376fa1: main.py, trainer.py, data.py,
+replay_buffer.py, evaluation.py, lamb.py, decision_transformer/models/). One of the baselines of
+the SO2 paper's Table 1 (Zhang et al., AAAI 2024).
+Pipeline in this file, top to bottom:
+  1. the D4RL-style dataset, resolved to a Minari dataset (generated on the spot for *-random by
+     scripts/make_dataset.py), cut into trajectories at terminations and truncations; states
+     normalised with the mean and std of all dataset states (+1e-6); actions clamped to
+     [-1 + 1e-6, 1 - 1e-6] so that their tanh-Gaussian log-likelihood is finite;
+  2. offline pretraining: segments of K = 20 steps (return-to-go, state, action) from trajectories
+     drawn with probability proportional to their length, a uniform start, left-padded; the loss is
+     -(mean log-likelihood of the actions over real steps + temperature x entropy), the entropy a
+     one-sample estimate over ALL K positions, padding included (the release's mean); LAMB with a
+     linear learning-rate warm-up; the temperature is stepped towards a target entropy of -|A|;
+  3. online finetuning: a trajectory replay of 1,000 trajectories, seeded with the highest-return
+     dataset trajectories (ascending, so FIFO replaces the worst first). Each iteration rolls out
+     one episode with the stochastic policy conditioned on the online return-to-go target, adds it
+     to the replay with returns-to-go recomputed from the rewards it received (hindsight
+     relabelling), then makes 300 updates of the same loss; optimiser, warm-up and temperature
+     carry on from pretraining;
+  4. batched evaluation: the deterministic policy tanh(mean), conditioned on the evaluation target
+     and the last 5 steps. There is no Q function, so the Q diagnostics (q_bias, kendall_tau,
+     q_std) do not apply: they are null in metrics.jsonl and summary.json, and the run says so.
+The run folder (checkpoint, --resume, signals, divergence) is the same in every algorithm file.
+
+Defaults follow the release's main.py (its values are those of hopper-medium): a GPT-2 of 4 layers,
+4 heads, embedding 512, inner width 2,048, ReLU, dropout 0.1 (embedding, attention, residual),
+pre-LayerNorm blocks with a final LayerNorm, N(0, 0.02) weights inside the transformer; returns-to-
+go scaled by 0.001; a tanh-Gaussian head (two linear layers, orthogonal init) with log-std squashed
+into [-5, 2]; LAMB lr 1e-4, weight decay 5e-4 on every parameter, 10k warm-up steps, gradients
+clipped to norm 0.25; temperature 0.1 at the start, Adam 1e-4; batch 256; 5,000 pretraining
+updates; 300 updates per online iteration; evaluation and rollouts on the last 5 steps.
+Return-to-go targets (evaluation / online) per env: hopper 3600 / 7200 (main.py's defaults),
+walker2d 5000 / 10000, halfcheetah 6000 / 12000 (these two from third-party scripts that reproduce
+the paper's per-env table, umkiyoung/EXplorativeDT; the release has no per-env table); other envs
+need --eval-rtg and --online-rtg. Other per-env values: configs/odt/.
+Deliberate differences from the release:
+  - LAMB is written here (the release's lamb.py, a port of NVIDIA's FusedLAMB) without its internal
+    clip of the global gradient norm at 1.0, which never acts after the trainer's clip to 0.25.
+  - the online budget is counted in env steps (the SO2 paper's 100k; the release: 1,500
+    iterations), evaluated when the env steps reach a multiple of eval_every (the policy as of its
+    last update; the release: every 10 iterations); the episode that reaches the budget ends the run.
+  - the temperature is saved in checkpoints (the release keeps log_temperature outside the
+    model's state_dict) and is a float32 parameter on the run's device (the release: float64 on CPU).
+  - attention masks: future tokens get -inf and padded keys -1e4 added (the release replaces
+    future scores by -1e4, then adds -1e4 for padding); identical for every real position, and
+    padded positions attend to earlier padding only.
+  - no timestep embedding, as the release by default (--ordering 0: its timestep table is never
+    used); the time steps of a segment are not stored.
+  - the pretraining set keeps every trajectory but the lowest-return one, as the release's
+    _load_dataset does (its cumulative-length cut drops the last trajectory of the sorted list).
+  - environments are gymnasium v5 MuJoCo and Minari datasets (the release used D4RL on gym).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Literal, Optional
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+import yaml
+from tqdm import tqdm
+
+ALGO = "odt"
+FIRST_RESULT = (
+    "For a first result on a CPU, shrink the model and the budgets, e.g. --embed-dim 128 --n-layers 3 "
+    "--batch-size 64 --pretrain-steps 2000 --online-steps 10000 --updates-per-iteration 30"
+)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LOG_STD_RANGE = (-5.0, 2.0)  # release: DiagGaussianActor's log_std_bounds
+GRAD_CLIP = 0.25  # release trainer: clip_grad_norm_(model.parameters(), 0.25)
+# Return-to-go targets (evaluation, online) per env; see the header for their sources.
+RTG_TARGETS = {"hopper": (3600.0, 7200.0), "walker2d": (5000.0, 10000.0), "halfcheetah": (6000.0, 12000.0)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    env: str = "hopper-random"
+    """D4RL-style dataset name: {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,
+    medium-expert,expert} or {pen,door}-{human,cloned,expert} (ant, pen and door need --eval-rtg
+    and --online-rtg)."""
+    config: Optional[str] = None
+    """YAML file of field values (e.g. configs/odt/hopper.yaml); flags given on the command line
+    override it."""
+    resume: Optional[str] = None
+    """Run folder to continue from its checkpoint.pt, in either phase; its saved config is the
+    default and flags override it (not env, seed, or the model sizes)."""
+    seed: int = 0
+    """Seed of torch, numpy and the environments; same seed on CPU gives identical metrics."""
+    device: str = "auto"
+    """Torch device: 'auto' picks cuda when available, else cpu."""
+    context_length: int = 20
+    """K: steps per training segment (release: --K 20)."""
+    eval_context_length: int = 5
+    """Steps of history the policy sees in rollouts and evaluation (release: 5), left-padded to K."""
+    embed_dim: int = 512
+    """Transformer width (release: 512); the MLPs are 4x as wide."""
+    n_layers: int = 4
+    """Transformer blocks (release: 4)."""
+    n_heads: int = 4
+    """Attention heads (release: 4); must divide embed_dim."""
+    dropout: float = 0.1
+    """Dropout of the embeddings, the attention weights and both residual branches (release: 0.1)."""
+    lr: float = 1e-4
+    """LAMB learning rate after warm-up (release: 1e-4)."""
+    weight_decay: float = 5e-4
+    """LAMB decoupled weight decay, on every parameter (release: 5e-4)."""
+    warmup_steps: int = 10_000
+    """Linear learning-rate warm-up over this many updates, counted across both phases (release: 10k)."""
+    init_temperature: float = 0.1
+    """Initial entropy temperature (release: 0.1)."""
+    temperature_lr: float = 1e-4
+    """Adam learning rate of the log-temperature (release: 1e-4)."""
+    target_entropy: Optional[float] = None
+    """Entropy the temperature steers to; None: -|A| (release)."""
+    reward_scale: float = 0.001
+    """Returns-to-go are multiplied by this in training and rollouts (release: 0.001 for MuJoCo)."""
+    batch_size: int = 256
+    """Segments per update (release: 256)."""
+
+    pretrain_steps: int = 5_000
+    """Offline updates (release: 1 iteration x 5,000)."""
+    pretrain_eval_every: int = 5_000
+    """Evaluate every this many pretraining updates (and at the end of pretraining)."""
+    pretrained: Optional[str] = None
+    """Path of a finished pretraining (pretrain.pt of an earlier run); skips pretraining."""
+    random_dataset_steps: int = 1_000_000
+    """Size of a *-random dataset generated when none is on disk (D4RL: 1M). Other sizes are
+    stored under their own id (local/<env>/random-n<steps>-v0), never as the 1M dataset."""
+
+    online_steps: int = 100_000
+    """Online env steps in finetuning (the SO2 paper's budget; the release: 1,500 iterations); 0
+    stops after pretraining."""
+    replay_size: int = 1_000
+    """Trajectories in the online replay (release: 1,000)."""
+    updates_per_iteration: int = 300
+    """Updates after each online episode (release: 300)."""
+    eval_rtg: Optional[float] = None
+    """Return-to-go target of evaluation episodes; None: the env's value in RTG_TARGETS."""
+    online_rtg: Optional[float] = None
+    """Return-to-go target of online exploration episodes; None: the env's value in RTG_TARGETS."""
+
+    eval_every: int = 10_000
+    """Evaluate when the online env steps reach a multiple of this (and at the start and end)."""
+    eval_episodes: int = 10
+    """Evaluation episodes, run together with one batched policy forward per step (release: 10)."""
+
+    checkpoint_every: int = 10_000
+    """Write checkpoint.pt every this many steps of the phase (updates in pretraining, env steps
+    online, at the end of an iteration), besides the phase boundary, the end and a SIGINT / SIGTERM."""
+    out_dir: str = "runs"
+    """Runs are written to <out_dir>/<env>__odt[-<run_name>]__<seed>__<unix time>/."""
+    run_name: Optional[str] = None
+    """Name added to the run folder to tell variants apart (letters, digits, '.', '-')."""
+    track: bool = False
+    """Log to Weights & Biases (works with WANDB_MODE=offline)."""
+    wandb_project: str = "offline-to-online"
+    """W&B project name (runs are grouped by algorithm)."""
+
+
+# Fields a resumed run cannot change: they define the data, networks, optimisers or evaluation.
+RESUME_FIXED = (
+    "env", "seed", "context_length", "eval_context_length", "embed_dim", "n_layers", "n_heads", "random_dataset_steps",
+    "eval_episodes", "pretrained", "lr", "weight_decay", "warmup_steps", "reward_scale", "batch_size", "replay_size",
+    "eval_rtg",
+)  # fmt: skip
+# The step budget of each phase: a resumed run cannot be given fewer steps than it has made.
+PHASE_BUDGET = {"pretrain": "pretrain_steps", "finetune": "online_steps"}
+
+
+def resolve_config(cfg: Config) -> Config:
+    """Check every value and fill in the env's return-to-go targets; ConfigError if bad."""
+    base, _ = parse_env_name(cfg.env)
+    check_common(cfg)
+    check(
+        [
+            (cfg.pretrain_steps >= 0, "pretrain_steps must be >= 0"),
+            (cfg.online_steps >= 0, "online_steps must be >= 0"),
+            (1 <= cfg.batch_size <= 1_000_000, "batch_size must be in [1, 1000000]"),
+            (cfg.pretrain_eval_every >= 1, "pretrain_eval_every must be >= 1"),
+            (1 <= cfg.random_dataset_steps <= 100_000_000, "random_dataset_steps must be in [1, 1e8]"),
+            (1 <= cfg.context_length <= 1000, "context_length must be in [1, 1000]"),
+            (
+                1 <= cfg.eval_context_length <= cfg.context_length,
+                "eval_context_length must be in [1, context_length]",
+            ),
+            (
+                1 <= cfg.n_heads <= cfg.embed_dim <= 65536 and cfg.embed_dim % cfg.n_heads == 0,
+                "embed_dim must be in [1, 65536] and a multiple of n_heads (>= 1)",
+            ),
+            (1 <= cfg.n_layers <= 1000, "n_layers must be in [1, 1000]"),
+            (0 <= cfg.dropout < 1, "dropout must be in [0, 1)"),
+            (0 < cfg.lr <= 1 and 0 < cfg.temperature_lr <= 1, "lr and temperature_lr must be in (0, 1]"),
+            (cfg.weight_decay >= 0 and cfg.warmup_steps >= 1, "weight_decay must be >= 0 and warmup_steps >= 1"),
+            (cfg.init_temperature > 0 and cfg.reward_scale > 0, "init_temperature and reward_scale must be > 0"),
+            (1 <= cfg.replay_size <= 1_000_000, "replay_size must be in [1, 1000000]"),
+            (0 <= cfg.updates_per_iteration <= 1_000_000, "updates_per_iteration must be in [0, 1000000]"),
+        ]
+    )
+    if cfg.eval_rtg is None or cfg.online_rtg is None:
+        if base not in RTG_TARGETS:
+            raise ConfigError(
+                f"ODT has no published return-to-go targets for {base}; pass --eval-rtg and --online-rtg (known: {', '.join(RTG_TARGETS)})"
+            )
+        eval_rtg, online_rtg = RTG_TARGETS[base]
+        cfg = replace(
+            cfg,
+            eval_rtg=eval_rtg if cfg.eval_rtg is None else cfg.eval_rtg,
+            online_rtg=online_rtg if cfg.online_rtg is None else cfg.online_rtg,
+        )
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Config parsing and checks (the same block in every algorithm file)
+# ----------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = 1  # of checkpoint.pt, pretrain.pt and final.pt
+
+
+class ConfigError(Exception):
+    """Bad input: reported as one line on stderr, exit code 2, before any compute or run folder."""
+
+
+def fail(message: str) -> None:
+    print(f"{ALGO}.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def type_problem(value, hint) -> bool:
+    """True if value does not fit the type hint (int, float, bool, str, Optional, Literal, tuple);
+    floats must be finite."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return all(type_problem(value, arg) for arg in args)
+    if origin is Literal:
+        return value not in args
+    if origin is tuple:
+        return not isinstance(value, tuple) or any(type_problem(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is not None
+    if hint is float:
+        return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if hint is int:
+        return isinstance(value, bool) or not isinstance(value, int)
+    return not isinstance(value, hint)
+
+
+def check_types(cfg: Config, source: str) -> None:
+    hints = typing.get_type_hints(Config)
+    for f in fields(Config):
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        if type_problem(value, hint):
+            expected = {float: "a finite float", int: "int", str: "str", bool: "bool"}.get(
+                hint, str(hint).replace("typing.", "")
+            )
+            raise ConfigError(f"{source}{f.name} must be {expected}, got {value!r}")
+
+
+def check(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def writable_dir_problem(path: Path) -> Optional[str]:
+    """Why files cannot be created under path (a file in the way, no write permission), or None."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"'{existing}' is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"'{existing}' is not writable"
+    return None
+
+
+def check_common(cfg: Config) -> None:
+    """Types (from the --config file too), finite numbers, seed, evaluation, paths and device."""
+    check_types(cfg, "")
+    check(
+        [
+            (0 <= cfg.seed < 2**31, "seed must be in [0, 2^31)"),
+            (1 <= cfg.eval_episodes <= 1000, "eval_episodes must be in [1, 1000]"),
+            (cfg.eval_every >= 1 and cfg.checkpoint_every >= 1, "eval_every and checkpoint_every must be >= 1"),
+            (
+                cfg.run_name is None
+                or (
+                    cfg.run_name.replace("-", "").replace(".", "").replace("_", "").isalnum()
+                    and "__" not in cfg.run_name
+                ),
+                "run_name may hold letters, digits, '.', '-' and single '_' only",
+            ),
+        ]
+    )
+    problem = writable_dir_problem(Path(cfg.out_dir))
+    if problem:
+        raise ConfigError(f"out_dir '{cfg.out_dir}' cannot hold run folders: {problem}")
+    if cfg.device != "auto":
+        try:
+            if torch.device(cfg.device).type not in ("cpu", "cuda"):
+                raise RuntimeError("expected cpu or cuda")
+            torch.empty(0, device=cfg.device)
+        except (RuntimeError, AssertionError) as exc:
+            raise ConfigError(f"device '{cfg.device}' is not usable: {first_line(exc)}")
+
+
+def read_config_file(path: str) -> Config:
+    """Field values from a YAML file (lists become tuples); the type checks come later."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise TypeError("expected a mapping of field names to values")
+        return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except (OSError, yaml.YAMLError, TypeError) as exc:
+        raise ConfigError(f"cannot use config file '{path}': {first_line(exc)}")
+
+
+def read_checkpoint(run_dir: str) -> dict:
+    """RUN_DIR/checkpoint.pt of this algorithm; ConfigError otherwise."""
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        raise ConfigError(
+            f"--resume: no checkpoint.pt in '{run_dir}' (a run folder of this project's algorithm files, after its first checkpoint)"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        fmt, algo = checkpoint["format"], checkpoint["algo"]
+    except Exception as exc:
+        raise ConfigError(f"--resume: cannot read '{path}': {first_line(exc)}")
+    if fmt != CHECKPOINT_FORMAT or algo != ALGO:
+        raise ConfigError(
+            f"--resume: '{path}' is a checkpoint of algorithms/{algo}.py (format {fmt}), not of algorithms/{ALGO}.py (format {CHECKPOINT_FORMAT})"
+        )
+    return checkpoint
+
+
+def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
+    """tyro CLI -> (config, checkpoint to resume or None). --config FILE: the file's values are
+    the defaults that flags override. --resume RUN_DIR: the run's saved config is the default;
+    flags override it, except the RESUME_FIXED fields."""
+    cfg = tyro.cli(Config, args=argv)
+    if cfg.resume is not None:
+        if cfg.config is not None:
+            raise ConfigError("--resume continues with the run's saved config; leave out --config")
+        checkpoint = read_checkpoint(cfg.resume)
+        saved = replace(Config(**checkpoint["config"]), resume=cfg.resume)
+        cfg = tyro.cli(Config, args=argv, default=saved)
+        changed = [name for name in RESUME_FIXED if getattr(cfg, name) != getattr(saved, name)]
+        budget = PHASE_BUDGET[checkpoint["phase"]]
+        if getattr(cfg, budget) < checkpoint["step"]:
+            raise ConfigError(
+                f"--resume: {budget}={getattr(cfg, budget)} is below the {checkpoint['step']} steps the run has made in {checkpoint['phase']}"
+            )
+        if changed:
+            raise ConfigError(
+                f"--resume: {', '.join(changed)} cannot change in a resumed run (saved: {', '.join(f'{n}={getattr(saved, n)}' for n in changed)})"
+            )
+        return cfg, checkpoint
+    if cfg.config is not None:
+        defaults = read_config_file(cfg.config)
+        check_types(defaults, f"config file '{cfg.config}': ")  # before tyro sees the defaults
+        cfg = tyro.cli(Config, args=argv, default=replace(defaults, config=cfg.config))
+    return cfg, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets: D4RL names -> Minari datasets -> flat transition arrays (cached), scores
+# ----------------------------------------------------------------------------------------------
+GYM_IDS = {
+    "halfcheetah": "HalfCheetah-v5",
+    "hopper": "Hopper-v5",
+    "walker2d": "Walker2d-v5",
+    "ant": "Ant-v5",
+    "pen": "AdroitHandPen-v1",
+    "door": "AdroitHandDoor-v1",
+}
+ADROIT = ("pen", "door")
+GENERATED = ("halfcheetah", "hopper", "walker2d", "ant")  # scripts/make_dataset.py makes their sets
+LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
+ADROIT_QUALITIES = ("human", "cloned", "expert")
+# D4RL reference returns (random, expert) that define the normalised score.
+REF_SCORES = {
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+    "pen": (96.262799, 3076.833),
+    "door": (-56.512833, 2880.569),
+}
+
+
+def parse_env_name(name: str) -> tuple[str, str]:
+    """'walker2d-medium-replay' -> ('walker2d', 'medium-replay'); ConfigError if unknown."""
+    base, _, quality = name.partition("-")
+    if base not in GYM_IDS or quality not in (ADROIT_QUALITIES if base in ADROIT else LOCOMOTION_QUALITIES):
+        locomotion = ",".join(b for b in GYM_IDS if b not in ADROIT)
+        raise ConfigError(
+            f"unknown env '{name}'; expected {{{locomotion}}}-{{{','.join(LOCOMOTION_QUALITIES)}}} or {{{','.join(ADROIT)}}}-{{{','.join(ADROIT_QUALITIES)}}}"
+        )
+    return base, quality
+
+
+def dataset_ids(base: str, quality: str, random_steps: int) -> tuple[str, list[str]]:
+    """(local id, hub ids) tried in that order. The hub has no random, medium-replay or
+    medium-expert locomotion sets; its medium/expert sets come from other policies than D4RL's."""
+    name = quality if quality != "random" or random_steps == 1_000_000 else f"random-n{random_steps}"
+    local = f"local/{base}/{name}-v0"
+    if base in ADROIT:
+        return local, [f"D4RL/{base}/{quality}-v2"]
+    return local, [f"mujoco/{base}/{quality}-v0"] if quality in ("medium", "expert") else []
+
+
+def normalized_score(base: str, returns):
+    low, high = REF_SCORES[base]
+    return 100.0 * (np.asarray(returns) - low) / (high - low)
+
+
+def flatten_episodes(episodes) -> dict[str, np.ndarray]:
+    """Episodes (observations with T+1 rows, actions/rewards/terminations/truncations with T) ->
+    float32 transition arrays in D4RL's q-learning layout. terminals = terminations only: a
+    time-limit truncation is not a terminal state, and observations[t + 1] is the real next state
+    even at a truncation; timeouts marks truncations, so episode boundaries stay recoverable."""
+    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
+    for ep in episodes:
+        parts["observations"].append(ep["observations"][:-1])
+        parts["next_observations"].append(ep["observations"][1:])
+        parts["actions"].append(ep["actions"])
+        parts["rewards"].append(ep["rewards"])
+        parts["terminals"].append(ep["terminations"])
+        parts["timeouts"].append(ep["truncations"])
+    return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
+
+
+def dataset_path(dataset_id: str = "") -> Path:
+    """Minari's folder of a dataset ($MINARI_DATASETS_PATH, default ~/.minari/datasets), without
+    creating anything, so that a read-only store can be read."""
+    return Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets") / dataset_id
+
+
+def cache_key(dataset_id: str) -> str:
+    stat = (dataset_path(dataset_id) / "data" / "main_data.hdf5").stat()
+    return f"flat-v1:{dataset_id}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def save_flat_cache(dataset_id: str, arrays: dict[str, np.ndarray]) -> None:
+    path = dataset_path(dataset_id) / "flat_cache.npz"
+    tmp = path.with_name(f".flat_cache.tmp{os.getpid()}.npz")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, key=np.array(cache_key(dataset_id)), **arrays)
+        os.replace(tmp, path)
+    except OSError:  # a read-only store only costs the next load its flattening time
+        tmp.unlink(missing_ok=True)
+
+
+def read_flat_cache(dataset_id: str) -> Optional[dict[str, np.ndarray]]:
+    """The cached arrays, or None when the cache is missing, stale or unreadable (a cache miss)."""
+    try:
+        with np.load(dataset_path(dataset_id) / "flat_cache.npz") as cache:
+            if str(cache["key"]) != cache_key(dataset_id):
+                return None
+            return {k: cache[k] for k in cache.files if k != "key"}
+    except Exception:  # missing, truncated or garbage file: flatten the dataset again
+        return None
+
+
+def build_flat_cache(dataset_id: str) -> dict[str, np.ndarray]:
+    import minari
+
+    dataset = minari.load_dataset(dataset_id)
+    episodes = (
+        {
+            "observations": e.observations,
+            "actions": e.actions,
+            "rewards": e.rewards,
+            "terminations": e.terminations,
+            "truncations": e.truncations,
+        }
+        for e in dataset.iterate_episodes()
+    )
+    arrays = flatten_episodes(episodes)
+    save_flat_cache(dataset_id, arrays)
+    return arrays
+
+
+def generate_random_dataset(base: str, steps: int) -> None:
+    """*-random sets are made on the spot by scripts/make_dataset.py (D4RL random protocol), so a
+    first run needs no network. That script locks the id: concurrent first runs make it once."""
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "make_dataset.py"), f"{base}-random", "--steps", str(steps)]
+    print(
+        f"{ALGO}.py: {base}-random is not on disk; generating it: python scripts/make_dataset.py {base}-random --steps {steps}",
+        file=sys.stderr,
+    )
+    code = subprocess.run(command).returncode
+    if code in (2, 130, 143):  # bad input or a signal: the script has said why in one line
+        sys.exit(code)
+    if code != 0:
+        raise ConfigError(f"generating {base}-random failed (exit code {code}); see its output above")
+
+
+def load_dataset(base: str, quality: str, random_steps: int) -> tuple[dict[str, np.ndarray], str]:
+    """Flat transition arrays and the Minari id they came from. Order: local/<env>/<quality>-v0,
+    then the hub id on disk, then for *-random a set generated here, then a download (needs the
+    network). A damaged dataset is a ConfigError that says how to make it again."""
+    root = dataset_path()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"MINARI_DATASETS_PATH '{root}' is a file, not a folder")
+    local_id, hub_ids = dataset_ids(base, quality, random_steps)
+    on_disk = [i for i in [local_id, *hub_ids] if (dataset_path(i) / "data").exists()]
+    if not on_disk and quality == "random":
+        generate_random_dataset(base, random_steps)
+        on_disk = [local_id]
+    if not on_disk:
+        on_disk = [download_dataset(base, quality, local_id, hub_ids)]
+    dataset_id = on_disk[0]
+    remedy = f"delete {dataset_path(dataset_id)} and " + (
+        f"make it again with: python scripts/make_dataset.py {base}-{quality}"
+        if dataset_id == local_id
+        else "run again to download it"
+    )
+    if not (dataset_path(dataset_id) / "data" / "main_data.hdf5").is_file():
+        raise ConfigError(f"dataset {dataset_id} is damaged (data/main_data.hdf5 is missing); {remedy}")
+    arrays = read_flat_cache(dataset_id)
+    if arrays is None:
+        try:
+            arrays = build_flat_cache(dataset_id)
+        except Exception as exc:  # h5py / minari errors of a truncated or corrupt file
+            raise ConfigError(f"dataset {dataset_id} is damaged ({first_line(exc)}); {remedy}")
+    return arrays, dataset_id
+
+
+def download_dataset(base: str, quality: str, local_id: str, hub_ids: list[str]) -> str:
+    """Minari's download of the first hub id that works; ConfigError naming the way to make the
+    dataset offline. Without a network the hub's name does not resolve: that fails at once,
+    where the download itself would retry for ~25 s."""
+    import socket
+
+    import minari
+
+    errors = []
+    try:
+        if hub_ids:
+            socket.getaddrinfo("huggingface.co", 443)
+    except OSError as exc:
+        errors.append(f"the Minari hub (huggingface.co) is unreachable: {first_line(exc)}")
+    for hub_id in hub_ids if not errors else []:
+        try:
+            minari.download_dataset(hub_id)
+            return hub_id
+        except Exception as exc:  # no network, missing hf extra, id gone: all mean "unavailable"
+            errors.append(f"{hub_id}: {first_line(exc)}")
+    tried = f"; download failed ({'; '.join(errors)})" if errors else " and the Minari hub has no such dataset"
+    make = "" if base not in GENERATED else f"; generate it with: python scripts/make_dataset.py {base}-{quality}"
+    raise ConfigError(
+        f"dataset '{base}-{quality}' is not on disk (looked for {', '.join([local_id, *hub_ids])}){tried}. It is unavailable offline{make}"
+    )
+
+
+def dataset_fingerprint(arrays: dict[str, np.ndarray]) -> str:
+    """Content hash of the flat dataset arrays: a resumed run checks that it reloaded the same data
+    (the checkpoint does not copy the dataset)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(arrays):
+        digest.update(key.encode() + np.ascontiguousarray(arrays[key]).tobytes())
+    return f"{len(arrays['rewards'])} transitions, blake2b {digest.hexdigest()}"
+
+
+def make_env(base: str) -> gym.Env:
+    if base in ADROIT:
+        try:
+            import gymnasium_robotics  # noqa: F401  (registers the Adroit environments)
+        except ImportError:
+            raise ConfigError(f"'{base}' needs the Adroit environments: pip install gymnasium-robotics==1.4.2")
+    return gym.make(GYM_IDS[base])
+
+
+ACTION_BOUND = 1.0 - 1e-6  # actions are clamped to [-bound, bound]: their tanh-Gaussian log-likelihood stays finite
+
+
+def split_trajectories(arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Flat transition arrays -> trajectories {observations, actions, rewards}, cut after every
+    termination or truncation; rows after the last cut (an episode the dataset's budget ended) are
+    the last trajectory."""
+    n = len(arrays["rewards"])
+    ends = np.union1d(np.flatnonzero((arrays["terminals"] > 0) | (arrays["timeouts"] > 0)) + 1, [n])
+    starts = np.concatenate([[0], ends[:-1]])
+    keys = ("observations", "actions", "rewards")
+    return [{k: arrays[k][s:e] for k in keys} for s, e in zip(starts, ends)]
+
+
+def state_normalisation(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (+1e-6) of every dataset state (release: over all states of the offline set)."""
+    obs = arrays["observations"].astype(np.float64)
+    return obs.mean(0).astype(np.float32), (obs.std(0) + 1e-6).astype(np.float32)
+
+
+def trajectory_rows(obs, actions, rewards, stats: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
+    """One trajectory -> rows [normalised state | clamped action | return-to-go]; the return-to-go of
+    a step is the undiscounted sum of the rewards from it to the trajectory's end, i.e. of the
+    rewards actually received (hindsight relabelling for online trajectories)."""
+    rtg = np.cumsum(np.asarray(rewards, dtype=np.float64)[::-1])[::-1]
+    columns = [
+        (np.asarray(obs, dtype=np.float32) - stats[0]) / stats[1],
+        np.clip(np.asarray(actions, dtype=np.float32), -ACTION_BOUND, ACTION_BOUND),
+        rtg[:, None],
+    ]
+    return torch.from_numpy(np.concatenate(columns, axis=1).astype(np.float32))
+
+
+def ranked_trajectories(trajectories: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The pretraining set: trajectories sorted by return, ascending, without the lowest-return one
+    (the release's _load_dataset keeps trajectories while their total length stays below the
+    dataset's, which drops the last of the list sorted best first)."""
+    ranked = sorted(trajectories, key=lambda t: float(t["rewards"].sum()))
+    return ranked[1:] if len(ranked) > 1 else ranked
+
+
+# ----------------------------------------------------------------------------------------------
+# Replay buffer
+# ----------------------------------------------------------------------------------------------
+class TrajectoryReplay:
+    """Whole trajectories (rows of trajectory_rows). Once `capacity` trajectories are held, a new
+    one replaces the oldest slot (FIFO from slot 0, as the release's replay_buffer.py). Their rows
+    are concatenated in one device tensor, rebuilt when the set changes (once per online episode),
+    so a batch of segments is one gather."""
+
+    def __init__(self, capacity: int, pad_row: torch.Tensor, device: torch.device):
+        self.capacity, self.device = capacity, device
+        self.pad_row = pad_row.to(device)  # the rows of left padding (the release's zero state, normalised)
+        self.trajectories: list[torch.Tensor] = []
+        self.next = 0  # the slot the next trajectory replaces once the replay is full
+        self.rows: Optional[torch.Tensor] = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        if len(self.trajectories) < self.capacity:
+            self.trajectories.append(rows.to(self.device))
+        else:
+            self.trajectories[self.next] = rows.to(self.device)
+            self.next = (self.next + 1) % self.capacity
+        self.rows = None
+
+    def index(self) -> None:
+        self.rows = torch.cat(self.trajectories)
+        self.lengths = torch.tensor([len(t) for t in self.trajectories], device=self.device)
+        self.starts = torch.cumsum(self.lengths, 0) - self.lengths
+        self.weights = self.lengths.float()
+
+    def sample(self, batch_size: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segments [batch, k, row] and their mask [batch, k] (1 = a real step): trajectories drawn
+        with probability proportional to their length, a uniform start, up to k steps from it,
+        left-padded to k (release: data.py)."""
+        if self.rows is None:
+            self.index()
+        traj = torch.multinomial(self.weights, batch_size, replacement=True)
+        length = self.lengths[traj]
+        start = (torch.rand(batch_size, device=self.device) * length).long()
+        steps = torch.clamp(length - start, max=k)
+        offset = torch.arange(k, device=self.device) - (k - steps)[:, None]  # < 0: padding
+        mask = offset >= 0
+        rows = self.rows[(self.starts[traj] + start)[:, None] + offset.clamp(min=0)]
+        return torch.where(mask[..., None], rows, self.pad_row), mask.float()
+
+    def state_dict(self) -> dict:
+        return {"trajectories": [t.cpu() for t in self.trajectories], "next": self.next}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trajectories = [t.to(self.device) for t in state["trajectories"]]
+        self.next, self.rows = state["next"], None
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    """A GPT-2 block: pre-LayerNorm causal self-attention and a ReLU MLP (4x wide), each a
+    residual branch ending in dropout; attention weights get dropout too."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.resid_dropout(self.proj(y.transpose(1, 2).reshape(b, t, c)))
+        return x + self.mlp(self.ln_2(x))
+
+
+class DecisionTransformer(nn.Module):
+    """(return-to-go, state, action) per step -> tokens R_1, s_1, a_1, R_2, ... -> a causal GPT-2 ->
+    the action distribution read at each STATE token (it sees the returns-to-go and states up to
+    its step and the actions before it). No timestep or position embedding (the release's
+    default). Output: the pre-tanh mean and the log-std squashed into LOG_STD_RANGE."""
+
+    def __init__(self, obs_dim: int, act_dim: int, cfg: Config):
+        super().__init__()
+        dim = cfg.embed_dim
+        self.embed_return, self.embed_state = nn.Linear(1, dim), nn.Linear(obs_dim, dim)
+        self.embed_action, self.embed_ln = nn.Linear(act_dim, dim), nn.LayerNorm(dim)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(dim, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(dim)
+        for module in [*self.blocks.modules(), self.ln_f]:  # GPT-2's init, inside the transformer only
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        self.mu, self.log_std = nn.Linear(dim, act_dim), nn.Linear(dim, act_dim)
+        for head in (self.mu, self.log_std):  # release: DiagGaussianActor's orthogonal init
+            nn.init.orthogonal_(head.weight)
+            nn.init.zeros_(head.bias)
+        tokens = 3 * cfg.context_length
+        future = torch.triu(torch.ones(tokens, tokens, dtype=torch.bool), diagonal=1)
+        self.register_buffer("causal", torch.zeros(tokens, tokens).masked_fill(future, -math.inf), persistent=False)
+
+    def forward(self, rtg: torch.Tensor, obs: torch.Tensor, act: torch.Tensor, mask: torch.Tensor):
+        """rtg [B, K, 1] (scaled), obs [B, K, S] (normalised), act [B, K, A], mask [B, K] (1 = real
+        step) -> (mu, log_std), each [B, K, A]."""
+        b, k = mask.shape
+        tokens = torch.stack([self.embed_return(rtg), self.embed_state(obs), self.embed_action(act)], dim=2)
+        x = self.embed_dropout(self.embed_ln(tokens.reshape(b, 3 * k, -1)))
+        # Future tokens are masked out; padded keys get -1e4 (real steps never attend to padding).
+        bias = self.causal[: 3 * k, : 3 * k] + (mask.repeat_interleave(3, dim=1) - 1)[:, None, None, :] * 1e4
+        for block in self.blocks:
+            x = block(x, bias)
+        x = self.ln_f(x).reshape(b, k, 3, -1)[:, :, 1]
+        low, high = LOG_STD_RANGE
+        return self.mu(x), low + 0.5 * (high - low) * (torch.tanh(self.log_std(x)) + 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses and updates: ODT (likelihood of the actions + entropy bonus with an adjusted temperature)
+# ----------------------------------------------------------------------------------------------
+def squashed_log_prob(mu: torch.Tensor, std: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """log density of tanh(u) for u ~ N(mu, std), summed over the last dim:
+    log N(u; mu, std) - log|d tanh(u)/du|, with log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u))."""
+    log_normal = -0.5 * ((u - mu) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return (log_normal - 2 * (math.log(2) - u - nn.functional.softplus(-2 * u))).sum(-1)
+
+
+def action_log_likelihood(mu: torch.Tensor, log_std: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """log pi(a) of actions in (-1, 1) (clamped to ACTION_BOUND, so atanh is finite), per step."""
+    return squashed_log_prob(mu, log_std.exp(), 0.5 * (torch.log1p(action) - torch.log1p(-action)))
+
+
+def sampled_entropy(mu: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """One-sample estimate -log pi(a), a = tanh(mu + std eps), per step; differentiable (release:
+    SquashedNormal.entropy(N=1))."""
+    std = log_std.exp()
+    return -squashed_log_prob(mu, std, mu + std * torch.randn_like(mu))
+
+
+def odt_loss(mu, log_std, actions, mask, temperature) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, nll, entropy): loss = nll - temperature x entropy, nll the mean negative log-likelihood
+    over REAL steps, entropy the mean over ALL steps, padding included (release: main.py's loss_fn)."""
+    nll = -(action_log_likelihood(mu, log_std, actions) * mask).sum() / mask.sum()
+    entropy = sampled_entropy(mu, log_std).mean()
+    return nll - temperature.detach() * entropy, nll, entropy
+
+
+def warmup_factor(update: int, warmup_steps: int) -> float:
+    """Learning-rate factor of the update that follows `update` earlier ones (release: LambdaLR with
+    min((step + 1) / warmup_steps, 1), stepped after each update)."""
+    return min((update + 1) / warmup_steps, 1.0)
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al., 2020) as the release's lamb.py sets it up: Adam moments with bias correction,
+    update u = m_hat / (sqrt(v_hat) + eps) + weight_decay * w, scaled by the trust ratio
+    ||w|| / ||u|| (1 when either norm is 0), then w <- w - lr * ratio * u, for every parameter.
+    Written with torch's foreach ops: one kernel per operation over all parameters."""
+
+    def __init__(self, params, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps, "step": 0})
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:
+                    self.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            group["step"] += 1
+            (beta1, beta2), t = group["betas"], group["step"]
+            grads = [p.grad for p in params]
+            m = [self.state[p]["exp_avg"] for p in params]
+            v = [self.state[p]["exp_avg_sq"] for p in params]
+            torch._foreach_lerp_(m, grads, 1 - beta1)  # m <- beta1 m + (1 - beta1) g
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+            denominators = torch._foreach_add(
+                torch._foreach_div(torch._foreach_sqrt(v), math.sqrt(1 - beta2**t)), group["eps"]
+            )
+            updates = torch._foreach_div(torch._foreach_div(m, 1 - beta1**t), denominators)
+            if group["weight_decay"] != 0:
+                torch._foreach_add_(updates, params, alpha=group["weight_decay"])
+            w_norm, u_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(updates))
+            ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+            torch._foreach_mul_(updates, list((-group["lr"] * ratio).unbind()))
+            torch._foreach_add_(params, updates)
+
+
+class ODTAgent:
+    """The decision transformer (LAMB with warm-up) and the log-temperature (Adam). update() is one
+    step of both; act() one rollout step."""
+
+    def __init__(self, obs_dim: int, act_dim: int, cfg: Config, device: torch.device):
+        self.cfg, self.obs_dim = cfg, obs_dim
+        self.actor = DecisionTransformer(obs_dim, act_dim, cfg).to(device)
+        self.actor_optim = Lamb(self.actor.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.log_temperature = torch.tensor(math.log(cfg.init_temperature), device=device, requires_grad=True)
+        self.temperature_optim = torch.optim.Adam([self.log_temperature], lr=cfg.temperature_lr)
+        self.target_entropy = -act_dim if cfg.target_entropy is None else cfg.target_entropy
+        self.updates = 0  # across both phases: the warm-up runs on into finetuning, as in the release
+
+    def inputs(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows [..., state | action | return-to-go] -> (scaled return-to-go [..., 1], state, action)."""
+        obs, act, rtg = rows[..., : self.obs_dim], rows[..., self.obs_dim : -1], rows[..., -1:]
+        return rtg * self.cfg.reward_scale, obs, act
+
+    def update(self, rows: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        rtg, obs, act = self.inputs(rows)
+        self.actor.train()
+        mu, log_std = self.actor(rtg, obs, act, mask)
+        temperature = self.log_temperature.exp()
+        loss, nll, entropy = odt_loss(mu, log_std, act, mask, temperature)
+        lr = self.cfg.lr * warmup_factor(self.updates, self.cfg.warmup_steps)
+        self.actor_optim.param_groups[0]["lr"] = lr
+        self.actor_optim.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.actor.parameters(), GRAD_CLIP)
+        self.actor_optim.step()
+        temperature_loss = temperature * (entropy - self.target_entropy).detach()
+        self.temperature_optim.zero_grad(set_to_none=True)
+        temperature_loss.backward()
+        self.temperature_optim.step()
+        self.updates += 1
+        return {
+            "actor_loss": loss.detach(),
+            "alpha": temperature.detach(),
+            "nll": nll.detach(),
+            "entropy": entropy.detach(),
+            "temperature_loss": temperature_loss.detach(),
+            "lr": lr,
+        }
+
+    @torch.no_grad()
+    def act(self, rtg, obs, act, mask, deterministic: bool) -> torch.Tensor:
+        """The action at the last position: tanh(mu) when deterministic, else a sample; dropout off
+        (release: model.eval() in rollouts)."""
+        self.actor.eval()
+        mu, log_std = self.actor(rtg, obs, act, mask)
+        mu, log_std = mu[:, -1], log_std[:, -1]
+        pre_tanh = mu if deterministic else mu + log_std.exp() * torch.randn_like(mu)
+        return torch.tanh(pre_tanh).clamp(-ACTION_BOUND, ACTION_BOUND)
+
+    def state_dict(self) -> dict:
+        return {
+            "actor": self.actor.state_dict(),
+            "actor_optim": self.actor_optim.state_dict(),
+            "log_temperature": self.log_temperature.detach().clone(),
+            "temperature_optim": self.temperature_optim.state_dict(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.actor_optim.load_state_dict(state["actor_optim"])
+        with torch.no_grad():
+            self.log_temperature.copy_(state["log_temperature"])
+        self.temperature_optim.load_state_dict(state["temperature_optim"])
+        self.updates = state["updates"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and Q diagnostics
+# ----------------------------------------------------------------------------------------------
+# ODT has no Q function: the Q diagnostics of the other files do not apply and are null.
+NO_Q = dict.fromkeys(("q_true", "q_bias", "q_bias_min", "kendall_tau", "q_std_policy", "q_std_random"))
+
+
+class Window:
+    """The last steps of n running episodes as the policy reads them (release: get_action):
+    normalised states, the actions taken (0 at the current step, which the state token does not
+    see), the returns-to-go (the target minus the rewards so far, scaled), left-padded to K."""
+
+    def __init__(self, n: int, obs_dim: int, act_dim: int, cfg: Config, stats, target: float, device: torch.device):
+        length = cfg.eval_context_length
+        self.k, self.stats, self.scale, self.device = cfg.context_length, stats, cfg.reward_scale, device
+        self.obs = np.zeros((n, length, obs_dim), np.float32)
+        self.act = np.zeros((n, length, act_dim), np.float32)
+        self.rtg = np.zeros((n, length), np.float32)
+        self.next_rtg = np.full(n, target * cfg.reward_scale, np.float64)
+        self.steps = 0
+
+    def observe(self, obs: np.ndarray) -> None:
+        """A new step of every episode: its state enters the window, the oldest step leaves."""
+        for array in (self.obs, self.act, self.rtg):
+            array[:, :-1] = array[:, 1:].copy()
+        self.obs[:, -1] = (obs - self.stats[0]) / self.stats[1]
+        self.act[:, -1] = 0.0
+        self.rtg[:, -1] = self.next_rtg
+        self.steps += 1
+
+    def record(self, rows: list[int], actions: np.ndarray, rewards: np.ndarray) -> None:
+        self.act[rows, -1] = actions
+        self.next_rtg[rows] -= np.asarray(rewards) * self.scale
+
+    def inputs(self, rows: list[int]) -> tuple[torch.Tensor, ...]:
+        """(rtg [r, K, 1], obs [r, K, S], act [r, K, A], mask [r, K]) of the episodes in rows."""
+        filled, length = min(self.steps, self.obs.shape[1]), self.obs.shape[1]
+        pad = self.k - length
+
+        def padded(array: np.ndarray) -> torch.Tensor:
+            x = torch.as_tensor(array[rows]).to(self.device)
+            return F.pad(x, (0, 0) * (x.dim() - 2) + (pad, 0))
+
+        mask = torch.zeros(len(rows), self.k, device=self.device)
+        mask[:, self.k - filled :] = 1.0
+        return padded(self.rtg[..., None]), padded(self.obs), padded(self.act), mask
+
+
+class Evaluator:
+    """Runs one episode per env in `envs` together (one batched deterministic policy forward per
+    step), conditioned on the evaluation return-to-go target, and returns the normalised score.
+    Every evaluation starts from the same seeded initial states, so scores compare across
+    evaluations and runs; it draws nothing from the training RNG."""
+
+    def __init__(self, base: str, envs: list[gym.Env], cfg: Config, device: torch.device, stats):
+        self.base, self.envs, self.cfg, self.device, self.stats = base, envs, cfg, device, stats
+        self.seeds = [cfg.seed * 1000 + 500 + i for i in range(len(envs))]
+
+    def __call__(self, agent: ODTAgent) -> dict[str, float]:
+        obs = np.stack([env.reset(seed=s)[0] for env, s in zip(self.envs, self.seeds)]).astype(np.float32)
+        act_dim = self.envs[0].action_space.shape[0]
+        window = Window(len(self.envs), obs.shape[1], act_dim, self.cfg, self.stats, self.cfg.eval_rtg, self.device)
+        returns = np.zeros(len(self.envs))
+        active = list(range(len(self.envs)))
+        while active:
+            window.observe(obs)
+            actions = agent.act(*window.inputs(active), deterministic=True).cpu().numpy()
+            still, rewards = [], []
+            for i, action in zip(active, actions):
+                next_obs, reward, terminated, truncated, _ = self.envs[i].step(action)
+                returns[i] += reward
+                rewards.append(reward)
+                obs[i] = next_obs
+                if not (terminated or truncated):
+                    still.append(i)
+            window.record(active, actions, np.array(rewards))
+            active = still
+        return {
+            "return": float(returns.mean()),
+            "return_std": float(returns.std()),
+            "normalized_score": float(normalized_score(self.base, returns).mean()),
+            **NO_Q,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folder: name, metrics, checkpoint, signals, divergence (the same block in every algorithm file)
+# ----------------------------------------------------------------------------------------------
+# Exit codes: 0 finished, 2 bad input, 3 diverged; a SIGINT / SIGTERM exits with 128 + its number
+# (130 / 143) once the checkpoint is written.
+EXIT_DIVERGED = 3
+# Keys of every metrics.jsonl record, in this order, in every algorithm file (None where a value
+# does not exist yet); an algorithm's own losses follow them.
+RECORD_KEYS = (
+    "phase",
+    "step",
+    "env_steps",
+    "return",
+    "return_std",
+    "normalized_score",
+    "q_true",
+    "q_bias",
+    "q_bias_min",
+    "kendall_tau",
+    "q_std_policy",
+    "q_std_random",
+    "alpha",
+    "critic_loss",
+    "actor_loss",
+)
+MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads, warm-start included
+
+
+class Stopped(Exception):
+    """A SIGINT or SIGTERM arrived; the checkpoint holds the state after the step in progress."""
+
+
+class Diverged(Exception):
+    """A loss or a parameter is not finite; the last checkpoint is the last good state."""
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp) then rename tmp over path: a reader, a crash or a kill never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def new_run_dir(cfg: Config) -> Path:
+    """<out_dir>/<env>__<algo>[-<run_name>]__<seed>__<unix time>; '-1', '-2', ... is appended when
+    that folder exists (mkdir is atomic, so two runs started in the same second never share one)."""
+    stem = f"{cfg.env}__{ALGO}{'-' + cfg.run_name if cfg.run_name else ''}__{cfg.seed}__{int(time.time())}"
+    for k in itertools.count():
+        try:
+            path = Path(cfg.out_dir) / (stem if k == 0 else f"{stem}-{k}")
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {
+        "python": platform.python_version(),
+        **{name: version(name) for name in ("torch", "numpy", "gymnasium", "mujoco", "minari")},
+    }
+
+
+class RunLog:
+    """metrics.jsonl (one record per evaluation, the whole file rewritten atomically per record)
+    and optional wandb. A resumed run starts from its checkpoint's records, so records written
+    after that checkpoint are replaced by their identical re-run."""
+
+    def __init__(self, run_dir: Path, cfg: Config, records: list[dict]):
+        self.path = run_dir / "metrics.jsonl"
+        self.records = list(records)
+        self.text = "".join(json.dumps(r) + "\n" for r in self.records)
+        atomic_write(self.path, lambda tmp: tmp.write_text(self.text))
+        self.wandb = None
+        if cfg.track:
+            import wandb
+
+            # The id follows the folder, so a resumed run continues the same wandb run.
+            run_id = hashlib.blake2b(str(run_dir.resolve()).encode(), digest_size=8).hexdigest()
+            self.wandb = wandb.init(
+                project=cfg.wandb_project,
+                group=ALGO,
+                name=run_dir.name,
+                id=run_id,
+                resume="allow",
+                config=asdict(cfg),
+                dir=str(run_dir),
+            )
+
+    def write(self, record: dict) -> None:
+        record = {
+            **dict.fromkeys(RECORD_KEYS),
+            **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()},
+        }
+        self.records.append(record)
+        self.text += json.dumps(record) + "\n"
+        atomic_write(self.path, lambda tmp: tmp.write_text(self.text))
+        if self.wandb is not None:
+            self.wandb.log({f"{record['phase']}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class StopSignal:
+    """SIGINT and SIGTERM only record the signal; the train loop finishes the step in progress,
+    writes the checkpoint and exits with 128 + the signal number. A second signal acts at once
+    (the previous checkpoint stays)."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame) -> None:
+        self.signum = signum
+        self.restore()
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class FiniteCheck:
+    """Whether a loss, a parameter or an optimiser moment stopped being finite. Losses are folded
+    into one flag per name on the device (no host sync per update); check() reads the flags and
+    every tensor of the agent's state at evaluations and before checkpoints."""
+
+    def __init__(self, agent):
+        self.agent = agent
+        self.bad: dict[str, torch.Tensor] = {}
+
+    def watch(self, values: dict) -> None:
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):  # floats are config values, finite by the checks
+                flag = ~torch.isfinite(value).all()
+                self.bad[name] = flag if name not in self.bad else self.bad[name] | flag
+
+    def check(self, phase: str, step: int) -> None:
+        for name, flag in self.bad.items():
+            if bool(flag):
+                raise Diverged(f"{name} not finite in {phase} at step {step}")
+        for name, state in self.agent.state_dict().items():
+            if any(not bool(torch.isfinite(t).all()) for t in tensors(state) if t.is_floating_point()):
+                raise Diverged(f"{name} not finite in {phase} at step {step}")
+
+
+def tensors(tree) -> list[torch.Tensor]:
+    """The tensors of a nested state dict."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    values = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else []
+    return [t for value in values for t in tensors(value)]
+
+
+def env_state(env: gym.Env) -> dict:
+    """The running episode exactly: MuJoCo integration state, the body poses of the model (Adroit's
+    reset moves its goal there), time-limit counter, env RNG."""
+    u, limit = env.unwrapped, env
+    while not isinstance(limit, gym.wrappers.TimeLimit):
+        limit = limit.env
+    state = np.empty(mujoco.mj_stateSize(u.model, MJ_STATE))
+    mujoco.mj_getState(u.model, u.data, state, MJ_STATE)
+    model = {"body_pos": u.model.body_pos.copy(), "body_quat": u.model.body_quat.copy()}
+    return {
+        "mujoco": state,
+        "model": model,
+        "elapsed_steps": limit._elapsed_steps,
+        "np_random": u.np_random.bit_generator.state,
+    }
+
+
+def restore_env_state(env: gym.Env, saved: dict) -> None:
+    u, limit = env.unwrapped, env
+    while not isinstance(limit, gym.wrappers.TimeLimit):
+        limit = limit.env
+    u.model.body_pos[:], u.model.body_quat[:] = saved["model"]["body_pos"], saved["model"]["body_quat"]
+    mujoco.mj_setState(u.model, u.data, saved["mujoco"], MJ_STATE)
+    mujoco.mj_forward(u.model, u.data)
+    limit._elapsed_steps = saved["elapsed_steps"]
+    u.np_random.bit_generator.state = saved["np_random"]
+
+
+def rng_state(device: torch.device) -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": np.random.get_state(),
+    }
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    np.random.set_state(state["numpy"])
+
+
+def read_export(path: str, kind: str) -> dict:
+    """An exported agent (pretrain.pt or final.pt) of this algorithm; ConfigError otherwise."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        fmt, algo, saved_kind = saved["format"], saved["algo"], saved.get("kind")
+        saved["agent"]["actor"]
+    except Exception as exc:
+        raise ConfigError(f"cannot read checkpoint '{path}': {first_line(exc)}")
+    if saved_kind is None:
+        raise ConfigError(
+            f"'{path}' is the training state of a run, not a finished {kind}; continue that run with --resume {Path(path).parent}"
+        )
+    if (fmt, algo, saved_kind) != (CHECKPOINT_FORMAT, ALGO, kind):
+        raise ConfigError(
+            f"'{path}' is a {saved_kind} export of algorithms/{algo}.py (format {fmt}), not a {kind} of algorithms/{ALGO}.py"
+        )
+    return saved
+
+
+@dataclass
+class Run:
+    """Everything a train loop touches besides its own loop variables."""
+
+    cfg: Config
+    dir: Path
+    device: torch.device
+    agent: object
+    evaluate: Evaluator
+    log: RunLog
+    dataset: Optional[dict]  # {"id", "fingerprint"}; None for a run without a dataset
+    obs_dim: int
+    act_dim: int
+    stop: StopSignal
+    finite: FiniteCheck
+    wall_before: float  # seconds run before this process (resumed runs)
+    pretrain_time_s: Optional[float] = None
+    started: float = field(default_factory=time.time)
+
+    def wall_time(self) -> float:
+        return self.wall_before + time.time() - self.started
+
+    def save_checkpoint(self, phase: str, step: int, loop: dict) -> None:
+        """checkpoint.pt: the whole training state after `step` steps of `phase`. It is written only
+        after the finite check passes, so it always holds the last good state."""
+        self.finite.check(phase, step)
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "algo": ALGO,
+            "config": asdict(self.cfg),
+            "dataset": self.dataset,
+            "phase": phase,
+            "step": step,
+            "agent": self.agent.state_dict(),
+            "loop": loop,
+            "rng": rng_state(self.device),
+            "records": self.log.records,
+            "wall_time_s": self.wall_time(),
+            "pretrain_time_s": self.pretrain_time_s,
+        }
+        atomic_write(self.dir / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+
+    def export(self, kind: str) -> None:
+        """pretrain.pt / final.pt: the agent (networks, optimisers, temperature) and its config."""
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "algo": ALGO,
+            "kind": kind,
+            "config": asdict(self.cfg),
+            "dataset": self.dataset,
+            "obs_dim": self.obs_dim,
+            "act_dim": self.act_dim,
+            "agent": self.agent.state_dict(),
+        }
+        atomic_write(self.dir / f"{kind}.pt", lambda tmp: torch.save(state, tmp))
+
+    def write_summary(self, status: str, error: Optional[str] = None) -> None:
+        """summary.json: status (finished / interrupted / diverged), scores, final Q diagnostics,
+        wall time, device and versions; the same keys in every algorithm file."""
+        online = [r for r in self.log.records if r["phase"] != "pretrain"]
+        last = online[-1] if online else {}
+        scores = [r["normalized_score"] for r in online if r["normalized_score"] is not None]
+        summary = {
+            "status": status,
+            "error": error,
+            "algo": ALGO,
+            "env": self.cfg.env,
+            "seed": self.cfg.seed,
+            "run_name": self.cfg.run_name,
+            "dataset": self.dataset,
+            "env_steps": last.get("env_steps", 0),
+            "pretrained_score": online[0]["normalized_score"] if online and online[0]["env_steps"] == 0 else None,
+            "final_score": last.get("normalized_score"),
+            "best_score": max(scores) if scores else None,
+            "final_return": last.get("return"),
+            "final_q_bias": last.get("q_bias"),
+            "final_kendall_tau": last.get("kendall_tau"),
+            "final_q_std_policy": last.get("q_std_policy"),
+            "wall_time_s": round(self.wall_time(), 1),
+            "pretrain_time_s": None if self.pretrain_time_s is None else round(self.pretrain_time_s, 1),
+            "resume_command": None if status == "finished" else f"python algorithms/{ALGO}.py --resume {self.dir}",
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device)
+            if self.device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "versions": versions(),
+        }
+        atomic_write(self.dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+
+
+def seconds_per_call(fn, device: torch.device, calls: int) -> float:
+    """Seconds per call of fn after one warm-up call. The RNG states are restored afterwards, so
+    timing leaves the run exactly as it was."""
+    state = rng_state(device)
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    restore_rng_state(state, device)
+    return (time.perf_counter() - start) / calls
+
+
+def announce_time(parts: list[tuple[str, int, float]]) -> None:
+    """Print the time the rest of the run will spend in updates, from (phase, steps left, seconds
+    per step) measured on this device, and FIRST_RESULT when that is more than a day."""
+    if not parts:
+        return
+    hours = [steps * seconds / 3600 for _, steps, seconds in parts]
+    text = "; ".join(
+        f"{name}: {steps:,} steps x {1000 * seconds:.1f} ms = {h:.2f} h"
+        for (name, steps, seconds), h in zip(parts, hours)
+    )
+    print(
+        f"{ALGO}.py: estimated time in updates (evaluations and env steps not counted): {text}; total {sum(hours):.2f} h",
+        file=sys.stderr,
+    )
+    if sum(hours) > 24:
+        print(f"{ALGO}.py: that is days on this device. {FIRST_RESULT}", file=sys.stderr)
+
+
+def start_run(
+    cfg: Config,
+    checkpoint: Optional[dict],
+    agent,
+    evaluate: Evaluator,
+    device: torch.device,
+    dataset: Optional[dict],
+    dims: tuple[int, int],
+    first: tuple[str, Optional[dict]],
+) -> tuple[Run, str, int, Optional[dict]]:
+    """The run folder of a new run, with its first checkpoint (first = phase and loop state at
+    step 0), or the resumed one with its state restored into agent and RNGs. Returns the run and
+    the (phase, step, loop state) to continue from."""
+    stop = StopSignal()  # from here on, a signal stops the run at its next checkpoint
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint["agent"])
+        restore_rng_state(checkpoint["rng"], device)
+    run_dir = new_run_dir(cfg) if checkpoint is None else Path(cfg.resume)
+    config = {**asdict(cfg), "dataset_id": None if dataset is None else dataset["id"], "device_resolved": str(device)}
+    atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
+    run = Run(
+        cfg=cfg, dir=run_dir, device=device, agent=agent, evaluate=evaluate, dataset=dataset, obs_dim=dims[0], act_dim=dims[1],
+        log=RunLog(run_dir, cfg, [] if checkpoint is None else checkpoint["records"]), stop=stop, finite=FiniteCheck(agent),
+        wall_before=0.0 if checkpoint is None else checkpoint["wall_time_s"],
+        pretrain_time_s=None if checkpoint is None else checkpoint["pretrain_time_s"],
+    )  # fmt: skip
+    if checkpoint is None:
+        run.save_checkpoint(first[0], 0, first[1])  # from here on, --resume works
+        return run, first[0], 0, first[1]
+    return run, checkpoint["phase"], checkpoint["step"], checkpoint["loop"]
+
+
+def run_to_end(run: Run, train_phases) -> Path:
+    """Run the phases, then write the summary; on a signal or divergence exit with its code."""
+    status, error = "finished", None
+    try:
+        train_phases(run)
+    except Stopped:
+        status = "interrupted"
+    except Diverged as exc:
+        status, error = "diverged", str(exc)
+    run.write_summary(status, error)
+    run.log.close()
+    run.stop.restore()
+    if status == "interrupted":
+        resume = f"python algorithms/{ALGO}.py --resume {run.dir}"
+        print(
+            f"{ALGO}.py: stopped by signal {run.stop.signum}; checkpoint written. Resume with: {resume}",
+            file=sys.stderr,
+        )
+        sys.exit(128 + run.stop.signum)
+    if status == "diverged":
+        print(
+            f"{ALGO}.py: error: diverged: {error}; the last good state is {run.dir / 'checkpoint.pt'}", file=sys.stderr
+        )
+        sys.exit(EXIT_DIVERGED)
+    return run.dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Train loop
+# ----------------------------------------------------------------------------------------------
+def losses_record(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v) for k, v in losses.items()}
+
+
+def pretrain(run: Run, offline: TrajectoryReplay, step: int) -> None:
+    """Updates step+1 .. pretrain_steps on segments of the pretraining set."""
+    cfg, agent = run.cfg, run.agent
+    progress = tqdm(
+        range(step + 1, cfg.pretrain_steps + 1),
+        desc="pretrain (ODT)",
+        unit="upd",
+        mininterval=1,
+        initial=step,
+        total=cfg.pretrain_steps,
+    )
+    for step in progress:
+        losses = agent.update(*offline.sample(cfg.batch_size, cfg.context_length))
+        run.finite.watch(losses)
+        if step % cfg.pretrain_eval_every == 0 or step == cfg.pretrain_steps:
+            run.finite.check("pretrain", step)
+            record = {"phase": "pretrain", "step": step, "env_steps": 0, **run.evaluate(agent), **losses_record(losses)}
+            run.log.write(record)
+            progress.set_postfix(score=f"{record['normalized_score']:.1f}")
+        if run.stop.signum is not None or step % cfg.checkpoint_every == 0:
+            run.save_checkpoint("pretrain", step, {})
+        if run.stop.signum is not None:
+            raise Stopped
+    progress.close()
+
+
+def finetune(run: Run, offline: TrajectoryReplay, stats, step: int, loop: Optional[dict]) -> None:
+    """Online env steps step+1 .. online_steps in iterations: one episode with the sampled policy
+    and the online target, stored with its hindsight returns-to-go, then updates_per_iteration
+    updates on the replay. loop (None at the start) holds the replay, the env, the counters, the
+    updates still owed by the last episode and the last losses; checkpoints fall between episodes."""
+    cfg, agent, device = run.cfg, run.agent, run.device
+    replay = TrajectoryReplay(cfg.replay_size, offline.pad_row, device)
+    env = make_env(parse_env_name(cfg.env)[0])
+    env.reset(seed=cfg.seed)  # seeds the env's RNG; every episode starts with a reset
+    if loop is None:
+        for rows in offline.trajectories[-cfg.replay_size :]:  # the highest returns, ascending
+            replay.add(rows)
+        updates, owed, losses, saved_at = 0, 0, {}, 0
+        run.finite.check("finetune", 0)
+        run.log.write({"phase": "finetune", "step": 0, "env_steps": 0, **run.evaluate(agent)})
+    else:
+        replay.load_state_dict(loop["replay"])
+        restore_env_state(env, loop["env"])
+        updates, owed, losses, saved_at = loop["updates"], loop["owed"], dict(loop["losses"]), step
+    progress = tqdm(
+        total=cfg.online_steps, initial=step, desc="finetune (ODT)", unit="env step", mininterval=1, smoothing=0.1
+    )
+    env_step = step
+
+    def checkpoint() -> None:
+        nonlocal saved_at
+        loop = {
+            "replay": replay.state_dict(),
+            "env": env_state(env),
+            "updates": updates,
+            "owed": owed,
+            "losses": losses,
+        }
+        run.save_checkpoint("finetune", env_step, loop)
+        saved_at = env_step
+
+    while True:
+        while owed > 0:  # the updates of the last episode; a signal stops after any of them
+            losses = agent.update(*replay.sample(cfg.batch_size, cfg.context_length))
+            run.finite.watch(losses)
+            updates, owed = updates + 1, owed - 1
+            if run.stop.signum is not None:
+                checkpoint()
+                raise Stopped
+        done = env_step >= cfg.online_steps
+        if run.stop.signum is not None or done or env_step // cfg.checkpoint_every > saved_at // cfg.checkpoint_every:
+            checkpoint()
+        if run.stop.signum is not None:
+            raise Stopped
+        if done:
+            break
+        # One episode (a signal lets it finish: at most the env's time limit of steps).
+        obs, _ = env.reset()
+        window = Window(1, run.obs_dim, run.act_dim, cfg, stats, cfg.online_rtg, device)
+        episode = {"obs": [], "act": [], "rew": []}
+        while True:
+            window.observe(obs[None])
+            action = agent.act(*window.inputs([0]), deterministic=False)[0].cpu().numpy()
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            window.record([0], action[None], np.array([reward]))
+            for key, value in zip(("obs", "act", "rew"), (obs, action, reward)):
+                episode[key].append(value)
+            obs, env_step = next_obs, env_step + 1
+            progress.update(1)
+            if env_step % cfg.eval_every == 0 or env_step == cfg.online_steps:
+                run.finite.check("finetune", env_step)
+                record = {
+                    "phase": "finetune",
+                    "step": updates,
+                    "env_steps": env_step,
+                    **run.evaluate(agent),
+                    **losses_record(losses),
+                }
+                run.log.write(record)
+                progress.set_postfix(score=f"{record['normalized_score']:.1f}")
+            if terminated or truncated or env_step == cfg.online_steps:
+                break
+        if env_step < cfg.online_steps:  # the episode that reaches the budget ends the run
+            replay.add(trajectory_rows(episode["obs"], episode["act"], episode["rew"], stats))
+            owed = cfg.updates_per_iteration
+    progress.close()
+
+
+def time_phases(run: Run, phase: str, step: int, offline: TrajectoryReplay) -> list[tuple[str, int, float]]:
+    """(phase, updates left, seconds per update) of the rest of the run, from updates timed on a
+    copy of the agent with random segments. Finetuning's update count is a guess: online episodes
+    as long as the replay's seed trajectories."""
+    cfg, agent = run.cfg, copy.deepcopy(run.agent)
+    fixed = torch.Generator(run.device).manual_seed(0)  # the rows must not draw from the run's RNG
+    rows = torch.rand(
+        cfg.batch_size, cfg.context_length, run.obs_dim + run.act_dim + 1, device=run.device, generator=fixed
+    )
+    mask = torch.ones(cfg.batch_size, cfg.context_length, device=run.device)
+    seconds = seconds_per_call(lambda: agent.update(rows, mask), run.device, 3)
+    parts = []
+    if phase == "pretrain" and cfg.pretrain_steps > step:
+        parts.append(("pretraining", cfg.pretrain_steps - step, seconds))
+    left = cfg.online_steps - (step if phase == "finetune" else 0)
+    if left > 0 and cfg.updates_per_iteration > 0:
+        episode = float(np.mean([len(t) for t in offline.trajectories[-cfg.replay_size :]]))
+        iterations = math.ceil(left / episode)
+        parts.append(
+            (
+                f"finetuning (~{iterations:,} episodes of ~{episode:.0f} steps, as the replay's)",
+                iterations * cfg.updates_per_iteration,
+                seconds,
+            )
+        )
+    return parts
+
+
+def read_pretrained(cfg: Config) -> dict:
+    """A finished pretraining (pretrain.pt) that fits this run; ConfigError otherwise."""
+    saved = read_export(cfg.pretrained, "pretrain")
+    config = saved["config"]
+    if config["env"] != cfg.env or config["random_dataset_steps"] != cfg.random_dataset_steps:
+        raise ConfigError(
+            f"checkpoint '{cfg.pretrained}' was pretrained on {config['env']} ({config['random_dataset_steps']} random steps), not {cfg.env} ({cfg.random_dataset_steps}); its state normalisation would not fit"
+        )
+    sizes = ("context_length", "embed_dim", "n_layers", "n_heads")
+    if any(config[name] != getattr(cfg, name) for name in sizes):
+        raise ConfigError(
+            f"checkpoint '{cfg.pretrained}' has {', '.join(f'{n}={config[n]}' for n in sizes)}; this run has {', '.join(f'{n}={getattr(cfg, n)}' for n in sizes)}"
+        )
+    return saved
+
+
+def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
+    """A new run (checkpoint None) or the continuation of a checkpointed one, to its end."""
+    base, quality = parse_env_name(cfg.env)
+    pretrained = read_pretrained(cfg) if cfg.pretrained is not None and checkpoint is None else None
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    arrays, dataset_id = load_dataset(base, quality, cfg.random_dataset_steps)
+    obs_dim, act_dim = arrays["observations"].shape[1], arrays["actions"].shape[1]
+    data_info = {"id": dataset_id, "fingerprint": dataset_fingerprint(arrays)}
+    if checkpoint is not None and checkpoint["dataset"] != data_info:
+        raise ConfigError(
+            f"--resume: dataset {dataset_id} on disk is not the one the run started with ({checkpoint['dataset']['fingerprint']}, now {data_info['fingerprint']})"
+        )
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    stats = state_normalisation(arrays)
+    evaluate = Evaluator(base, [make_env(base) for _ in range(cfg.eval_episodes)], cfg, device, stats)
+    agent = ODTAgent(obs_dim, act_dim, cfg, device)
+    if pretrained is not None:
+        agent.load_state_dict(pretrained["agent"])
+    first = ("pretrain", {}) if pretrained is None else ("finetune", None)
+    run, phase, step, loop = start_run(cfg, checkpoint, agent, evaluate, device, data_info, (obs_dim, act_dim), first)
+    # The padding row: the release pads states with 0 before normalising them, actions and returns with 0.
+    pad_row = torch.from_numpy(np.concatenate([-stats[0] / stats[1], np.zeros(act_dim + 1, np.float32)]))
+    offline = TrajectoryReplay(1 << 62, pad_row, device)  # the pretraining set: no capacity
+    trajectories = ranked_trajectories(split_trajectories(arrays))
+    for t in trajectories:
+        offline.add(trajectory_rows(t["observations"], t["actions"], t["rewards"], stats))
+    print(
+        f"run {run.dir}: dataset {dataset_id} ({len(arrays['rewards'])} transitions, {len(trajectories)} trajectories in the pretraining set), ODT, device {device}, {phase} from step {step}",
+        file=sys.stderr,
+    )
+    print(
+        f"{ALGO}.py: ODT has no Q function: the Q diagnostics (q_bias, kendall_tau, q_std_*) do not apply and are null in metrics.jsonl",
+        file=sys.stderr,
+    )
+    announce_time(time_phases(run, phase, step, offline))
+
+    def phases(run: Run) -> None:
+        nonlocal step, loop
+        if phase == "pretrain":
+            pretrain(run, offline, step)
+            run.pretrain_time_s = run.wall_time()
+            run.export("pretrain")
+            step, loop = 0, None
+            run.save_checkpoint("finetune", step, loop)
+        if cfg.online_steps > 0:
+            finetune(run, offline, stats, step, loop)
+        run.export("final")
+
+    return run_to_end(run, phases)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        cfg, checkpoint = parse_args(sys.argv[1:] if argv is None else argv)
+        run_dir = train(resolve_config(cfg), checkpoint)
+    except ConfigError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:  # before the run folder exists, or a second Ctrl-C
+        print(f"{ALGO}.py: interrupted (a run folder keeps its last checkpoint)", file=sys.stderr)
+        sys.exit(130)
+    print(f"done: {run_dir}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
