@@ -84,8 +84,9 @@ from tqdm import tqdm
 
 ALGO = "odt"
 FIRST_RESULT = (
-    "For a first result on a CPU, shrink the model and the budgets, e.g. --embed-dim 128 --n-layers 3 "
-    "--batch-size 64 --pretrain-steps 2000 --online-steps 10000 --updates-per-iteration 30"
+    "For a first result on a CPU, shrink the model and the budgets as configs/sweeps/odt_cpu.yaml does: "
+    "--embed-dim 128 --n-layers 3 --batch-size 64 --warmup-steps 4000 --pretrain-steps 2000 "
+    "--online-steps 10000 --updates-per-iteration 30"
 )
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOG_STD_RANGE = (-5.0, 2.0)  # release: DiagGaussianActor's log_std_bounds

@@ -35,7 +35,11 @@ PER_STEP = {
     ("pex", "finetuning"): "env step: 1 V/Q update + 1 new-policy update (policy set picks the actions)",
     ("off2on", "pretraining"): "1 CQL update of each of the 5 agents (batch 256 each, 10+10+10 CQL actions)",
     ("off2on", "finetuning"): "1 update: 10 critics, mixture policy, temperature, density-ratio network",
+    ("odt", "pretraining"): "1 update: 256 segments of 20 steps (60 tokens), 4 layers x 512, LAMB + temperature",
+    ("odt", "finetuning"): "1 update, as offline (300 after each online episode)",
 }
+# odt.py sizes its online update count from the replay's episode lengths: a stand-in of 1,000-step ones.
+ODT_REPLAY = SimpleNamespace(trajectories=[torch.zeros(1000, 1)])
 
 
 @dataclass
@@ -44,7 +48,7 @@ class Args:
     """Interleaved rounds; each method keeps its fastest."""
     device: str = "cpu"
     """Torch device."""
-    algos: tuple[str, ...] = ("sac", "so2", "cal_ql", "td3_bc", "iql", "awac", "pex", "off2on")
+    algos: tuple[str, ...] = ("sac", "so2", "cal_ql", "td3_bc", "iql", "awac", "pex", "off2on", "odt")
     """Algorithm files to time (sac first: it is the baseline)."""
 
 
@@ -65,14 +69,20 @@ def make_run(name: str, device: torch.device) -> tuple[object, SimpleNamespace]:
             "awac": lambda: module.AWACAgent(OBS_DIM, ACT_DIM, cfg, device, stats),
             "pex": lambda: module.PEXAgent(OBS_DIM, ACT_DIM, cfg, device),
             "off2on": lambda: module.Off2OnAgent(OBS_DIM, ACT_DIM, cfg, device),
+            "odt": lambda: module.ODTAgent(OBS_DIM, ACT_DIM, cfg, device),
         }[name]()
     return module, SimpleNamespace(cfg=cfg, agent=agent, device=device, obs_dim=OBS_DIM, act_dim=ACT_DIM)
 
 
 def phase_times(name: str, module, run: SimpleNamespace) -> dict[str, float]:
-    """Seconds per step of each phase, from the file's own time_phases."""
-    parts = module.time_phases(run, 0) if name == "sac" else module.time_phases(run, "pretrain", 0)
-    return {phase: seconds for phase, _, seconds in parts}
+    """Seconds per step of each phase, from the file's own time_phases (phase names without their notes)."""
+    if name == "sac":
+        parts = module.time_phases(run, 0)
+    elif name == "odt":
+        parts = module.time_phases(run, "pretrain", 0, ODT_REPLAY)
+    else:
+        parts = module.time_phases(run, "pretrain", 0)
+    return {phase.split(" (")[0]: seconds for phase, _, seconds in parts}
 
 
 def main(args: Args) -> None:
