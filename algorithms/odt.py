@@ -44,9 +44,11 @@ Deliberate differences from the release:
     last update; the release: every 10 iterations); the episode that reaches the budget ends the run.
   - the temperature is saved in checkpoints (the release keeps log_temperature outside the
     model's state_dict) and is a float32 parameter on the run's device (the release: float64 on CPU).
-  - attention masks: future tokens get -inf and padded keys -1e4 added (the release replaces
-    future scores by -1e4, then adds -1e4 for padding); identical for every real position, and
-    padded positions attend to earlier padding only.
+  - --dropout sets the embedding dropout too; the release's stays at GPT2Config's 0.1 whatever its
+    --dropout (the same at the default).
+  - rows after a dataset's last termination or truncation would form a last trajectory (the
+    release's conversion script drops such an unfinished episode); this project's datasets end
+    every episode with one of the two.
   - no timestep embedding, as the release by default (--ordering 0: its timestep table is never
     used); the time steps of a segment are not stored.
   - the pretraining set keeps every trajectory but the lowest-return one, as the release's
@@ -77,7 +79,6 @@ import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 import yaml
 from tqdm import tqdm
@@ -129,7 +130,8 @@ class Config:
     lr: float = 1e-4
     """LAMB learning rate after warm-up (release: 1e-4)."""
     weight_decay: float = 5e-4
-    """LAMB decoupled weight decay, on every parameter (release: 5e-4)."""
+    """LAMB decoupled weight decay, on every parameter (release: 5e-4); 0 also turns off LAMB's trust
+    ratio (as the release's lamb.py), leaving Adam."""
     warmup_steps: int = 10_000
     """Linear learning-rate warm-up over this many updates, counted across both phases (release: 10k)."""
     init_temperature: float = 0.1
@@ -636,6 +638,12 @@ def trajectory_rows(obs, actions, rewards, stats: tuple[np.ndarray, np.ndarray])
     return torch.from_numpy(np.concatenate(columns, axis=1).astype(np.float32))
 
 
+def padding_row(stats: tuple[np.ndarray, np.ndarray], act_dim: int) -> torch.Tensor:
+    """The row of left padding: the release pads states with 0 BEFORE normalising them (so -mean /
+    std), actions and returns-to-go with 0."""
+    return torch.from_numpy(np.concatenate([-stats[0] / stats[1], np.zeros(act_dim + 1, np.float32)]))
+
+
 def ranked_trajectories(trajectories: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """The pretraining set: trajectories sorted by return, ascending, without the lowest-return one
     (the release's _load_dataset keeps trajectories while their total length stays below the
@@ -689,6 +697,14 @@ class TrajectoryReplay:
         rows = self.rows[(self.starts[traj] + start)[:, None] + offset.clamp(min=0)]
         return torch.where(mask[..., None], rows, self.pad_row), mask.float()
 
+    def seeded(self, capacity: int) -> TrajectoryReplay:
+        """The online replay: a new one of `capacity` holding this set's highest-return trajectories,
+        ascending (the set is ranked), so that FIFO replaces the worst of them first."""
+        replay = TrajectoryReplay(capacity, self.pad_row, self.device)
+        for rows in self.trajectories[-capacity:]:
+            replay.add(rows)
+        return replay
+
     def state_dict(self) -> dict:
         return {"trajectories": [t.cpu() for t in self.trajectories], "next": self.next}
 
@@ -706,16 +722,22 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
-        self.heads, self.dropout = heads, dropout
+        self.heads = heads
         self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
-        self.resid_dropout = nn.Dropout(dropout)
+        self.attn_dropout, self.resid_dropout = nn.Dropout(dropout), nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, future: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """future [T, T] True where a key comes after its query; padding [B, 1, 1, T] -1e4 at padded
+        keys, 0 elsewhere. As the release's GPT-2: scores of future keys are REPLACED by -1e4, then
+        the padding term is added (so a padded query, with no real key before it, attends to its
+        padded past and to future real keys alike; real queries see neither)."""
         b, t, c = x.shape
         q, k, v = self.qkv(self.ln_1(x)).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(c // self.heads)
+        weights = torch.softmax(scores.masked_fill(future, -1e4) + padding, dim=-1)
+        y = self.attn_dropout(weights) @ v
         x = x + self.resid_dropout(self.proj(y.transpose(1, 2).reshape(b, t, c)))
         return x + self.mlp(self.ln_2(x))
 
@@ -744,7 +766,7 @@ class DecisionTransformer(nn.Module):
             nn.init.zeros_(head.bias)
         tokens = 3 * cfg.context_length
         future = torch.triu(torch.ones(tokens, tokens, dtype=torch.bool), diagonal=1)
-        self.register_buffer("causal", torch.zeros(tokens, tokens).masked_fill(future, -math.inf), persistent=False)
+        self.register_buffer("future", future, persistent=False)
 
     def forward(self, rtg: torch.Tensor, obs: torch.Tensor, act: torch.Tensor, mask: torch.Tensor):
         """rtg [B, K, 1] (scaled), obs [B, K, S] (normalised), act [B, K, A], mask [B, K] (1 = real
@@ -752,10 +774,9 @@ class DecisionTransformer(nn.Module):
         b, k = mask.shape
         tokens = torch.stack([self.embed_return(rtg), self.embed_state(obs), self.embed_action(act)], dim=2)
         x = self.embed_dropout(self.embed_ln(tokens.reshape(b, 3 * k, -1)))
-        # Future tokens are masked out; padded keys get -1e4 (real steps never attend to padding).
-        bias = self.causal[: 3 * k, : 3 * k] + (mask.repeat_interleave(3, dim=1) - 1)[:, None, None, :] * 1e4
+        padding = (mask.repeat_interleave(3, dim=1) - 1)[:, None, None, :] * 1e4
         for block in self.blocks:
-            x = block(x, bias)
+            x = block(x, self.future[: 3 * k, : 3 * k], padding)
         x = self.ln_f(x).reshape(b, k, 3, -1)[:, :, 1]
         low, high = LOG_STD_RANGE
         return self.mu(x), low + 0.5 * (high - low) * (torch.tanh(self.log_std(x)) + 1)
@@ -801,7 +822,8 @@ class Lamb(torch.optim.Optimizer):
     """LAMB (You et al., 2020) as the release's lamb.py sets it up: Adam moments with bias correction,
     update u = m_hat / (sqrt(v_hat) + eps) + weight_decay * w, scaled by the trust ratio
     ||w|| / ||u|| (1 when either norm is 0), then w <- w - lr * ratio * u, for every parameter.
-    Written with torch's foreach ops: one kernel per operation over all parameters."""
+    With weight_decay 0 there is no trust ratio (lamb.py adapts only with decay): bias-corrected
+    Adam. Written with torch's foreach ops: one kernel per operation over all parameters."""
 
     def __init__(self, params, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps, "step": 0})
@@ -827,8 +849,10 @@ class Lamb(torch.optim.Optimizer):
                 torch._foreach_div(torch._foreach_sqrt(v), math.sqrt(1 - beta2**t)), group["eps"]
             )
             updates = torch._foreach_div(torch._foreach_div(m, 1 - beta1**t), denominators)
-            if group["weight_decay"] != 0:
-                torch._foreach_add_(updates, params, alpha=group["weight_decay"])
+            if group["weight_decay"] == 0:
+                torch._foreach_add_(params, updates, alpha=-group["lr"])
+                continue
+            torch._foreach_add_(updates, params, alpha=group["weight_decay"])
             w_norm, u_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(updates))
             ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
             torch._foreach_mul_(updates, list((-group["lr"] * ratio).unbind()))
@@ -948,7 +972,7 @@ class Window:
 
         def padded(array: np.ndarray) -> torch.Tensor:
             x = torch.as_tensor(array[rows]).to(self.device)
-            return F.pad(x, (0, 0) * (x.dim() - 2) + (pad, 0))
+            return nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (pad, 0))
 
         mask = torch.zeros(len(rows), self.k, device=self.device)
         mask[:, self.k - filled :] = 1.0
@@ -1436,12 +1460,10 @@ def finetune(run: Run, offline: TrajectoryReplay, stats, step: int, loop: Option
     updates on the replay. loop (None at the start) holds the replay, the env, the counters, the
     updates still owed by the last episode and the last losses; checkpoints fall between episodes."""
     cfg, agent, device = run.cfg, run.agent, run.device
-    replay = TrajectoryReplay(cfg.replay_size, offline.pad_row, device)
+    replay = offline.seeded(cfg.replay_size)
     env = make_env(parse_env_name(cfg.env)[0])
     env.reset(seed=cfg.seed)  # seeds the env's RNG; every episode starts with a reset
     if loop is None:
-        for rows in offline.trajectories[-cfg.replay_size :]:  # the highest returns, ascending
-            replay.add(rows)
         updates, owed, losses, saved_at = 0, 0, {}, 0
         run.finite.check("finetune", 0)
         run.log.write({"phase": "finetune", "step": 0, "env_steps": 0, **run.evaluate(agent)})
@@ -1579,9 +1601,7 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
         agent.load_state_dict(pretrained["agent"])
     first = ("pretrain", {}) if pretrained is None else ("finetune", None)
     run, phase, step, loop = start_run(cfg, checkpoint, agent, evaluate, device, data_info, (obs_dim, act_dim), first)
-    # The padding row: the release pads states with 0 before normalising them, actions and returns with 0.
-    pad_row = torch.from_numpy(np.concatenate([-stats[0] / stats[1], np.zeros(act_dim + 1, np.float32)]))
-    offline = TrajectoryReplay(1 << 62, pad_row, device)  # the pretraining set: no capacity
+    offline = TrajectoryReplay(1 << 62, padding_row(stats, act_dim), device)  # the pretraining set: no capacity
     trajectories = ranked_trajectories(split_trajectories(arrays))
     for t in trajectories:
         offline.add(trajectory_rows(t["observations"], t["actions"], t["rewards"], stats))

@@ -38,7 +38,10 @@ def test_trajectories_end_at_terminations_truncations_and_the_data_end():
 
 
 def test_rows_hold_normalised_states_clamped_actions_and_hindsight_returns_to_go():
+    mean, std = odt.state_normalisation({"observations": np.array([[0.0, 1.0], [2.0, 1.0]], np.float32)})
+    assert mean.tolist() == [1.0, 1.0] and std.tolist() == pytest.approx([1.0 + 1e-6, 1e-6])  # population std
     stats = (np.array([1.0, 2.0], np.float32), np.array([2.0, 4.0], np.float32))
+    assert odt.padding_row(stats, 1).tolist() == [-0.5, -0.5, 0.0, 0.0]  # a zero state, normalised
     rows = odt.trajectory_rows([[3, 2], [1, 6], [5, 10]], [[1.0], [0.5], [-1.0]], [1.0, 2.0, 3.0], stats)
     assert torch.allclose(rows[:, :2], torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]]))
     assert rows[0, 2].item() == pytest.approx(1 - 1e-6) and rows[2, 2].item() == pytest.approx(-1 + 1e-6)
@@ -50,9 +53,11 @@ def test_pretraining_set_is_ascending_without_the_worst_and_the_replay_replaces_
     trajectories = [{"rewards": np.array([r], np.float32)} for r in returns]
     ranked = odt.ranked_trajectories(trajectories)
     assert [float(t["rewards"][0]) for t in ranked] == [2.0, 5.0, 7.0, 9.0]  # -1 dropped, as the release
-    replay = odt.TrajectoryReplay(3, torch.zeros(1), CPU)
-    for t in ranked[-3:]:  # finetune() seeds the replay with the highest returns, ascending
-        replay.add(torch.tensor([[float(t["rewards"][0])]]))
+    offline = odt.TrajectoryReplay(100, torch.zeros(1), CPU)
+    for t in ranked:
+        offline.add(torch.tensor([[float(t["rewards"][0])]]))
+    replay = offline.seeded(3)  # finetune()'s replay: the highest returns, ascending
+    assert [t.item() for t in replay.trajectories] == [5.0, 7.0, 9.0]
     replay.add(torch.tensor([[100.0]]))
     replay.add(torch.tensor([[200.0]]))
     assert [t.item() for t in replay.trajectories] == [100.0, 200.0, 9.0]  # 5 (the worst), then 7 went
@@ -137,6 +142,11 @@ def test_lamb_two_steps_by_hand():
             h["w"] = h["w"] - 0.1 * ratio * update
             assert np.allclose(p.detach().numpy(), h["w"], rtol=1e-5, atol=1e-7)
     assert params[1].detach().numpy()[0] < 0 < params[1].detach().numpy()[1]  # moved against g_1 = (1, -2)
+    # without weight decay there is no trust ratio (the release's lamb.py): bias-corrected Adam
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    w.grad = torch.tensor([1.0, -2.0])
+    odt.Lamb([w], lr=0.1, weight_decay=0.0).step()
+    assert torch.allclose(w.detach(), torch.tensor([2.9, 4.1]), atol=1e-6)  # m_hat / sqrt(v_hat) = sign(g)
 
 
 def make_agent(**overrides):
@@ -155,8 +165,14 @@ def test_update_warms_the_learning_rate_up_across_phases_and_steps_the_temperatu
     agent, cfg = make_agent(warmup_steps=4, lr=1e-3)
     assert odt.warmup_factor(0, 4) == 0.25 and odt.warmup_factor(3, 4) == 1.0 and odt.warmup_factor(9, 4) == 1.0
     rows, mask = batch(agent)
-    lrs = [agent.update(rows, mask)["lr"] for _ in range(5)]
+    lrs = []
+    for _ in range(5):
+        lrs.append(agent.update(rows, mask)["lr"])
+        assert agent.actor_optim.param_groups[0]["lr"] == lrs[-1]  # the rate the step used
     assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    # the step used gradients clipped to norm 0.25 (unclipped, this batch's are far larger)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in agent.actor.parameters()]))
+    assert norm.item() == pytest.approx(0.25, rel=1e-4)
     resumed, _ = make_agent(warmup_steps=4, lr=1e-3)
     resumed.load_state_dict(agent.state_dict())  # the count travels in the state (pretrain.pt, checkpoints)
     assert resumed.updates == 5 and resumed.update(rows, mask)["lr"] == pytest.approx(1e-3)
@@ -179,11 +195,49 @@ def test_actions_see_only_the_past_and_real_steps_never_see_padding():
     mu = agent.actor(rtg, obs, act, mask)[0]
     future = act.clone()
     future[0, 2:] += 1.0  # the actions of steps 2, 3 (the state token of step 2 precedes its action)
-    assert torch.allclose(agent.actor(rtg, obs, future, mask)[0][0, :3], mu[0, :3], atol=1e-6)
+    assert torch.allclose(agent.actor(rtg, obs, future, mask)[0][0, 1:3], mu[0, 1:3], atol=1e-6)  # real steps 1, 2
     assert not torch.allclose(agent.actor(rtg, obs, future, mask)[0][0, 3], mu[0, 3])
     padded = obs.clone()
     padded[0, 0] += 5.0
     assert torch.allclose(agent.actor(rtg, padded, act, mask)[0][0, 1:], mu[0, 1:], atol=1e-5)
+
+
+def test_padded_queries_attend_as_in_the_release_and_the_log_std_stays_in_range():
+    """The release replaces future scores by -1e4 and adds -1e4 at padded keys: a padded step (no
+    real key before it) attends to later real steps too, which reaches the entropy term."""
+    agent, cfg = make_agent()
+    torch.manual_seed(2)
+    rows, mask = batch(agent, n=1)
+    mask[0, :2] = 0.0
+    rtg, obs, act = agent.inputs(rows)
+    agent.actor.eval()
+    mu, log_std = agent.actor(rtg, obs, act, mask)
+    later = obs.clone()
+    later[0, 3] += 5.0
+    assert not torch.allclose(agent.actor(rtg, later, act, mask)[0][0, 0], mu[0, 0])
+    huge = agent.actor(rtg * 1e4, obs * 1e4, act, mask)[1]
+    assert log_std.min() >= -5 and huge.min() >= -5 and huge.max() <= 2 and (huge.max() - huge.min()) > 1
+
+
+def test_exploration_samples_and_evaluation_is_deterministic(datasets_root):
+    agent, cfg = make_agent()
+    torch.manual_seed(0)
+    rows, mask = batch(agent, n=1)
+    rtg, obs, act = agent.inputs(rows)
+    mu = agent.actor(rtg, obs, act, mask)[0][:, -1]
+    assert torch.allclose(agent.act(rtg, obs, act, mask, deterministic=True), torch.tanh(mu), atol=1e-6)
+    samples = torch.stack([agent.act(rtg, obs, act, mask, deterministic=False) for _ in range(20)])
+    assert samples.std(0).min() > 1e-3
+    envs = [odt.make_env("hopper") for _ in range(2)]
+    cfg = odt.resolve_config(
+        odt.Config(env="hopper-random", embed_dim=8, n_layers=1, n_heads=2, context_length=4, eval_context_length=2)
+    )
+    agent = odt.ODTAgent(11, 3, cfg, CPU)  # dropout 0.1: evaluation turns it off
+    evaluate = odt.Evaluator("hopper", envs, cfg, CPU, (np.zeros(11, np.float32), np.ones(11, np.float32)))
+    torch.manual_seed(1)
+    first = evaluate(agent)
+    torch.manual_seed(2)
+    assert evaluate(agent) == first
 
 
 def test_rollout_window_keeps_the_last_steps_and_the_return_to_go_left():
