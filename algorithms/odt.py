@@ -1460,14 +1460,15 @@ def finetune(run: Run, offline: TrajectoryReplay, stats, step: int, loop: Option
     updates on the replay. loop (None at the start) holds the replay, the env, the counters, the
     updates still owed by the last episode and the last losses; checkpoints fall between episodes."""
     cfg, agent, device = run.cfg, run.agent, run.device
-    replay = offline.seeded(cfg.replay_size)
     env = make_env(parse_env_name(cfg.env)[0])
     env.reset(seed=cfg.seed)  # seeds the env's RNG; every episode starts with a reset
     if loop is None:
+        replay = offline.seeded(cfg.replay_size)
         updates, owed, losses, saved_at = 0, 0, {}, 0
         run.finite.check("finetune", 0)
         run.log.write({"phase": "finetune", "step": 0, "env_steps": 0, **run.evaluate(agent)})
     else:
+        replay = TrajectoryReplay(cfg.replay_size, offline.pad_row, device)
         replay.load_state_dict(loop["replay"])
         restore_env_state(env, loop["env"])
         updates, owed, losses, saved_at = loop["updates"], loop["owed"], dict(loop["losses"]), step

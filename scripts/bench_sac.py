@@ -45,7 +45,7 @@ class Args:
     """Environment of the training-loop runs."""
 
 
-def make_agent(fused: bool) -> tuple[object, object]:
+def make_agent(fused: bool):
     torch.manual_seed(0)
     agent = sac.SACAgent(OBS_DIM, ACT_DIM, sac.Config(), CPU)
     if fused:
@@ -55,22 +55,27 @@ def make_agent(fused: bool) -> tuple[object, object]:
             ("alpha_optim", [agent.log_alpha], agent.cfg.actor_lr),
         ):
             setattr(agent, name, torch.optim.Adam(params, lr=lr, fused=True))
+    return agent
+
+
+def make_buffer():
+    """A full-size buffer of random rows: batches are drawn from 1M rows, as late in training."""
     buffer = sac.ReplayBuffer(1_000_000, OBS_DIM, ACT_DIM, CPU)
     rows = torch.randn(1_000_000, sum(buffer.sizes))
     rows[:, OBS_DIM : OBS_DIM + ACT_DIM].clamp_(-0.99, 0.99)
     rows[:, -1] = (torch.rand(1_000_000) < 0.01).float()
     buffer.extend(rows)
-    return agent, buffer
+    return buffer
 
 
-def update_times(args: Args) -> None:
-    setups = {fused: make_agent(fused) for fused in (False, True)}
+def update_times(args: Args, buffer) -> None:
+    agents = {fused: make_agent(fused) for fused in (False, True)}
     for threads in (1, 2):
         torch.set_num_threads(threads)
         best = {}
         for _ in range(3):  # interleaved rounds: drift in machine load hits both alike
-            for fused, (agent, buffer) in setups.items():
-                ms = time_updates(lambda a=agent, b=buffer: a.update(b.sample((256,)), b.split), args.steps, CPU)
+            for fused, agent in agents.items():
+                ms = time_updates(lambda a=agent: a.update(buffer.sample((256,)), buffer.split), args.steps, CPU)
                 best[fused] = min(ms, best.get(fused, float("inf")))
         for fused in (False, True):
             line = {"what": "update", "threads": threads, "optimizer": "fused" if fused else "foreach (file)"}
@@ -79,10 +84,9 @@ def update_times(args: Args) -> None:
     torch.set_num_threads(1)
 
 
-def fused_difference() -> None:
+def fused_difference(buffer) -> None:
     """Largest parameter difference after 50 updates from the same state on the same batches."""
-    agent, buffer = make_agent(False)
-    fused, _ = make_agent(True)
+    agent, fused = make_agent(False), make_agent(True)
     fused.load_state_dict(copy.deepcopy(agent.state_dict()))
     torch.manual_seed(1)
     batches = [buffer.sample((256,)) for _ in range(50)]
@@ -133,8 +137,9 @@ def loop_times(args: Args) -> None:
 
 def main(args: Args) -> None:
     torch.set_num_threads(1)
-    update_times(args)
-    fused_difference()
+    buffer = make_buffer()
+    update_times(args, buffer)
+    fused_difference(buffer)
     loop_times(args)
 
 

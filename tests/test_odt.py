@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RESUME_ARGS, check_summary, finished_run, load_script, read_metrics
+from conftest import RESUME_ARGS, assert_main_refuses, check_summary, finished_run, load_script, read_metrics
 
 odt = load_script("algorithms/odt.py")
 CPU = torch.device("cpu")
@@ -299,3 +299,11 @@ def test_every_odt_config_resolves(path):
     cfg = odt.resolve_config(cfg)
     base = cfg.env.partition("-")[0]
     assert path.stem in (base, "locomotion") and (cfg.eval_rtg, cfg.online_rtg) == odt.RTG_TARGETS[base]
+
+
+def test_env_without_published_targets_needs_both_flags(tmp_path, capsys):
+    argv = ["--env", "ant-random", "--out-dir", str(tmp_path / "runs")]
+    assert_main_refuses(odt, argv, capsys, "ODT has no published return-to-go targets for ant; pass --eval-rtg")
+    assert not (tmp_path / "runs").exists()
+    cfg = odt.resolve_config(odt.Config(env="ant-random", eval_rtg=1.0, online_rtg=2.0))
+    assert (cfg.eval_rtg, cfg.online_rtg) == (1.0, 2.0)
