@@ -17,6 +17,9 @@ Deliberate differences from the paper and common implementations:
   - the run folder (checkpoint.pt with the whole training state, --resume, signals, divergence)
     is the same in every algorithm file; a resumed run ends in the same state as an
     uninterrupted one (on CPU: bit for bit).
+  - --critic-lr 1e-3 --alpha-lr 1e-3 --policy-frequency 2 is CleanRL's sac_continuous_action.py
+    configuration (compared in results/sac_learning_cpu); two details of it are not reproduced: its
+    temperature loss is in alpha rather than log alpha, and takes a fresh log-prob after each actor step.
   - gymnasium 1.x semantics: done = terminated; a time-limit truncation bootstraps from the real
     final observation, which env.step returns before the manual reset.
 """
@@ -82,9 +85,14 @@ class Config:
     tau: float = 5e-3
     """Polyak rate of the target critics."""
     actor_lr: float = 3e-4
-    """Adam learning rate of the actor and the temperature."""
+    """Adam learning rate of the actor."""
     critic_lr: float = 3e-4
     """Adam learning rate of the critics."""
+    alpha_lr: float = 3e-4
+    """Adam learning rate of the temperature (CleanRL's SAC uses its critic rate, 1e-3)."""
+    policy_frequency: int = 1
+    """Actor and temperature are updated after every policy_frequency-th critic update, that many
+    times in a row on its batch (CleanRL's delayed update, 2 there); 1 = the SAC paper."""
     eval_every: int = 10_000
     """Evaluate every this many env steps (and at the end)."""
     eval_episodes: int = 10
@@ -109,7 +117,10 @@ class Config:
 
 
 # Fields a resumed run cannot change: they define the environment, networks, optimisers or evaluation.
-RESUME_FIXED = ("env", "seed", "hidden_dim", "buffer_size", "eval_episodes", "actor_lr", "critic_lr", "batch_size")
+RESUME_FIXED = (
+    "env", "seed", "hidden_dim", "buffer_size", "eval_episodes", "actor_lr", "critic_lr", "alpha_lr",
+    "policy_frequency", "batch_size",
+)  # fmt: skip
 # The step budget of each phase: a resumed run cannot be given fewer steps than it has made.
 PHASE_BUDGET = {"online": "total_steps"}
 
@@ -128,7 +139,11 @@ def resolve_config(cfg: Config) -> Config:
             ),
             (1 <= cfg.hidden_dim <= 65536, "hidden_dim must be in [1, 65536]"),
             (0 < cfg.gamma <= 1 and 0 < cfg.tau <= 1, "gamma and tau must be in (0, 1]"),
-            (0 < cfg.actor_lr <= 1 and 0 < cfg.critic_lr <= 1, "learning rates must be in (0, 1]"),
+            (
+                all(0 < lr <= 1 for lr in (cfg.actor_lr, cfg.critic_lr, cfg.alpha_lr)),
+                "learning rates must be in (0, 1]",
+            ),
+            (1 <= cfg.policy_frequency <= 1000, "policy_frequency must be in [1, 1000]"),
         ]
     )
     return cfg
@@ -455,7 +470,8 @@ class SACAgent:
         self.target_entropy = -float(act_dim)
         self.actor_optim = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr)
         self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
-        self.alpha_optim = torch.optim.Adam([self.log_alpha], lr=cfg.actor_lr)
+        self.alpha_optim = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr)
+        self.updates = 0  # critic updates so far: the delayed actor update counts them
 
     def state_dict(self) -> dict:
         return {
@@ -466,16 +482,19 @@ class SACAgent:
             "actor_optim": self.actor_optim.state_dict(),
             "critic_optim": self.critic_optim.state_dict(),
             "alpha_optim": self.alpha_optim.state_dict(),
+            "updates": self.updates,
         }
 
     def load_state_dict(self, state: dict) -> None:
         for name in ("actor", "critic", "target_critic", "actor_optim", "critic_optim", "alpha_optim"):
             getattr(self, name).load_state_dict(state[name])
+        self.updates = state["updates"]
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
 
     def update(self, batch: torch.Tensor, split) -> dict[str, torch.Tensor]:
-        """One SAC step: critics, then actor, then temperature, then targets."""
+        """One SAC step: critics, then (every policy_frequency-th step, that many times) actor and
+        temperature, then targets. Returns the losses of the networks it updated."""
         obs, act, rew, next_obs, done = split(batch)
         alpha = self.log_alpha.detach().exp()
         with torch.no_grad():
@@ -487,19 +506,24 @@ class SACAgent:
         self.critic_optim.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_optim.step()
+        losses = {"critic_loss": critic_loss.detach()}
+        self.updates += 1
+        if self.updates % self.cfg.policy_frequency == 0:
+            for _ in range(self.cfg.policy_frequency):
+                alpha = self.log_alpha.detach().exp()
+                action, log_prob = self.actor(obs)
+                actor_loss = (alpha * log_prob - self.critic(obs, action).min(0).values).mean()
+                self.actor_optim.zero_grad(set_to_none=True)
+                actor_loss.backward(inputs=list(self.actor.parameters()))  # critic weights get no gradient
+                self.actor_optim.step()
 
-        action, log_prob = self.actor(obs)
-        actor_loss = (alpha * log_prob - self.critic(obs, action).min(0).values).mean()
-        self.actor_optim.zero_grad(set_to_none=True)
-        actor_loss.backward(inputs=list(self.actor.parameters()))  # critic weights get no gradient
-        self.actor_optim.step()
-
-        alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
-        self.alpha_optim.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        self.alpha_optim.step()
+                alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+                self.alpha_optim.zero_grad(set_to_none=True)
+                alpha_loss.backward()
+                self.alpha_optim.step()
+            losses.update(actor_loss=actor_loss.detach(), alpha=alpha)
         soft_update(self.target_critic, self.critic, self.cfg.tau)
-        return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(), "alpha": alpha}
+        return losses
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1072,7 +1096,8 @@ def online(run: Run, step: int, loop: Optional[dict]) -> bool:
         buffer.add(obs, action, reward, next_obs, float(terminated))
         obs = env.reset()[0] if terminated or truncated else next_obs
         if step > cfg.learning_starts:
-            losses = agent.update(buffer.sample((cfg.batch_size,)), buffer.split)
+            # A delayed actor update leaves the last actor loss and temperature as they were.
+            losses = {**losses, **agent.update(buffer.sample((cfg.batch_size,)), buffer.split)}
             run.finite.watch(losses)
         if step % cfg.eval_every == 0 or step == cfg.total_steps:
             run.finite.check("online", step)

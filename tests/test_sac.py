@@ -1,5 +1,6 @@
 """algorithms/sac.py: the soft target, end-to-end runs, exact resume, bad input."""
 
+import copy
 import json
 import signal
 import subprocess
@@ -68,6 +69,44 @@ def test_update_trains_critics_actor_and_temperature(sac):
     for old, new, critic in zip(before["target_critic"], agent.target_critic.parameters(), agent.critic.parameters()):
         assert torch.allclose(new, (1 - cfg.tau) * old + cfg.tau * critic, atol=1e-6)
     assert torch.isfinite(loss_before) and float(out["critic_loss"]) > 0
+
+
+def test_delayed_actor_update_takes_policy_frequency_steps_on_one_batch(sac):
+    """CleanRL's delayed update (policy_frequency 2): the first critic update leaves actor and
+    temperature alone; the second is followed by two actor + temperature steps on its batch,
+    each with the temperature as it is then, against the critics just updated."""
+    torch.manual_seed(0)
+    delayed = sac.SACAgent(4, 2, replace(sac.Config(), hidden_dim=16, policy_frequency=2), torch.device("cpu"))
+    reference = copy.deepcopy(delayed)  # does the second update by hand
+    rows = torch.randn(2, 32, 4 + 2 + 1 + 4 + 1)
+    split = sac.ReplayBuffer(1, 4, 2, torch.device("cpu")).split
+    actor, log_alpha = [p.detach().clone() for p in delayed.actor.parameters()], float(delayed.log_alpha)
+    torch.manual_seed(1)  # the same action noise for both
+    out = delayed.update(rows[0], split)
+    assert set(out) == {"critic_loss"} and float(delayed.log_alpha) == log_alpha
+    assert all(torch.equal(a, b) for a, b in zip(actor, delayed.actor.parameters()))
+    out = delayed.update(rows[1], split)
+
+    torch.manual_seed(1)
+    reference.cfg = replace(reference.cfg, policy_frequency=1_000)  # critic steps only
+    reference.update(rows[0], split)
+    reference.update(rows[1], split)
+    obs = split(rows[1])[0]
+    for _ in range(2):
+        alpha = reference.log_alpha.detach().exp()
+        action, log_prob = reference.actor(obs)
+        reference.actor_optim.zero_grad()
+        (alpha * log_prob - reference.critic(obs, action).min(0).values).mean().backward()
+        reference.actor_optim.step()
+        reference.alpha_optim.zero_grad()
+        (-(reference.log_alpha * (log_prob.detach() - 2.0))).mean().backward()  # target entropy -|A| = -2
+        reference.alpha_optim.step()
+    assert set(out) == {"critic_loss", "actor_loss", "alpha"} and delayed.updates == 2
+    assert float(out["alpha"]) == pytest.approx(float(alpha))  # the temperature of the last actor step
+    for name in ("actor", "critic", "target_critic"):
+        for a, b in zip(getattr(delayed, name).parameters(), getattr(reference, name).parameters()):
+            assert torch.allclose(a, b, atol=1e-6), name
+    assert float(delayed.log_alpha) == pytest.approx(float(reference.log_alpha), abs=1e-7) != log_alpha
 
 
 @pytest.fixture(scope="module")
