@@ -110,8 +110,11 @@ def test_medium_expert_concatenates(md, policy_dir):
     medium = list(minari.load_dataset("local/hopper/medium-n200-v0").iterate_episodes())
     expert = list(minari.load_dataset("local/hopper/expert-n200-v0").iterate_episodes())
     assert len(episodes) == len(medium) + len(expert)
-    assert np.array_equal(episodes[0].observations, medium[0].observations)
-    assert np.array_equal(episodes[-1].observations, expert[-1].observations)
+    # Episode by episode: the same boundaries, transitions and termination / truncation flags.
+    for got, want in zip(episodes, medium + expert, strict=True):
+        for key in ("observations", "actions", "rewards", "terminations", "truncations"):
+            assert np.array_equal(getattr(got, key), getattr(want, key)), key
+    assert len(medium) > 1 and len(expert) > 1, "too few episodes to test the boundaries"
 
 
 def test_medium_replay_regenerates_the_seeded_run(md, policy_dir, capsys):
