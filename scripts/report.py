@@ -8,7 +8,8 @@ Writes to --out:
   curves_wall_clock.png  the same against wall-clock seconds of finetuning (each record placed at
                          env_steps / online_steps of the run's finetuning time: the runs log no
                          time per record, so a constant rate is assumed);
-  q_diagnostics.png      q_bias, kendall_tau and q_std_policy over finetuning (the paper's Fig. 4b);
+  q_diagnostics.png      q_bias, kendall_tau and q_std_policy over finetuning (the paper's Fig. 4b;
+                         not written when no run logs them, as odt.py's);
   table.md               per dataset and variant: pretrained, final, best score and the score at
                          each budget, mean +- std over seeds with n, and the finetuning wall time;
   aggregate.png, aggregate.json
@@ -166,6 +167,8 @@ def plot_q_diagnostics(groups, path: Path, rng: np.random.Generator) -> None:
             for variant, runs in variants.items():
                 grid = np.unique(np.concatenate([r.steps for r in runs]))
                 values = np.stack([on_grid(r, key, grid) for r in runs])
+                if np.isnan(values).all():  # a method without a Q function (odt.py) logs null
+                    continue
                 ci = np.array(
                     [bootstrap_ci(c[~np.isnan(c)], rng) if (~np.isnan(c)).any() else (np.nan, np.nan) for c in values.T]
                 )
@@ -291,7 +294,10 @@ def main(args: Args) -> None:
     rng = np.random.default_rng(0)
     plot_curves(groups, "normalized_score", "env_steps", out / "curves_env_steps.png", "normalised score", rng)
     plot_curves(groups, "normalized_score", "wall_clock", out / "curves_wall_clock.png", "normalised score", rng)
-    plot_q_diagnostics(groups, out / "q_diagnostics.png", rng)
+    if any(np.isfinite(on_grid(r, "q_bias", r.steps)).any() for r in runs):
+        plot_q_diagnostics(groups, out / "q_diagnostics.png", rng)
+    else:
+        print("report.py: no Q diagnostics in these runs (no Q function, e.g. odt.py): no q_diagnostics.png")
     (out / "table.md").write_text(table(groups, args.budgets))
     (out / "aggregate.json").write_text(
         json.dumps(aggregate(groups, args.reps, out / "aggregate.png"), indent=2) + "\n"

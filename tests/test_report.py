@@ -14,10 +14,11 @@ KEYS = load_script("algorithms/so2.py").RECORD_KEYS[6:]
 
 
 def score(variant: str, seed: int, step: int) -> float:
-    return {"so2": 10.0, "sacn": 5.0}[variant] + seed + step / 1000
+    return {"so2": 10.0, "sacn": 5.0, "odt": 2.0}[variant] + seed + step / 1000
 
 
-def write_run(folder, env: str, variant: str, seed: int) -> None:
+def write_run(folder, env: str, variant: str, seed: int, q_value=0.1) -> None:
+    """q_value None: the Q-diagnostic keys are null, as in the records of a method without a Q function."""
     folder.mkdir(parents=True)
     records = [
         {
@@ -27,7 +28,7 @@ def write_run(folder, env: str, variant: str, seed: int) -> None:
             "return": 0.0,
             "return_std": 0.0,
             "normalized_score": 1.0,
-            **dict.fromkeys(KEYS, 0.1),
+            **dict.fromkeys(KEYS, q_value),
         }
     ]
     for step in (0, 1000, 2000):
@@ -39,7 +40,7 @@ def write_run(folder, env: str, variant: str, seed: int) -> None:
                 "return": 0.0,
                 "return_std": 0.0,
                 "normalized_score": score(variant, seed, step),
-                **dict.fromkeys(KEYS, 0.1 * seed),
+                **dict.fromkeys(KEYS, None if q_value is None else q_value * seed),
             }
         )
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -108,3 +109,13 @@ def test_bootstrap_ci_brackets_the_mean():
 def test_no_runs_is_a_one_line_error(tmp_path, datasets_root):
     result = run_script("scripts/report.py", [str(tmp_path)], datasets_root)
     assert result.returncode == 2 and "no finished run folders" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_runs_without_q_function_get_no_q_figure(tmp_path, datasets_root):
+    for seed in range(2):
+        write_run(tmp_path / "runs" / f"seed{seed}", "hopper-random", "odt", seed, q_value=None)
+    result = run_script("scripts/report.py", [str(tmp_path / "runs"), "--out", str(tmp_path / "report")], datasets_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no Q diagnostics in these runs" in result.stdout and "Warning" not in result.stderr
+    assert (tmp_path / "report" / "curves_env_steps.png").exists()
+    assert not (tmp_path / "report" / "q_diagnostics.png").exists()
