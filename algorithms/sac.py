@@ -71,7 +71,7 @@ class Config:
     device: str = "auto"
     """Torch device: 'auto' picks cuda when available, else cpu."""
     total_steps: int = 1_000_000
-    """Env steps (one gradient step per env step after learning_starts)."""
+    """Env steps (one critic update per env step after learning_starts)."""
     learning_starts: int = 5_000
     """Env steps of uniform random actions before the first update."""
     buffer_size: int = 1_000_000
@@ -488,13 +488,14 @@ class SACAgent:
     def load_state_dict(self, state: dict) -> None:
         for name in ("actor", "critic", "target_critic", "actor_optim", "critic_optim", "alpha_optim"):
             getattr(self, name).load_state_dict(state[name])
-        self.updates = state["updates"]
+        self.updates = state.get("updates", 0)  # absent in checkpoints from before the delay: all had 1
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
 
     def update(self, batch: torch.Tensor, split) -> dict[str, torch.Tensor]:
         """One SAC step: critics, then (every policy_frequency-th step, that many times) actor and
-        temperature, then targets. Returns the losses of the networks it updated."""
+        temperature, then targets. Returns the losses of the networks it updated (and the temperature
+        of the last actor step)."""
         obs, act, rew, next_obs, done = split(batch)
         alpha = self.log_alpha.detach().exp()
         with torch.no_grad():
@@ -1136,7 +1137,9 @@ def time_phases(run: Run, step: int) -> list[tuple[str, int, float]]:
     split = ReplayBuffer(1, run.obs_dim, run.act_dim, run.device).split
     rows = torch.rand(cfg.batch_size, 2 * run.obs_dim + run.act_dim + 2, device=run.device, generator=fixed)
     left = cfg.total_steps - max(step, cfg.learning_starts)
-    return [("training", left, seconds_per_call(lambda: agent.update(rows, split), run.device, 3))] if left > 0 else []
+    k = cfg.policy_frequency  # whole rounds of the delayed update: k critic steps and k actor steps
+    per_step = seconds_per_call(lambda: [agent.update(rows, split) for _ in range(k)], run.device, 3) / k
+    return [("training", left, per_step)] if left > 0 else []
 
 
 def train(cfg: Config, checkpoint: Optional[dict]) -> Path:

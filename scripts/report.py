@@ -178,7 +178,8 @@ def plot_q_diagnostics(groups, path: Path, rng: np.random.Generator) -> None:
             ax.set_xlabel("online env steps")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
+    lines = {line.get_label(): line for ax in axes.flat for line in ax.get_lines()}  # any panel may lack Q
+    axes[0][-1].legend(lines.values(), lines.keys(), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -297,6 +298,7 @@ def main(args: Args) -> None:
     if any(np.isfinite(on_grid(r, "q_bias", r.steps)).any() for r in runs):
         plot_q_diagnostics(groups, out / "q_diagnostics.png", rng)
     else:
+        (out / "q_diagnostics.png").unlink(missing_ok=True)  # not one from an earlier report
         print("report.py: no Q diagnostics in these runs (no Q function, e.g. odt.py): no q_diagnostics.png")
     (out / "table.md").write_text(table(groups, args.budgets))
     (out / "aggregate.json").write_text(

@@ -114,8 +114,23 @@ def test_no_runs_is_a_one_line_error(tmp_path, datasets_root):
 def test_runs_without_q_function_get_no_q_figure(tmp_path, datasets_root):
     for seed in range(2):
         write_run(tmp_path / "runs" / f"seed{seed}", "hopper-random", "odt", seed, q_value=None)
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "q_diagnostics.png").write_bytes(b"from an earlier report")
     result = run_script("scripts/report.py", [str(tmp_path / "runs"), "--out", str(tmp_path / "report")], datasets_root)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "no Q diagnostics in these runs" in result.stdout and "Warning" not in result.stderr
     assert (tmp_path / "report" / "curves_env_steps.png").exists()
     assert not (tmp_path / "report" / "q_diagnostics.png").exists()
+
+
+def test_runs_with_and_without_q_function_in_one_report(tmp_path, datasets_root):
+    """The Q figure shows the runs that have Q values; a dataset panel holding only runs without
+    them stays empty, and the figure still gets its legend."""
+    (tmp_path / "report").mkdir()
+    for seed in range(2):
+        write_run(tmp_path / "runs" / f"so2{seed}", "hopper-random", "so2", seed)
+        write_run(tmp_path / "runs" / f"odt{seed}", "walker2d-random", "odt", seed, q_value=None)
+    result = run_script("scripts/report.py", [str(tmp_path / "runs"), "--out", str(tmp_path / "report")], datasets_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "No artists" not in result.stderr and "Warning" not in result.stderr
+    assert (tmp_path / "report" / "q_diagnostics.png").stat().st_size > 10_000
