@@ -52,7 +52,7 @@ def make_agent(fused: bool):
         for name, params, lr in (
             ("actor_optim", agent.actor.parameters(), agent.cfg.actor_lr),
             ("critic_optim", agent.critic.parameters(), agent.cfg.critic_lr),
-            ("alpha_optim", [agent.log_alpha], agent.cfg.actor_lr),
+            ("alpha_optim", [agent.log_alpha], agent.cfg.alpha_lr),
         ):
             setattr(agent, name, torch.optim.Adam(params, lr=lr, fused=True))
     return agent

@@ -111,13 +111,19 @@ def test_no_runs_is_a_one_line_error(tmp_path, datasets_root):
     assert result.returncode == 2 and "no finished run folders" in result.stderr and "Traceback" not in result.stderr
 
 
+def report_of(tmp_path, datasets_root):
+    """report.py on tmp_path/runs into tmp_path/report; its finished process."""
+    result = run_script("scripts/report.py", [str(tmp_path / "runs"), "--out", str(tmp_path / "report")], datasets_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def test_runs_without_q_function_get_no_q_figure(tmp_path, datasets_root):
     for seed in range(2):
         write_run(tmp_path / "runs" / f"seed{seed}", "hopper-random", "odt", seed, q_value=None)
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "q_diagnostics.png").write_bytes(b"from an earlier report")
-    result = run_script("scripts/report.py", [str(tmp_path / "runs"), "--out", str(tmp_path / "report")], datasets_root)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = report_of(tmp_path, datasets_root)
     assert "no Q diagnostics in these runs" in result.stdout and "Warning" not in result.stderr
     assert (tmp_path / "report" / "curves_env_steps.png").exists()
     assert not (tmp_path / "report" / "q_diagnostics.png").exists()
@@ -130,7 +136,6 @@ def test_runs_with_and_without_q_function_in_one_report(tmp_path, datasets_root)
     for seed in range(2):
         write_run(tmp_path / "runs" / f"so2{seed}", "hopper-random", "so2", seed)
         write_run(tmp_path / "runs" / f"odt{seed}", "walker2d-random", "odt", seed, q_value=None)
-    result = run_script("scripts/report.py", [str(tmp_path / "runs"), "--out", str(tmp_path / "report")], datasets_root)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = report_of(tmp_path, datasets_root)
     assert "No artists" not in result.stderr and "Warning" not in result.stderr
     assert (tmp_path / "report" / "q_diagnostics.png").stat().st_size > 10_000

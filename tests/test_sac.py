@@ -71,15 +71,20 @@ def test_update_trains_critics_actor_and_temperature(sac):
     assert torch.isfinite(loss_before) and float(out["critic_loss"]) > 0
 
 
+def delayed_agent(sac):
+    """A small policy_frequency-2 agent and the row splitter of its buffer layout (obs 4, act 2)."""
+    torch.manual_seed(0)
+    agent = sac.SACAgent(4, 2, replace(sac.Config(), hidden_dim=16, policy_frequency=2), torch.device("cpu"))
+    return agent, sac.ReplayBuffer(1, 4, 2, torch.device("cpu")).split
+
+
 def test_delayed_actor_update_takes_policy_frequency_steps_on_one_batch(sac):
     """CleanRL's delayed update (policy_frequency 2): the first critic update leaves actor and
     temperature alone; the second is followed by two actor + temperature steps on its batch,
     each with the temperature as it is then, against the critics just updated."""
-    torch.manual_seed(0)
-    delayed = sac.SACAgent(4, 2, replace(sac.Config(), hidden_dim=16, policy_frequency=2), torch.device("cpu"))
+    delayed, split = delayed_agent(sac)
     reference = copy.deepcopy(delayed)  # does the second update by hand
     rows = torch.randn(2, 32, 4 + 2 + 1 + 4 + 1)
-    split = sac.ReplayBuffer(1, 4, 2, torch.device("cpu")).split
     actor, log_alpha = [p.detach().clone() for p in delayed.actor.parameters()], float(delayed.log_alpha.detach())
     torch.manual_seed(1)  # the same action noise for both
     out = delayed.update(rows[0], split)
@@ -114,13 +119,10 @@ def test_delayed_actor_update_takes_policy_frequency_steps_on_one_batch(sac):
 def test_delayed_update_counter_survives_a_checkpoint(sac):
     """Saved after an odd number of critic updates, a policy_frequency-2 agent takes its actor
     steps on the next update after loading, as the uninterrupted one does."""
-    cfg = replace(sac.Config(), hidden_dim=16, policy_frequency=2)
-    torch.manual_seed(0)
-    agent = sac.SACAgent(4, 2, cfg, torch.device("cpu"))
-    split = sac.ReplayBuffer(1, 4, 2, torch.device("cpu")).split
+    agent, split = delayed_agent(sac)
     rows = torch.randn(32, 4 + 2 + 1 + 4 + 1)
     agent.update(rows, split)
-    loaded = sac.SACAgent(4, 2, cfg, torch.device("cpu"))
+    loaded, _ = delayed_agent(sac)
     loaded.load_state_dict(agent.state_dict())
     assert set(loaded.update(rows, split)) == {"critic_loss", "actor_loss", "alpha"}
 
