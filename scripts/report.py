@@ -12,6 +12,9 @@ Writes to --out:
                          not written when no run logs them, as odt.py's);
   table.md               per dataset and variant: pretrained, final, best score and the score at
                          each budget, mean +- std over seeds with n, and the finetuning wall time;
+  q_table.md             per dataset and variant: each run's mean of q_bias, q_bias_min, kendall_tau
+                         and q_std_policy over its evaluations at or after --q-from online env steps,
+                         then mean +- std over seeds (not written when no run logs them);
   aggregate.png, aggregate.json
                          IQM of the final scores over all datasets with stratified-bootstrap 95% CIs
                          and the probability of improvement of each variant over each other (rliable).
@@ -52,6 +55,9 @@ class Args:
     """Online env steps at which the table also gives the score (the last evaluation at or before)."""
     reps: int = 2000
     """Bootstrap resamples of rliable's interval estimates."""
+    q_from: int = 0
+    """q_table.md averages each run's evaluations at or after this many online env steps (e.g. the
+    end of the warm-up, so that only evaluations after Q updates on online data count)."""
 
 
 @dataclass
@@ -185,9 +191,11 @@ def plot_q_diagnostics(groups, path: Path, rng: np.random.Generator) -> None:
     plt.close(fig)
 
 
-def mean_std(values: list[float]) -> str:
-    values = np.asarray([v for v in values if v is not None], dtype=float)
-    return "n/a" if len(values) == 0 else f"{values.mean():.1f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.1f}"
+def mean_std(values: list[float], digits: int = 1) -> str:
+    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if len(values) == 0:
+        return "n/a"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.{digits}f}"
 
 
 def table(groups, budgets: tuple[int, ...]) -> str:
@@ -224,6 +232,27 @@ def table(groups, budgets: tuple[int, ...]) -> str:
                 for b in budgets
             ]
             cells.append(f"{np.mean([r.finetune_time_s for r in runs]):.0f}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+Q_KEYS = ("q_bias", "q_bias_min", "kendall_tau", "q_std_policy")
+
+
+def q_table(groups, q_from: int) -> str:
+    """Per run, the mean of each Q diagnostic over its evaluations at env steps >= q_from (null
+    values skipped); then mean ± sample std of those run means over seeds."""
+    head = ["dataset", "variant", "n", *Q_KEYS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for env, variants in groups.items():
+        for variant, runs in variants.items():
+            cells = [env, variant, str(len(runs))]
+            for key in Q_KEYS:
+                run_means = []
+                for run in runs:
+                    values = on_grid(run, key, run.steps)[run.steps >= q_from]
+                    run_means.append(float(np.nanmean(values)) if np.isfinite(values).any() else None)
+                cells.append(mean_std(run_means, digits=2))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -297,9 +326,13 @@ def main(args: Args) -> None:
     plot_curves(groups, "normalized_score", "wall_clock", out / "curves_wall_clock.png", "normalised score", rng)
     if any(np.isfinite(on_grid(r, "q_bias", r.steps)).any() for r in runs):
         plot_q_diagnostics(groups, out / "q_diagnostics.png", rng)
+        (out / "q_table.md").write_text(q_table(groups, args.q_from))
     else:
-        (out / "q_diagnostics.png").unlink(missing_ok=True)  # not one from an earlier report
-        print("report.py: no Q diagnostics in these runs (no Q function, e.g. odt.py): no q_diagnostics.png")
+        for name in ("q_diagnostics.png", "q_table.md"):
+            (out / name).unlink(missing_ok=True)  # not one from an earlier report
+        print(
+            "report.py: no Q diagnostics in these runs (no Q function, e.g. odt.py): no q_diagnostics.png, q_table.md"
+        )
     (out / "table.md").write_text(table(groups, args.budgets))
     (out / "aggregate.json").write_text(
         json.dumps(aggregate(groups, args.reps, out / "aggregate.png"), indent=2) + "\n"

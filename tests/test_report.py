@@ -122,11 +122,13 @@ def test_runs_without_q_function_get_no_q_figure(tmp_path, datasets_root):
     for seed in range(2):
         write_run(tmp_path / "runs" / f"seed{seed}", "hopper-random", "odt", seed, q_value=None)
     (tmp_path / "report").mkdir()
-    (tmp_path / "report" / "q_diagnostics.png").write_bytes(b"from an earlier report")
+    for name in ("q_diagnostics.png", "q_table.md"):
+        (tmp_path / "report" / name).write_bytes(b"from an earlier report")
     result = report_of(tmp_path, datasets_root)
     assert "no Q diagnostics in these runs" in result.stdout and "Warning" not in result.stderr
     assert (tmp_path / "report" / "curves_env_steps.png").exists()
     assert not (tmp_path / "report" / "q_diagnostics.png").exists()
+    assert not (tmp_path / "report" / "q_table.md").exists()
 
 
 def test_runs_with_and_without_q_function_in_one_report(tmp_path, datasets_root):
@@ -139,3 +141,40 @@ def test_runs_with_and_without_q_function_in_one_report(tmp_path, datasets_root)
     result = report_of(tmp_path, datasets_root)
     assert "No artists" not in result.stderr and "Warning" not in result.stderr
     assert (tmp_path / "report" / "q_diagnostics.png").stat().st_size > 10_000
+
+
+def test_q_table_averages_evaluations_from_q_from(tmp_path, datasets_root):
+    """Per run, the mean over evaluations at env steps >= --q-from (nulls skipped); then mean ± std
+    over seeds. kendall_tau = env_steps / 1000 + seed at 0, 1,000, 2,000 steps; q_bias null at 0."""
+    for seed in range(2):
+        folder = tmp_path / "runs" / f"seed{seed}"
+        write_run(folder, "hopper-random", "so2", seed)
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        for r in records[1:]:
+            r["kendall_tau"] = r["env_steps"] / 1000 + seed
+            r["q_bias"] = None if r["env_steps"] == 0 else r["env_steps"] / 1000
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def row(*flags):
+        result = run_script(
+            "scripts/report.py",
+            [str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--reps", "50", *flags],
+            datasets_root,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        head, _, line = (tmp_path / "report" / "q_table.md").read_text().splitlines()
+        return dict(zip((c.strip() for c in head.split("|")[1:-1]), (c.strip() for c in line.split("|")[1:-1])))
+
+    # All evaluations: tau run means 1.0 and 2.0; q_bias (1 + 2) / 2 = 1.5 in both runs; the
+    # other keys are write_run's constant 0.1 * seed: run means 0.0 and 0.1.
+    assert row() == {
+        "dataset": "hopper-random",
+        "variant": "so2",
+        "n": "2",
+        "q_bias": "1.50 ± 0.00",
+        "q_bias_min": "0.05 ± 0.07",
+        "kendall_tau": "1.50 ± 0.71",
+        "q_std_policy": "0.05 ± 0.07",
+    }
+    # From 1,000 steps: tau run means 1.5 and 2.5.
+    assert row("--q-from", "1000")["kendall_tau"] == "2.00 ± 0.71"
