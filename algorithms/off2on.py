@@ -40,7 +40,10 @@ release: 251 epochs).
 mixture's next action in the TD target, a~' = clip(a' + clip(N(0, 0.3^2), -0.6, 0.6), -1, 1), the
 entropy term keeping log pi(a'|s') (as algorithms/so2.py), and 10 updates per env step (critics,
 density-ratio network, priorities); the policy and temperature step on every 10th update, once per
-env step as in SO2's code. The first epoch's multiplier applies to these updates too.
+env step as in SO2's code. The first epoch's multiplier applies to these updates too. The updates
+keep Off2On's schedule, a block of 10,000 after each epoch's 1,000 env steps (SO2's code
+interleaves 1 env step and 10 updates), and Off2On's learned temperature (Adam 3e-4; SO2's release
+fixes it at 0.2).
 Deliberate differences from the releases:
   - pretraining: the Off2On release loads CQL checkpoints (seeds i * 4 + seed, only halfcheetah-
     medium ones were published) and has no pretraining code; here the K agents are pretrained in
