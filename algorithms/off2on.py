@@ -821,10 +821,17 @@ class DensityRatio(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Losses and updates: Off2On (K CQL agents offline; mixture SAC, density ratio, priorities online)
 # ----------------------------------------------------------------------------------------------
-def cql_logsumexp(q_random, q_current, log_pi_current, q_next, log_pi_next, act_dim: int) -> torch.Tensor:
+def cql_logsumexp(
+    q_random, q_current, log_pi_current, q_next, log_pi_next, act_dim: int, mc_bound: Optional[torch.Tensor]
+) -> torch.Tensor:
     """Importance-sampled CQL logsumexp (released code's cql_importance_sample) at states s.
     q_random [N, n, B]: Q(s, a ~ U[-1, 1]^A), density 0.5^A; q_current / q_next [N, n, B]: Q(s, a)
-    for a ~ pi(.|s) and a ~ pi(.|s'), with log-probs [n, B]. -> [N, B]."""
+    for a ~ pi(.|s) and a ~ pi(.|s'), with log-probs [n, B]. Cal-QL (mc_bound [B] given): the
+    policy-action Q values are replaced by max(Q, return-to-go) before the importance weights;
+    random actions are not bounded. -> [N, B]."""
+    if mc_bound is not None:
+        q_current = torch.maximum(q_current, mc_bound)
+        q_next = torch.maximum(q_next, mc_bound)
     random_log_density = act_dim * math.log(0.5)
     return torch.logsumexp(
         torch.cat([q_random - random_log_density, q_next - log_pi_next, q_current - log_pi_current], dim=1), dim=1
@@ -959,7 +966,7 @@ class Off2OnAgent:
         q = self.critic(obs.repeat(1, 1 + 3 * n, 1), all_actions).view(2 * k, 1 + 3 * n, b)
         q_data, q_random, q_current, q_next = q[:, 0], q[:, 1 : 1 + n], q[:, 1 + n : 1 + 2 * n], q[:, 1 + 2 * n :]
         log_pis = log_pis[:, b:].reshape(k, 2 * n, b).repeat_interleave(2, dim=0)
-        ood = cql_logsumexp(q_random, q_current, log_pis[:, :n], q_next, log_pis[:, n:], self.act_dim)
+        ood = cql_logsumexp(q_random, q_current, log_pis[:, :n], q_next, log_pis[:, n:], self.act_dim, None)
         gap = (ood - q_data).mean(1)  # per critic
         bellman = (q_data - y).pow(2).mean(1).sum()
         critic_loss = bellman + cfg.cql_alpha * gap.sum()
