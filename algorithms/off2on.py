@@ -99,7 +99,7 @@ import yaml
 from tqdm import tqdm
 
 ALGO = "off2on"
-FIRST_RESULT = "For a first result on a CPU, shrink the budgets as configs/sweeps/off2on_cpu.yaml does: --pretrain-steps 1000 --cql-bc-steps 200 --online-steps 3000 --first-epoch-multiplier 1 (about 35 min on one core; with --so2 about 70 min)"
+FIRST_RESULT = "For a first result on a CPU, shrink the budgets as configs/sweeps/off2on_cpu.yaml does: --pretrain-steps 1000 --cql-bc-steps 200 --online-steps 3000 --first-epoch-multiplier 1 (about 30 min on one core; with --so2 about 50 min)"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRIORITY_CLIP = (1e-3, 1e3)  # release: priorities w^(1/T) / mean are clipped to [0.001, 1000]
 LOG_STD_BOUNDS = (-20.0, 2.0)  # rlkit's TanhGaussianPolicy, for each agent and for the mixture
