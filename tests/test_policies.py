@@ -4,10 +4,11 @@ command (scripts/eval_policy.py, 10 held-out start states; results/policies/held
 records every policy's result)."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 
-from conftest import REPO, run_script
+from conftest import REPO, load_script, run_script
 
 MANIFEST = json.loads((REPO / "results" / "policies" / "manifest.json").read_text())
 SHIPPED = sorted(name for name, entry in MANIFEST.items() if entry["file"] is not None)
@@ -25,6 +26,26 @@ def test_every_entry_is_shipped_or_says_why():
                 f"OMP_NUM_THREADS={entry['torch_threads']} python algorithms/sac.py --env {entry['env']}"
             )
             assert entry["sac_config"]["env"] == entry["env"] and entry["training_env_steps"] > 0
+
+
+def test_medium_and_expert_policies_follow_the_d4rl_protocol():
+    """Every env has a medium and an expert entry; a medium policy is a SAC run stopped at its stop
+    score, an expert one the same run's config trained to the end (D4RL: the same SAC, 1M steps)."""
+    envs = ("halfcheetah", "hopper", "walker2d")
+    assert set(MANIFEST) == {f"{env}-{level}" for env in envs for level in ("medium", "expert")}
+    for name in SHIPPED:
+        entry = MANIFEST[name]
+        config = entry["sac_config"]
+        if name.endswith("-medium"):
+            assert config["stop_score"] is not None, name
+            assert entry["training_env_steps"] < config["total_steps"], name
+        else:
+            medium = MANIFEST[name.replace("-expert", "-medium")]["sac_config"]
+            assert config["stop_score"] is None and entry["training_env_steps"] == config["total_steps"] == 1_000_000
+            # Fields sac.py gained after the medium runs kept their old behaviour as the default.
+            defaults = asdict(load_script("algorithms/sac.py").Config())
+            differ = {k for k in config if config[k] != medium.get(k, defaults.get(k))}
+            assert differ <= {"stop_score", "wandb_project"}, (name, differ)
 
 
 # Not walker2d-medium: deterministic rollouts are chaotic in the last bits of the actions, so on
