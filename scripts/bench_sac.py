@@ -1,9 +1,9 @@
 """Throughput of algorithms/sac.py on this machine, for planning its 1M-step runs.
 
 1. Its update (batch 256, twin 2x256 critics; a batch drawn from a full-size buffer per update, as
-   in training) at 1 and 2 torch threads, with the file's Adam (foreach) and with fused Adam; the
-   fused one is also checked for equal results (largest parameter difference after 50 updates
-   from the same state and batches).
+   in training) at 1 and 2 torch threads, with the file's Adam (torch's default, which on CPU is
+   the per-parameter loop, not foreach) and with fused Adam; the fused one is also checked for
+   equal results (largest parameter difference after 50 updates from the same state and batches).
 2. The whole training step (env step, policy, buffer, update), measured on the real script as the
    difference between two run lengths (start-up, the final evaluation and checkpoints cancel out),
    one run alone and two runs at once, each with OMP_NUM_THREADS=1 or 2.
@@ -78,7 +78,7 @@ def update_times(args: Args, buffer) -> None:
                 ms = time_updates(lambda a=agent: a.update(buffer.sample((256,)), buffer.split), args.steps, CPU)
                 best[fused] = min(ms, best.get(fused, float("inf")))
         for fused in (False, True):
-            line = {"what": "update", "threads": threads, "optimizer": "fused" if fused else "foreach (file)"}
+            line = {"what": "update", "threads": threads, "optimizer": "fused" if fused else "default (file)"}
             line |= {"ms_per_update": round(best[fused], 2), "ratio_to_file": round(best[fused] / best[False], 3)}
             print(json.dumps(line), flush=True)
     torch.set_num_threads(1)
