@@ -273,7 +273,7 @@ def test_end_to_end_updates_per_episode_and_no_q_diagnostics(tiny_run):
     assert summary["final_q_bias"] is None and summary["final_kendall_tau"] is None
     online = [r for r in records if r["phase"] == "finetune"]
     assert [r["env_steps"] for r in online] == list(range(0, 301, 60))
-    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
     loop, seeded = checkpoint["loop"], 84  # walker2d-random, 1,500 steps: 85 trajectories, the worst dropped
     added = loop["replay"]["trajectories"][seeded:]
     # every finished online episode brought 10 updates; the one that reached the budget brought none

@@ -151,7 +151,9 @@ def test_end_to_end_outputs(uninterrupted):
 
 
 def same_final_state(a, b):
-    actor_a, actor_b = (torch.load(run / "final.pt", weights_only=False)["agent"]["actor"] for run in (a, b))
+    actor_a, actor_b = (
+        torch.load(run / "final.pt", map_location="cpu", weights_only=False)["agent"]["actor"] for run in (a, b)
+    )
     assert all(torch.equal(actor_a[k], actor_b[k]) for k in actor_a)
     assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
 
