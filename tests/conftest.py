@@ -143,12 +143,18 @@ def start_script(relative: str, args: list[str], datasets_root) -> subprocess.Po
     )
 
 
+def load_run_file(path: Path) -> dict:
+    """A run's .pt file (checkpoint.pt, final.pt, pretrain.pt) with its tensors on the CPU, whichever
+    device wrote it, so tests compare it with CPU tensors on a GPU machine too."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def checkpoint_position(run_dir: Optional[Path], since: float) -> Optional[tuple[str, int]]:
     """(phase, step) of run_dir/checkpoint.pt if it was written after `since`, else None."""
     path = None if run_dir is None else run_dir / "checkpoint.pt"
     if path is None or not path.exists() or path.stat().st_mtime < since:
         return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_run_file(path)
     return checkpoint["phase"], checkpoint["step"]
 
 
@@ -202,7 +208,7 @@ def same_run(a: Path, b: Path) -> None:
     """Two runs wrote the same metrics.jsonl and ended with the same agent: every network and
     optimiser tensor of final.pt equal."""
     assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
-    agent_a, agent_b = (torch.load(run / "final.pt", map_location="cpu", weights_only=False)["agent"] for run in (a, b))
+    agent_a, agent_b = (load_run_file(run / "final.pt")["agent"] for run in (a, b))
     assert agent_a.keys() == agent_b.keys() and "actor" in agent_a  # and "critic" in all files but odt.py
     tensors = load_script("algorithms/so2.py").tensors  # the nested state dict's tensors, in order
     for name in agent_a:

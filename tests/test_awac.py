@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import RESUME_ARGS, check_summary, finished_run, load_script, read_metrics
+from conftest import RESUME_ARGS, check_summary, finished_run, load_run_file, load_script, read_metrics
 
 awac = load_script("algorithms/awac.py")
 
@@ -82,7 +82,7 @@ def test_end_to_end_with_sera(sera_run):
     assert all(r["sera_reward"] is not None and r["adv_weight"] > 0 for r in online[1:])
     dataset = awac.load_dataset("walker2d", "random", 1500)[0]
     mean, std = awac.state_stats(dataset["observations"])
-    final = torch.load(sera_run / "final.pt", map_location="cpu", weights_only=False)["agent"]
+    final = load_run_file(sera_run / "final.pt")["agent"]
     for net in ("actor", "critic", "target_critic"):
         assert torch.equal(final[net]["mean"], mean) and torch.equal(final[net]["std"], std)
 

@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RESUME_ARGS, assert_main_refuses, check_summary, finished_run, load_script, read_metrics
+from conftest import (
+    RESUME_ARGS,
+    assert_main_refuses,
+    check_summary,
+    finished_run,
+    load_run_file,
+    load_script,
+    read_metrics,
+)
 
 iql = load_script("algorithms/iql.py")
 
@@ -112,7 +120,7 @@ def test_online_rewards_are_scaled_exactly_as_the_datasets(sera_run):
     """Replaying the stored online actions in a fresh env from the run's seed gives the env's raw
     rewards; each stored reward is that reward times the dataset's scale (the released finetuning
     code stores them unscaled)."""
-    checkpoint = torch.load(sera_run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    checkpoint = load_run_file(sera_run / "checkpoint.pt")
     cfg = iql.Config(**checkpoint["config"])
     arrays, _ = iql.load_dataset("walker2d", "random", cfg.random_dataset_steps)
     scale = iql.reward_scale(arrays, "walker2d", None)
@@ -164,7 +172,7 @@ def test_pretraining_of_another_dataset_is_refused(sera_run, tmp_path, capsys, d
 
 
 def test_resume_inside_pretraining_keeps_the_cosine_schedule_length(sera_run, tmp_path, capsys):
-    checkpoint = torch.load(sera_run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    checkpoint = load_run_file(sera_run / "checkpoint.pt")
     checkpoint.update(phase="pretrain", step=100)  # as if stopped at step 100 of 300
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
     assert_main_refuses(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_script
+from conftest import load_run_file, load_script
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +36,7 @@ def policy_dir(md, tmp_path_factory):
     )
     torch.set_num_threads(1)
     run_dir = sac.train(cfg, None)
-    torch.save(
-        torch.load(run_dir / "final.pt", map_location="cpu", weights_only=False)["agent"]["actor"],
-        folder / "hopper-medium.pt",
-    )
+    torch.save(load_run_file(run_dir / "final.pt")["agent"]["actor"], folder / "hopper-medium.pt")
     torch.manual_seed(1)
     torch.save(sac.Actor(11, 3, (32, 32)).state_dict(), folder / "hopper-expert.pt")
     common = {
@@ -137,7 +134,7 @@ def test_medium_replay_from_run_reads_the_same_buffer(md, policy_dir, tmp_path):
     for a, b in zip(read, regenerated):
         assert all(np.array_equal(a[k], b[k]) for k in a)
     # A run whose final actor is not the shipped policy is refused.
-    checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    checkpoint = load_run_file(run_dir / "checkpoint.pt")
     next(iter(checkpoint["agent"]["actor"].values())).add_(1.0)
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
     with pytest.raises(md.so2.ConfigError, match="is not the shipped hopper-medium policy"):

@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RESUME_ARGS, assert_main_refuses, check_summary, finished_run, load_script, read_metrics
+from conftest import (
+    RESUME_ARGS,
+    assert_main_refuses,
+    check_summary,
+    finished_run,
+    load_run_file,
+    load_script,
+    read_metrics,
+)
 
 odt = load_script("algorithms/odt.py")
 CPU = torch.device("cpu")
@@ -273,7 +281,7 @@ def test_end_to_end_updates_per_episode_and_no_q_diagnostics(tiny_run):
     assert summary["final_q_bias"] is None and summary["final_kendall_tau"] is None
     online = [r for r in records if r["phase"] == "finetune"]
     assert [r["env_steps"] for r in online] == list(range(0, 301, 60))
-    checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    checkpoint = load_run_file(run_dir / "checkpoint.pt")
     loop, seeded = checkpoint["loop"], 84  # walker2d-random, 1,500 steps: 85 trajectories, the worst dropped
     added = loop["replay"]["trajectories"][seeded:]
     # every finished online episode brought 10 updates; the one that reached the budget brought none

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import RESUME_ARGS, check_summary, finished_run, load_script, read_metrics
+from conftest import RESUME_ARGS, check_summary, finished_run, load_run_file, load_script, read_metrics
 
 off2on = load_script("algorithms/off2on.py")
 
@@ -260,12 +260,12 @@ def test_end_to_end_with_so2(so2_run):
         (300, 700),
     ]
     assert all(0 < r["online_share"] <= 1 and r["w_online"] >= 0 for r in online[1:])
-    pretrained = torch.load(so2_run / "pretrain.pt", map_location="cpu", weights_only=False)["agent"]
-    final = torch.load(so2_run / "final.pt", map_location="cpu", weights_only=False)["agent"]
+    pretrained = load_run_file(so2_run / "pretrain.pt")["agent"]
+    final = load_run_file(so2_run / "final.pt")["agent"]
     assert final["online"] and not pretrained["online"]
     # the priorities at the end: one per dataset row and online row, clipped, none above the
     # running maximum, which started at the first epoch's share and only grows
-    loop = torch.load(so2_run / "checkpoint.pt", map_location="cpu", weights_only=False)["loop"]
+    loop = load_run_file(so2_run / "checkpoint.pt")["loop"]
     priority, top = loop["priority"], loop["max_priority"].item()
     assert len(priority) == 1500 + 300 and top >= off2on.initial_max_priority(1500, 0.5, 50)
     assert priority.min() >= 0.001 and priority.max() <= top

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import RESUME_ARGS, check_summary, finished_run, load_script, read_metrics
+from conftest import RESUME_ARGS, check_summary, finished_run, load_run_file, load_script, read_metrics
 
 pex = load_script("algorithms/pex.py")
 
@@ -79,8 +79,8 @@ def test_end_to_end_with_so2(so2_run):
     # 50 collection steps, then so2_utd = 2 V/Q updates per env step
     assert [(r["env_steps"], r["step"]) for r in online] == [(e, 2 * max(e - 50, 0)) for e in range(0, 301, 60)]
     assert all(r["actor_lr"] == 3e-4 for r in online[1:])
-    pretrained = torch.load(so2_run / "pretrain.pt", map_location="cpu", weights_only=False)["agent"]
-    final = torch.load(so2_run / "final.pt", map_location="cpu", weights_only=False)["agent"]
+    pretrained = load_run_file(so2_run / "pretrain.pt")["agent"]
+    final = load_run_file(so2_run / "final.pt")["agent"]
     # the offline policy is frozen from the expansion on; the new policy and the critics learned
     assert all(torch.equal(final["actor"][k], pretrained["actor"][k]) for k in pretrained["actor"])
     assert not all(torch.equal(final["new_actor"][k], pretrained["new_actor"][k]) for k in pretrained["new_actor"])

@@ -12,6 +12,7 @@ import torch
 
 from conftest import (
     RESUME_ARGS,
+    load_run_file,
     load_script,
     run_dirs,
     run_script,
@@ -89,7 +90,7 @@ def test_cal_ql_stopped_inside_the_updates_of_a_trajectory(reference, tmp_path, 
         cal_ql.main([*RESUME_ARGS["cal_ql"], "--out-dir", str(tmp_path)])
     assert exit_info.value.code == 128 + signal.SIGTERM
     (run_dir,) = run_dirs(tmp_path)
-    checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    checkpoint = load_run_file(run_dir / "checkpoint.pt")
     assert (
         checkpoint["phase"] == "finetune" and checkpoint["loop"]["updates"] == 3 and checkpoint["loop"]["pending"] > 0
     )

@@ -14,6 +14,7 @@ from conftest import (
     REPO,
     RESUME_ARGS,
     assert_one_line_error,
+    load_run_file,
     load_script,
     read_metrics,
     run_dirs,
@@ -66,7 +67,7 @@ def test_non_finite_values_stop_the_run_as_diverged(name, method, calls, phase, 
         and f"in {phase} at step" in summary["error"]
         and not (run_dir / "final.pt").exists()
     )
-    checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    checkpoint = load_run_file(run_dir / "checkpoint.pt")
     so2 = load_script("algorithms/so2.py")
     assert all(torch.isfinite(t).all() for t in so2.tensors(checkpoint["agent"]) if t.is_floating_point())
     loss = "actor_loss" if name == "odt" else "critic_loss"  # odt.py has no critic

@@ -12,7 +12,16 @@ from functools import partial
 import pytest
 import torch
 
-from conftest import REPO, assert_one_line_error, load_script, read_metrics, run_dirs, run_script, script_env
+from conftest import (
+    REPO,
+    assert_one_line_error,
+    load_run_file,
+    load_script,
+    read_metrics,
+    run_dirs,
+    run_script,
+    script_env,
+)
 
 SCRIPT = str(REPO / "algorithms" / "sac.py")
 TINY = (
@@ -151,9 +160,7 @@ def test_end_to_end_outputs(uninterrupted):
 
 
 def same_final_state(a, b):
-    actor_a, actor_b = (
-        torch.load(run / "final.pt", map_location="cpu", weights_only=False)["agent"]["actor"] for run in (a, b)
-    )
+    actor_a, actor_b = (load_run_file(run / "final.pt")["agent"]["actor"] for run in (a, b))
     assert all(torch.equal(actor_a[k], actor_b[k]) for k in actor_a)
     assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RESUME_ARGS, check_summary, finished_run, load_script, read_metrics
+from conftest import RESUME_ARGS, check_summary, finished_run, load_run_file, load_script, read_metrics
 
 td3_bc = load_script("algorithms/td3_bc.py")
 
@@ -124,7 +124,7 @@ def test_end_to_end_with_sera(sera_run):
     # the state statistics stayed the dataset's through finetuning
     dataset = td3_bc.load_dataset("walker2d", "random", 1500)[0]
     mean, std = td3_bc.state_stats(dataset["observations"])
-    final = torch.load(sera_run / "final.pt", map_location="cpu", weights_only=False)["agent"]
+    final = load_run_file(sera_run / "final.pt")["agent"]
     for net in ("actor", "critic", "target_actor", "target_critic"):
         assert torch.equal(final[net]["mean"], mean) and torch.equal(final[net]["std"], std)
 
