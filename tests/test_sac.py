@@ -15,11 +15,11 @@ import torch
 from conftest import (
     REPO,
     assert_one_line_error,
-    load_run_file,
     load_script,
     read_metrics,
     run_dirs,
     run_script,
+    same_run,
     script_env,
 )
 
@@ -159,19 +159,13 @@ def test_end_to_end_outputs(uninterrupted):
     )
 
 
-def same_final_state(a, b):
-    actor_a, actor_b = (load_run_file(run / "final.pt")["agent"]["actor"] for run in (a, b))
-    assert all(torch.equal(actor_a[k], actor_b[k]) for k in actor_a)
-    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
-
-
 def test_stop_then_resume_equals_uninterrupted(uninterrupted, tmp_path, datasets_root):
     args = [*TINY, "--out-dir", str(tmp_path)]
     args[args.index("600")] = "300"
     assert run(args, datasets_root).returncode == 0
     result = run(["--resume", str(only_dir(tmp_path)), "--total-steps", "600"], datasets_root)
     assert result.returncode == 0, result.stderr[-3000:]
-    same_final_state(uninterrupted, only_dir(tmp_path))
+    same_run(uninterrupted, only_dir(tmp_path))
 
 
 def test_ctrl_c_then_resume_equals_uninterrupted(uninterrupted, tmp_path, datasets_root):
@@ -198,7 +192,7 @@ def test_ctrl_c_then_resume_equals_uninterrupted(uninterrupted, tmp_path, datase
     assert json.loads((only_dir(tmp_path) / "summary.json").read_text())["status"] == "interrupted"
     result = run(["--resume", str(only_dir(tmp_path))], datasets_root)
     assert result.returncode == 0, result.stderr[-3000:]
-    same_final_state(uninterrupted, only_dir(tmp_path))
+    same_run(uninterrupted, only_dir(tmp_path))
 
 
 @pytest.mark.parametrize(
