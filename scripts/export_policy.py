@@ -37,6 +37,13 @@ class Args:
     """torch threads the run used (OMP_NUM_THREADS); medium-replay regeneration needs the same."""
     missing: Optional[str] = None
     """Record the policy as not shipped, with this reason, instead of exporting a run."""
+    at_step: Optional[tuple[int, str]] = None
+    """STEP FILE: ship the actor the run had at env step STEP instead of its final one, from FILE (a
+    copy of the actor in the run's checkpoint.pt when it was written at STEP; sac.py overwrites
+    that file). The experts' rule for a final policy outside its band (configs/sweeps/
+    sac_experts.yaml). It is the final actor of the same command with --total-steps STEP
+    (total_steps only ends the loop; tests/test_sac.py's stop-then-resume test), which the manifest
+    records; wall_time_s stays the whole run's."""
 
 
 def main(args: Args) -> None:
@@ -49,11 +56,18 @@ def main(args: Args) -> None:
         run = Path(args.run)
         config = torch.load(run / "checkpoint.pt", weights_only=False)["config"]
         summary = json.loads((run / "summary.json").read_text())
-        last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
-        torch.save(
-            torch.load(run / "final.pt", map_location="cpu", weights_only=False)["agent"]["actor"],
-            POLICIES / f"{args.name}.pt",
-        )
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        if args.at_step is None:
+            last, actor = (
+                records[-1],
+                torch.load(run / "final.pt", map_location="cpu", weights_only=False)["agent"]["actor"],
+            )
+        else:
+            step, actor_file = args.at_step
+            last = next(r for r in records if r["env_steps"] == step)
+            actor = torch.load(actor_file, map_location="cpu", weights_only=False)
+            config = {**config, "total_steps": step}
+        torch.save(actor, POLICIES / f"{args.name}.pt")
         # Every training field that differs from sac.py's defaults, so the command reproduces the run.
         defaults = asdict(load_algorithm("sac").Config())
         flags = "".join(
@@ -65,7 +79,7 @@ def main(args: Args) -> None:
         manifest[args.name] = {
             "file": f"{args.name}.pt",
             "env": config["env"],
-            "training_env_steps": summary["env_steps"],
+            "training_env_steps": last["env_steps"],
             "seed": config["seed"],
             "eval_episodes": config["eval_episodes"],
             "eval_return": round(last["return"], 1),
@@ -77,6 +91,11 @@ def main(args: Args) -> None:
             "hardware": f"{platform.machine()} CPU, {summary['device']}, torch {summary['versions']['torch']}",
             "sac_config": {**config, "out_dir": "runs", "resume": None, "config": None, "run_name": None},
         }
+        if args.at_step is not None:
+            manifest[args.name]["note"] = (
+                f"the actor at env step {step} of a {summary['env_steps']}-step run whose final policy "
+                "missed the band (the rule of configs/sweeps/sac_experts.yaml)"
+            )
     manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
     print(json.dumps({args.name: manifest[args.name]}, indent=2))
 
