@@ -6,13 +6,15 @@ Copies the actor of <run>/final.pt to results/policies/<name>.pt and records in 
 the training config (so medium-replay can be regenerated), env steps, wall time, the final
 deterministic evaluation of the run, the score band the policy is documented to reach, the
 command that trained it, the thread count it ran with, and the hardware. Policies that could not
-be trained are recorded with --missing "why" instead of a run folder.
+be trained are recorded with --missing "why" instead of a run folder. With --at-step STEP FILE it
+ships FILE, the actor the run had at STEP, and records the run that ends there (see that option).
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -46,6 +48,18 @@ class Args:
     records; wall_time_s stays the whole run's."""
 
 
+def cpu_model() -> str:
+    """The CPU's model name where Linux gives it: deterministic rollouts, and so the policy a
+    command trains, differ between CPU types."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = (
+        [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        if cpuinfo.exists()
+        else []
+    )
+    return f"{names[0] if names else platform.machine()} CPU"
+
+
 def main(args: Args) -> None:
     POLICIES.mkdir(parents=True, exist_ok=True)
     manifest_path = POLICIES / "manifest.json"
@@ -64,7 +78,14 @@ def main(args: Args) -> None:
             )
         else:
             step, actor_file = args.at_step
-            last = next(r for r in records if r["env_steps"] == step)
+            at_step = [r for r in records if r["env_steps"] == step]
+            if not at_step or step % config["checkpoint_every"]:
+                print(
+                    f"export_policy.py: error: step {step} is not a checkpoint step with an evaluation in {run}",
+                    file=sys.stderr,
+                )
+                sys.exit(2)
+            last = at_step[0]
             actor = torch.load(actor_file, map_location="cpu", weights_only=False)
             config = {**config, "total_steps": step}
         torch.save(actor, POLICIES / f"{args.name}.pt")
@@ -88,13 +109,13 @@ def main(args: Args) -> None:
             "wall_time_s": summary["wall_time_s"],
             "torch_threads": args.torch_threads,
             "command": f"OMP_NUM_THREADS={args.torch_threads} python algorithms/sac.py --env {config['env']} --seed {config['seed']}{flags}",
-            "hardware": f"{platform.machine()} CPU, {summary['device']}, torch {summary['versions']['torch']}",
+            "hardware": f"{cpu_model()}, {summary['device']}, torch {summary['versions']['torch']}",
             "sac_config": {**config, "out_dir": "runs", "resume": None, "config": None, "run_name": None},
         }
         if args.at_step is not None:
             manifest[args.name]["note"] = (
                 f"the actor at env step {step} of a {summary['env_steps']}-step run whose final policy "
-                "missed the band (the rule of configs/sweeps/sac_experts.yaml)"
+                "missed the band (the rule of configs/sweeps/sac_experts.yaml); wall_time_s is that whole run's"
             )
     manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
     print(json.dumps({args.name: manifest[args.name]}, indent=2))

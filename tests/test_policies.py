@@ -1,5 +1,5 @@
 """The shipped behaviour policies (results/policies/): the manifest is complete, and the
-halfcheetah and hopper medium policies and halfcheetah's expert reach their documented score band
+halfcheetah and hopper medium policies and the shipped experts reach their documented score band
 through the README's command (scripts/eval_policy.py, 10 held-out start states;
 results/policies/heldout_eval.jsonl records every policy's result)."""
 
@@ -60,9 +60,10 @@ def test_medium_and_expert_policies_follow_the_d4rl_protocol():
 # 10000-10049 and 20000-20049, heldout_eval.jsonl) put them below the band's 25 in 0.003% of
 # draws for halfcheetah, never for hopper, and in 20% for walker2d (episode std 13.5): a failure
 # there would say nothing about the policy. halfcheetah-expert: each of its 100 held-out episodes
-# scored at least 88.6 (episode std 0.7-0.8), far inside its band of 60-130. hopper-expert: mean 85.0
-# over 100 held-out episodes, episode std 17-20, so a 10-episode mean sits ~4 standard errors
-# above the band's 60.
+# scored at least 88.6 (episode std 0.7-0.8), far inside its band of 60-130. hopper-expert: these 10
+# start states chose its checkpoint (96.5 on them), so on this CPU type the test re-checks that
+# choice; on 50 other start states (seeds 20000-20049) it scores 84.5 with episode std 19.9, so a
+# 10-episode mean sits ~4 standard errors above the band's 60.
 @pytest.mark.parametrize("name", ["halfcheetah-medium", "hopper-medium", "halfcheetah-expert", "hopper-expert"])
 def test_shipped_policy_reaches_its_band(name, datasets_root):
     assert name in SHIPPED
@@ -79,7 +80,7 @@ def test_export_at_a_checkpoint_records_the_shorter_run(tmp_path, datasets_root,
     run_dir, _ = finished_run(
         "algorithms/sac.py",
         "--env hopper --total-steps 300 --learning-starts 100 --eval-every 150 --eval-episodes 1 "
-        "--hidden-dim 32 --batch-size 32".split(),
+        "--hidden-dim 32 --batch-size 32 --checkpoint-every 150".split(),
         tmp_path / "runs",
         datasets_root,
     )
@@ -88,6 +89,9 @@ def test_export_at_a_checkpoint_records_the_shorter_run(tmp_path, datasets_root,
     monkeypatch.syspath_prepend(str(REPO / "scripts"))  # its `from common import ...`, as when run
     export = load_script("scripts/export_policy.py")
     monkeypatch.setattr(export, "POLICIES", tmp_path / "policies")
+    with pytest.raises(SystemExit) as refused:  # no checkpoint (nor evaluation) at step 100
+        export.main(export.Args(str(run_dir), "hopper-expert", at_step=(100, str(tmp_path / "actor_150.pt"))))
+    assert refused.value.code == 2 and not (tmp_path / "policies" / "hopper-expert.pt").exists()
     export.main(
         export.Args(str(run_dir), "hopper-expert", band=(0.0, 100.0), at_step=(150, str(tmp_path / "actor_150.pt")))
     )
