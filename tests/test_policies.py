@@ -4,12 +4,13 @@ through the README's command (scripts/eval_policy.py, 10 held-out start states;
 results/policies/heldout_eval.jsonl records every policy's result)."""
 
 import json
+import os
 from dataclasses import asdict
 
 import pytest
 import torch
 
-from conftest import REPO, finished_run, load_run_file, load_script, read_metrics, run_script
+from conftest import REPO, assert_main_refuses, finished_run, load_run_file, load_script, read_metrics, run_script
 
 MANIFEST = json.loads((REPO / "results" / "policies" / "manifest.json").read_text())
 SHIPPED = sorted(name for name, entry in MANIFEST.items() if entry["file"] is not None)
@@ -102,3 +103,42 @@ def test_export_at_a_checkpoint_records_the_shorter_run(tmp_path, datasets_root,
     assert "of a 300-step run" in entry["note"]
     shipped = load_run_file(tmp_path / "policies" / "hopper-expert.pt")
     assert shipped.keys() == actor.keys() and all(torch.equal(shipped[k], actor[k]) for k in actor)
+
+
+def test_keep_actors_copies_every_checkpoint_until_the_run_ends(tmp_path, monkeypatch, capsys):
+    """scripts/keep_actors.py beside a run: each checkpoint's actor lands in actors/step_<step>.pt
+    (the FILE of export_policy.py --at-step), including the one written just before final.pt; a
+    checkpoint it has seen is not read again; it returns once final.pt exists."""
+    keep = load_script("scripts/keep_actors.py")
+    run = tmp_path / "run"
+    assert_main_refuses(keep, keep.Args(str(run)), capsys, "is not a run folder")
+    run.mkdir()
+    (run / "config.yaml").write_text("env: hopper\n")
+
+    def actor(step: int) -> dict:
+        return {"net.0.weight": torch.full((2, 3), float(step))}
+
+    def write_checkpoint(step: int) -> None:
+        torch.save({"step": step, "agent": {"actor": actor(step)}}, run / "checkpoint.pt")
+
+    # The "training" between two polls: nothing yet, checkpoint 25, no change, 50, then 75 and final.pt.
+    timeline = iter([None, 25, None, 50, 75])
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(keep.torch, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+
+    def training(_seconds):
+        step = next(timeline)
+        if step is not None:
+            write_checkpoint(step)
+            os.utime(run / "checkpoint.pt", ns=(step, step))  # a new mtime even within the clock's tick
+        if step == 75:
+            torch.save({"agent": {"actor": actor(999)}}, run / "final.pt")
+
+    monkeypatch.setattr(keep.time, "sleep", training)
+    keep.main(keep.Args(str(run), poll_s=0.0))
+    kept = sorted((run / "actors").iterdir())
+    assert [p.name for p in kept] == ["step_25.pt", "step_50.pt", "step_75.pt"]
+    for path, step in zip(kept, (25, 50, 75)):
+        assert torch.equal(real_load(path)["net.0.weight"], actor(step)["net.0.weight"])
+    assert len(loads) == 3  # one read per new checkpoint, none while it was unchanged
