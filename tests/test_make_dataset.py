@@ -48,7 +48,7 @@ def policy_dir(md, tmp_path_factory):
     manifest = {
         "hopper-medium": {"file": "hopper-medium.pt", **common},
         "hopper-expert": {"file": "hopper-expert.pt", **common},
-        "walker2d-expert": {"file": None, "status": "not trained: needs hours of GPU time"},
+        "walker2d-expert": {"file": None, "status": "not trained: a stand-in entry without a file"},
     }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return str(folder)

@@ -16,11 +16,32 @@ MANIFEST = json.loads((REPO / "results" / "policies" / "manifest.json").read_tex
 SHIPPED = sorted(name for name, entry in MANIFEST.items() if entry["file"] is not None)
 
 
+# What a user needs to trust and reproduce a shipped policy: how long and on what it trained, the
+# exact command and config, and the evaluation that put it in its band.
+ENTRY_FIELDS = {
+    "file",
+    "env",
+    "seed",
+    "command",
+    "sac_config",
+    "torch_threads",
+    "training_env_steps",
+    "wall_time_s",
+    "hardware",
+    "eval_episodes",
+    "eval_return",
+    "eval_normalized_score",
+    "score_band",
+}
+
+
 def test_every_entry_is_shipped_or_says_why():
     for name, entry in MANIFEST.items():
         if entry["file"] is None:
             assert entry["status"].startswith("not trained"), name
         else:
+            assert ENTRY_FIELDS <= set(entry), (name, ENTRY_FIELDS - set(entry))
+            assert entry["wall_time_s"] > 0 and entry["eval_episodes"] > 0 and entry["hardware"], name
             assert (REPO / "results" / "policies" / entry["file"]).exists(), name
             low, high = entry["score_band"]
             assert low <= entry["eval_normalized_score"] <= high, name
