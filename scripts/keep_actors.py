@@ -30,10 +30,8 @@ class Args:
     """Seconds between looks at checkpoint.pt; keep it well under the time between two checkpoints."""
 
 
-def keep(run: Path) -> int | None:
-    """Copy the actor of run/checkpoint.pt to run/actors/step_<step>.pt unless kept already; its step."""
-    if not (run / "checkpoint.pt").exists():
-        return None
+def keep(run: Path) -> None:
+    """Copy the actor of run/checkpoint.pt to run/actors/step_<step>.pt unless kept already."""
     checkpoint = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
     target = run / "actors" / f"step_{checkpoint['step']}.pt"
     if not target.exists():
@@ -42,7 +40,6 @@ def keep(run: Path) -> int | None:
         torch.save(checkpoint["agent"]["actor"], tmp)
         tmp.replace(target)
         print(f"kept {target}", flush=True)
-    return checkpoint["step"]
 
 
 def main(args: Args) -> None:
@@ -50,12 +47,15 @@ def main(args: Args) -> None:
     if not (run / "config.yaml").exists():
         print(f"keep_actors.py: error: '{run}' is not a run folder (no config.yaml)", file=sys.stderr)
         sys.exit(2)
+    if not args.poll_s >= 0:
+        print(f"keep_actors.py: error: --poll-s must be a number of seconds >= 0, got {args.poll_s}", file=sys.stderr)
+        sys.exit(2)
     seen = None
     while True:
         # Looked at before the checkpoint, so the checkpoint written just before final.pt is kept too.
         finished = (run / "final.pt").exists()
         stamp = (run / "checkpoint.pt").stat().st_mtime_ns if (run / "checkpoint.pt").exists() else None
-        if stamp != seen:
+        if stamp is not None and stamp != seen:
             keep(run)
             seen = stamp
         if finished:

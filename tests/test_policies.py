@@ -139,6 +139,7 @@ def test_keep_actors_copies_every_checkpoint_until_the_run_ends(tmp_path, monkey
     assert_main_refuses(keep, keep.Args(str(run)), capsys, "is not a run folder")
     run.mkdir()
     (run / "config.yaml").write_text("env: hopper\n")
+    assert_main_refuses(keep, keep.Args(str(run), poll_s=float("nan")), capsys, "--poll-s must be")
 
     def actor(step: int) -> dict:
         return {"net.0.weight": torch.full((2, 3), float(step))}
