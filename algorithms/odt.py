@@ -239,372 +239,8 @@ def resolve_config(cfg: Config) -> Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# Config parsing and checks (the same block in every algorithm file)
+# Method data: trajectories, state normalisation, trajectory replay, return-conditioned evaluation
 # ----------------------------------------------------------------------------------------------
-CHECKPOINT_FORMAT = 1  # of checkpoint.pt, pretrain.pt and final.pt
-
-
-class ConfigError(Exception):
-    """Bad input: reported as one line on stderr, exit code 2, before any compute or run folder."""
-
-
-def fail(message: str) -> None:
-    print(f"{ALGO}.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
-def type_problem(value, hint) -> bool:
-    """True if value does not fit the type hint (int, float, bool, str, Optional, Literal, tuple);
-    floats must be finite."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union:
-        return all(type_problem(value, arg) for arg in args)
-    if origin is Literal:
-        return value not in args
-    if origin is tuple:
-        return not isinstance(value, tuple) or any(type_problem(v, args[0]) for v in value)
-    if hint is type(None):
-        return value is not None
-    if hint is float:
-        return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-    if hint is int:
-        return isinstance(value, bool) or not isinstance(value, int)
-    return not isinstance(value, hint)
-
-
-def check_types(cfg: Config, source: str) -> None:
-    hints = typing.get_type_hints(Config)
-    for f in fields(Config):
-        value, hint = getattr(cfg, f.name), hints[f.name]
-        if type_problem(value, hint):
-            expected = {float: "a finite float", int: "int", str: "str", bool: "bool"}.get(
-                hint, str(hint).replace("typing.", "")
-            )
-            raise ConfigError(f"{source}{f.name} must be {expected}, got {value!r}")
-
-
-def check(checks: list[tuple[bool, str]]) -> None:
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-
-
-def writable_dir_problem(path: Path) -> Optional[str]:
-    """Why files cannot be created under path (a file in the way, no write permission), or None."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"'{existing}' is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"'{existing}' is not writable"
-    return None
-
-
-def check_common(cfg: Config) -> None:
-    """Types (from the --config file too), finite numbers, seed, evaluation, paths and device."""
-    check_types(cfg, "")
-    check(
-        [
-            (0 <= cfg.seed < 2**31, "seed must be in [0, 2^31)"),
-            (1 <= cfg.eval_episodes <= 1000, "eval_episodes must be in [1, 1000]"),
-            (cfg.eval_every >= 1 and cfg.checkpoint_every >= 1, "eval_every and checkpoint_every must be >= 1"),
-            (
-                cfg.run_name is None
-                or (
-                    cfg.run_name.replace("-", "").replace(".", "").replace("_", "").isalnum()
-                    and "__" not in cfg.run_name
-                ),
-                "run_name may hold letters, digits, '.', '-' and single '_' only",
-            ),
-        ]
-    )
-    problem = writable_dir_problem(Path(cfg.out_dir))
-    if problem:
-        raise ConfigError(f"out_dir '{cfg.out_dir}' cannot hold run folders: {problem}")
-    if cfg.device != "auto":
-        try:
-            if torch.device(cfg.device).type not in ("cpu", "cuda"):
-                raise RuntimeError("expected cpu or cuda")
-            torch.empty(0, device=cfg.device)
-        except (RuntimeError, AssertionError) as exc:
-            raise ConfigError(f"device '{cfg.device}' is not usable: {first_line(exc)}")
-
-
-def read_config_file(path: str) -> Config:
-    """Field values from a YAML file (lists become tuples); the type checks come later."""
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(values, dict):
-            raise TypeError("expected a mapping of field names to values")
-        return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-    except (OSError, yaml.YAMLError, TypeError) as exc:
-        raise ConfigError(f"cannot use config file '{path}': {first_line(exc)}")
-
-
-def read_checkpoint(run_dir: str) -> dict:
-    """RUN_DIR/checkpoint.pt of this algorithm; ConfigError otherwise."""
-    path = Path(run_dir) / "checkpoint.pt"
-    if not path.is_file():
-        raise ConfigError(
-            f"--resume: no checkpoint.pt in '{run_dir}' (a run folder of this project's algorithm files, after its first checkpoint)"
-        )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        fmt, algo = checkpoint["format"], checkpoint["algo"]
-    except Exception as exc:
-        raise ConfigError(f"--resume: cannot read '{path}': {first_line(exc)}")
-    if fmt != CHECKPOINT_FORMAT or algo != ALGO:
-        raise ConfigError(
-            f"--resume: '{path}' is a checkpoint of algorithms/{algo}.py (format {fmt}), not of algorithms/{ALGO}.py (format {CHECKPOINT_FORMAT})"
-        )
-    return checkpoint
-
-
-def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
-    """tyro CLI -> (config, checkpoint to resume or None). --config FILE: the file's values are
-    the defaults that flags override. --resume RUN_DIR: the run's saved config is the default;
-    flags override it, except the RESUME_FIXED fields."""
-    cfg = tyro.cli(Config, args=argv)
-    if cfg.resume is not None:
-        if cfg.config is not None:
-            raise ConfigError("--resume continues with the run's saved config; leave out --config")
-        checkpoint = read_checkpoint(cfg.resume)
-        saved = replace(Config(**checkpoint["config"]), resume=cfg.resume)
-        cfg = tyro.cli(Config, args=argv, default=saved)
-        changed = [name for name in RESUME_FIXED if getattr(cfg, name) != getattr(saved, name)]
-        budget = PHASE_BUDGET[checkpoint["phase"]]
-        if getattr(cfg, budget) < checkpoint["step"]:
-            raise ConfigError(
-                f"--resume: {budget}={getattr(cfg, budget)} is below the {checkpoint['step']} steps the run has made in {checkpoint['phase']}"
-            )
-        if changed:
-            raise ConfigError(
-                f"--resume: {', '.join(changed)} cannot change in a resumed run (saved: {', '.join(f'{n}={getattr(saved, n)}' for n in changed)})"
-            )
-        return cfg, checkpoint
-    if cfg.config is not None:
-        defaults = read_config_file(cfg.config)
-        check_types(defaults, f"config file '{cfg.config}': ")  # before tyro sees the defaults
-        cfg = tyro.cli(Config, args=argv, default=replace(defaults, config=cfg.config))
-    return cfg, None
-
-
-# ----------------------------------------------------------------------------------------------
-# Datasets: D4RL names -> Minari datasets -> flat transition arrays (cached), scores
-# ----------------------------------------------------------------------------------------------
-GYM_IDS = {
-    "halfcheetah": "HalfCheetah-v5",
-    "hopper": "Hopper-v5",
-    "walker2d": "Walker2d-v5",
-    "ant": "Ant-v5",
-    "pen": "AdroitHandPen-v1",
-    "door": "AdroitHandDoor-v1",
-}
-ADROIT = ("pen", "door")
-GENERATED = ("halfcheetah", "hopper", "walker2d", "ant")  # scripts/make_dataset.py makes their sets
-LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
-ADROIT_QUALITIES = ("human", "cloned", "expert")
-# D4RL reference returns (random, expert) that define the normalised score.
-REF_SCORES = {
-    "halfcheetah": (-280.178953, 12135.0),
-    "hopper": (-20.272305, 3234.3),
-    "walker2d": (1.629008, 4592.3),
-    "ant": (-325.6, 3879.7),
-    "pen": (96.262799, 3076.833),
-    "door": (-56.512833, 2880.569),
-}
-
-
-def parse_env_name(name: str) -> tuple[str, str]:
-    """'walker2d-medium-replay' -> ('walker2d', 'medium-replay'); ConfigError if unknown."""
-    base, _, quality = name.partition("-")
-    if base not in GYM_IDS or quality not in (ADROIT_QUALITIES if base in ADROIT else LOCOMOTION_QUALITIES):
-        locomotion = ",".join(b for b in GYM_IDS if b not in ADROIT)
-        raise ConfigError(
-            f"unknown env '{name}'; expected {{{locomotion}}}-{{{','.join(LOCOMOTION_QUALITIES)}}} or {{{','.join(ADROIT)}}}-{{{','.join(ADROIT_QUALITIES)}}}"
-        )
-    return base, quality
-
-
-def dataset_ids(base: str, quality: str, random_steps: int) -> tuple[str, list[str]]:
-    """(local id, hub ids) tried in that order. The hub has no random, medium-replay or
-    medium-expert locomotion sets; its medium/expert sets come from other policies than D4RL's."""
-    name = quality if quality != "random" or random_steps == 1_000_000 else f"random-n{random_steps}"
-    local = f"local/{base}/{name}-v0"
-    if base in ADROIT:
-        return local, [f"D4RL/{base}/{quality}-v2"]
-    return local, [f"mujoco/{base}/{quality}-v0"] if quality in ("medium", "expert") else []
-
-
-def normalized_score(base: str, returns):
-    low, high = REF_SCORES[base]
-    return 100.0 * (np.asarray(returns) - low) / (high - low)
-
-
-def flatten_episodes(episodes) -> dict[str, np.ndarray]:
-    """Episodes (observations with T+1 rows, actions/rewards/terminations/truncations with T) ->
-    float32 transition arrays in D4RL's q-learning layout. terminals = terminations only: a
-    time-limit truncation is not a terminal state, and observations[t + 1] is the real next state
-    even at a truncation; timeouts marks truncations, so episode boundaries stay recoverable."""
-    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
-    for ep in episodes:
-        parts["observations"].append(ep["observations"][:-1])
-        parts["next_observations"].append(ep["observations"][1:])
-        parts["actions"].append(ep["actions"])
-        parts["rewards"].append(ep["rewards"])
-        parts["terminals"].append(ep["terminations"])
-        parts["timeouts"].append(ep["truncations"])
-    return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
-
-
-def dataset_path(dataset_id: str = "") -> Path:
-    """Minari's folder of a dataset ($MINARI_DATASETS_PATH, default ~/.minari/datasets), without
-    creating anything, so that a read-only store can be read."""
-    return Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets") / dataset_id
-
-
-def cache_key(dataset_id: str) -> str:
-    stat = (dataset_path(dataset_id) / "data" / "main_data.hdf5").stat()
-    return f"flat-v1:{dataset_id}:{stat.st_size}:{stat.st_mtime_ns}"
-
-
-def save_flat_cache(dataset_id: str, arrays: dict[str, np.ndarray]) -> None:
-    path = dataset_path(dataset_id) / "flat_cache.npz"
-    tmp = path.with_name(f".flat_cache.tmp{os.getpid()}.npz")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, key=np.array(cache_key(dataset_id)), **arrays)
-        os.replace(tmp, path)
-    except OSError:  # a read-only store only costs the next load its flattening time
-        tmp.unlink(missing_ok=True)
-
-
-def read_flat_cache(dataset_id: str) -> Optional[dict[str, np.ndarray]]:
-    """The cached arrays, or None when the cache is missing, stale or unreadable (a cache miss)."""
-    try:
-        with np.load(dataset_path(dataset_id) / "flat_cache.npz") as cache:
-            if str(cache["key"]) != cache_key(dataset_id):
-                return None
-            return {k: cache[k] for k in cache.files if k != "key"}
-    except Exception:  # missing, truncated or garbage file: flatten the dataset again
-        return None
-
-
-def build_flat_cache(dataset_id: str) -> dict[str, np.ndarray]:
-    import minari
-
-    dataset = minari.load_dataset(dataset_id)
-    episodes = (
-        {
-            "observations": e.observations,
-            "actions": e.actions,
-            "rewards": e.rewards,
-            "terminations": e.terminations,
-            "truncations": e.truncations,
-        }
-        for e in dataset.iterate_episodes()
-    )
-    arrays = flatten_episodes(episodes)
-    save_flat_cache(dataset_id, arrays)
-    return arrays
-
-
-def generate_random_dataset(base: str, steps: int) -> None:
-    """*-random sets are made on the spot by scripts/make_dataset.py (D4RL random protocol), so a
-    first run needs no network. That script locks the id: concurrent first runs make it once."""
-    command = [sys.executable, str(REPO_ROOT / "scripts" / "make_dataset.py"), f"{base}-random", "--steps", str(steps)]
-    print(
-        f"{ALGO}.py: {base}-random is not on disk; generating it: python scripts/make_dataset.py {base}-random --steps {steps}",
-        file=sys.stderr,
-    )
-    code = subprocess.run(command).returncode
-    if code in (2, 130, 143):  # bad input or a signal: the script has said why in one line
-        sys.exit(code)
-    if code != 0:
-        raise ConfigError(f"generating {base}-random failed (exit code {code}); see its output above")
-
-
-def load_dataset(base: str, quality: str, random_steps: int) -> tuple[dict[str, np.ndarray], str]:
-    """Flat transition arrays and the Minari id they came from. Order: local/<env>/<quality>-v0,
-    then the hub id on disk, then for *-random a set generated here, then a download (needs the
-    network). A damaged dataset is a ConfigError that says how to make it again."""
-    root = dataset_path()
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"MINARI_DATASETS_PATH '{root}' is a file, not a folder")
-    local_id, hub_ids = dataset_ids(base, quality, random_steps)
-    on_disk = [i for i in [local_id, *hub_ids] if (dataset_path(i) / "data").exists()]
-    if not on_disk and quality == "random":
-        generate_random_dataset(base, random_steps)
-        on_disk = [local_id]
-    if not on_disk:
-        on_disk = [download_dataset(base, quality, local_id, hub_ids)]
-    dataset_id = on_disk[0]
-    remedy = f"delete {dataset_path(dataset_id)} and " + (
-        f"make it again with: python scripts/make_dataset.py {base}-{quality}"
-        if dataset_id == local_id
-        else "run again to download it"
-    )
-    if not (dataset_path(dataset_id) / "data" / "main_data.hdf5").is_file():
-        raise ConfigError(f"dataset {dataset_id} is damaged (data/main_data.hdf5 is missing); {remedy}")
-    arrays = read_flat_cache(dataset_id)
-    if arrays is None:
-        try:
-            arrays = build_flat_cache(dataset_id)
-        except Exception as exc:  # h5py / minari errors of a truncated or corrupt file
-            raise ConfigError(f"dataset {dataset_id} is damaged ({first_line(exc)}); {remedy}")
-    return arrays, dataset_id
-
-
-def download_dataset(base: str, quality: str, local_id: str, hub_ids: list[str]) -> str:
-    """Minari's download of the first hub id that works; ConfigError naming the way to make the
-    dataset offline. Without a network the hub's name does not resolve: that fails at once,
-    where the download itself would retry for ~25 s."""
-    import socket
-
-    import minari
-
-    errors = []
-    try:
-        if hub_ids:
-            socket.getaddrinfo("huggingface.co", 443)
-    except OSError as exc:
-        errors.append(f"the Minari hub (huggingface.co) is unreachable: {first_line(exc)}")
-    for hub_id in hub_ids if not errors else []:
-        try:
-            minari.download_dataset(hub_id)
-            return hub_id
-        except Exception as exc:  # no network, missing hf extra, id gone: all mean "unavailable"
-            errors.append(f"{hub_id}: {first_line(exc)}")
-    tried = f"; download failed ({'; '.join(errors)})" if errors else " and the Minari hub has no such dataset"
-    make = "" if base not in GENERATED else f"; generate it with: python scripts/make_dataset.py {base}-{quality}"
-    raise ConfigError(
-        f"dataset '{base}-{quality}' is not on disk (looked for {', '.join([local_id, *hub_ids])}){tried}. It is unavailable offline{make}"
-    )
-
-
-def dataset_fingerprint(arrays: dict[str, np.ndarray]) -> str:
-    """Content hash of the flat dataset arrays: a resumed run checks that it reloaded the same data
-    (the checkpoint does not copy the dataset)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for key in sorted(arrays):
-        digest.update(key.encode() + np.ascontiguousarray(arrays[key]).tobytes())
-    return f"{len(arrays['rewards'])} transitions, blake2b {digest.hexdigest()}"
-
-
-def make_env(base: str) -> gym.Env:
-    if base in ADROIT:
-        try:
-            import gymnasium_robotics  # noqa: F401  (registers the Adroit environments)
-        except ImportError:
-            raise ConfigError(f"'{base}' needs the Adroit environments: pip install gymnasium-robotics==1.4.2")
-    return gym.make(GYM_IDS[base])
-
-
 ACTION_BOUND = 1.0 - 1e-6  # actions are clamped to [-bound, bound]: their tanh-Gaussian log-likelihood stays finite
 
 
@@ -652,9 +288,6 @@ def ranked_trajectories(trajectories: list[dict[str, np.ndarray]]) -> list[dict[
     return ranked[1:] if len(ranked) > 1 else ranked
 
 
-# ----------------------------------------------------------------------------------------------
-# Replay buffer
-# ----------------------------------------------------------------------------------------------
 class TrajectoryReplay:
     """Whole trajectories (rows of trajectory_rows). Once `capacity` trajectories are held, a new
     one replaces the oldest slot (FIFO from slot 0, as the release's replay_buffer.py). Their rows
@@ -711,6 +344,88 @@ class TrajectoryReplay:
     def load_state_dict(self, state: dict) -> None:
         self.trajectories = [t.to(self.device) for t in state["trajectories"]]
         self.next, self.rows = state["next"], None
+
+
+# ODT has no Q function: the Q diagnostics of the other files do not apply and are null.
+NO_Q = dict.fromkeys(("q_true", "q_bias", "q_bias_min", "kendall_tau", "q_std_policy", "q_std_random"))
+
+
+class Window:
+    """The last steps of n running episodes as the policy reads them (release: get_action):
+    normalised states, the actions taken (0 at the current step, which the state token does not
+    see), the returns-to-go (the target minus the rewards so far, scaled), left-padded to K."""
+
+    def __init__(self, n: int, obs_dim: int, act_dim: int, cfg: Config, stats, target: float, device: torch.device):
+        length = cfg.eval_context_length
+        self.k, self.stats, self.scale, self.device = cfg.context_length, stats, cfg.reward_scale, device
+        self.obs = np.zeros((n, length, obs_dim), np.float32)
+        self.act = np.zeros((n, length, act_dim), np.float32)
+        self.rtg = np.zeros((n, length), np.float32)
+        self.next_rtg = np.full(n, target * cfg.reward_scale, np.float64)
+        self.steps = 0
+
+    def observe(self, obs: np.ndarray) -> None:
+        """A new step of every episode: its state enters the window, the oldest step leaves."""
+        for array in (self.obs, self.act, self.rtg):
+            array[:, :-1] = array[:, 1:].copy()
+        self.obs[:, -1] = (obs - self.stats[0]) / self.stats[1]
+        self.act[:, -1] = 0.0
+        self.rtg[:, -1] = self.next_rtg
+        self.steps += 1
+
+    def record(self, rows: list[int], actions: np.ndarray, rewards: np.ndarray) -> None:
+        self.act[rows, -1] = actions
+        self.next_rtg[rows] -= np.asarray(rewards) * self.scale
+
+    def inputs(self, rows: list[int]) -> tuple[torch.Tensor, ...]:
+        """(rtg [r, K, 1], obs [r, K, S], act [r, K, A], mask [r, K]) of the episodes in rows."""
+        filled, length = min(self.steps, self.obs.shape[1]), self.obs.shape[1]
+        pad = self.k - length
+
+        def padded(array: np.ndarray) -> torch.Tensor:
+            x = torch.as_tensor(array[rows]).to(self.device)
+            return nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (pad, 0))
+
+        mask = torch.zeros(len(rows), self.k, device=self.device)
+        mask[:, self.k - filled :] = 1.0
+        return padded(self.rtg[..., None]), padded(self.obs), padded(self.act), mask
+
+
+class Evaluator:
+    """Runs one episode per env in `envs` together (one batched deterministic policy forward per
+    step), conditioned on the evaluation return-to-go target, and returns the normalised score.
+    Every evaluation starts from the same seeded initial states, so scores compare across
+    evaluations and runs; it draws nothing from the training RNG."""
+
+    def __init__(self, base: str, envs: list[gym.Env], cfg: Config, device: torch.device, stats):
+        self.base, self.envs, self.cfg, self.device, self.stats = base, envs, cfg, device, stats
+        self.seeds = [cfg.seed * 1000 + 500 + i for i in range(len(envs))]
+
+    def __call__(self, agent: ODTAgent) -> dict[str, float]:
+        obs = np.stack([env.reset(seed=s)[0] for env, s in zip(self.envs, self.seeds)]).astype(np.float32)
+        act_dim = self.envs[0].action_space.shape[0]
+        window = Window(len(self.envs), obs.shape[1], act_dim, self.cfg, self.stats, self.cfg.eval_rtg, self.device)
+        returns = np.zeros(len(self.envs))
+        active = list(range(len(self.envs)))
+        while active:
+            window.observe(obs)
+            actions = agent.act(*window.inputs(active), deterministic=True).cpu().numpy()
+            still, rewards = [], []
+            for i, action in zip(active, actions):
+                next_obs, reward, terminated, truncated, _ = self.envs[i].step(action)
+                returns[i] += reward
+                rewards.append(reward)
+                obs[i] = next_obs
+                if not (terminated or truncated):
+                    still.append(i)
+            window.record(active, actions, np.array(rewards))
+            active = still
+        return {
+            "return": float(returns.mean()),
+            "return_std": float(returns.std()),
+            "normalized_score": float(normalized_score(self.base, returns).mean()),
+            **NO_Q,
+        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -932,92 +647,614 @@ class ODTAgent:
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation and Q diagnostics
+# Train loop
 # ----------------------------------------------------------------------------------------------
-# ODT has no Q function: the Q diagnostics of the other files do not apply and are null.
-NO_Q = dict.fromkeys(("q_true", "q_bias", "q_bias_min", "kendall_tau", "q_std_policy", "q_std_random"))
+def losses_record(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v) for k, v in losses.items()}
 
 
-class Window:
-    """The last steps of n running episodes as the policy reads them (release: get_action):
-    normalised states, the actions taken (0 at the current step, which the state token does not
-    see), the returns-to-go (the target minus the rewards so far, scaled), left-padded to K."""
-
-    def __init__(self, n: int, obs_dim: int, act_dim: int, cfg: Config, stats, target: float, device: torch.device):
-        length = cfg.eval_context_length
-        self.k, self.stats, self.scale, self.device = cfg.context_length, stats, cfg.reward_scale, device
-        self.obs = np.zeros((n, length, obs_dim), np.float32)
-        self.act = np.zeros((n, length, act_dim), np.float32)
-        self.rtg = np.zeros((n, length), np.float32)
-        self.next_rtg = np.full(n, target * cfg.reward_scale, np.float64)
-        self.steps = 0
-
-    def observe(self, obs: np.ndarray) -> None:
-        """A new step of every episode: its state enters the window, the oldest step leaves."""
-        for array in (self.obs, self.act, self.rtg):
-            array[:, :-1] = array[:, 1:].copy()
-        self.obs[:, -1] = (obs - self.stats[0]) / self.stats[1]
-        self.act[:, -1] = 0.0
-        self.rtg[:, -1] = self.next_rtg
-        self.steps += 1
-
-    def record(self, rows: list[int], actions: np.ndarray, rewards: np.ndarray) -> None:
-        self.act[rows, -1] = actions
-        self.next_rtg[rows] -= np.asarray(rewards) * self.scale
-
-    def inputs(self, rows: list[int]) -> tuple[torch.Tensor, ...]:
-        """(rtg [r, K, 1], obs [r, K, S], act [r, K, A], mask [r, K]) of the episodes in rows."""
-        filled, length = min(self.steps, self.obs.shape[1]), self.obs.shape[1]
-        pad = self.k - length
-
-        def padded(array: np.ndarray) -> torch.Tensor:
-            x = torch.as_tensor(array[rows]).to(self.device)
-            return nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (pad, 0))
-
-        mask = torch.zeros(len(rows), self.k, device=self.device)
-        mask[:, self.k - filled :] = 1.0
-        return padded(self.rtg[..., None]), padded(self.obs), padded(self.act), mask
+def pretrain(run: Run, offline: TrajectoryReplay, step: int) -> None:
+    """Updates step+1 .. pretrain_steps on segments of the pretraining set."""
+    cfg, agent = run.cfg, run.agent
+    progress = tqdm(
+        range(step + 1, cfg.pretrain_steps + 1),
+        desc="pretrain (ODT)",
+        unit="upd",
+        mininterval=1,
+        initial=step,
+        total=cfg.pretrain_steps,
+    )
+    for step in progress:
+        losses = agent.update(*offline.sample(cfg.batch_size, cfg.context_length))
+        run.finite.watch(losses)
+        if step % cfg.pretrain_eval_every == 0 or step == cfg.pretrain_steps:
+            run.finite.check("pretrain", step)
+            record = {"phase": "pretrain", "step": step, "env_steps": 0, **run.evaluate(agent), **losses_record(losses)}
+            run.log.write(record)
+            progress.set_postfix(score=f"{record['normalized_score']:.1f}")
+        if run.stop.signum is not None or step % cfg.checkpoint_every == 0:
+            run.save_checkpoint("pretrain", step, {})
+        if run.stop.signum is not None:
+            raise Stopped
+    progress.close()
 
 
-class Evaluator:
-    """Runs one episode per env in `envs` together (one batched deterministic policy forward per
-    step), conditioned on the evaluation return-to-go target, and returns the normalised score.
-    Every evaluation starts from the same seeded initial states, so scores compare across
-    evaluations and runs; it draws nothing from the training RNG."""
+def finetune(run: Run, offline: TrajectoryReplay, stats, step: int, loop: Optional[dict]) -> None:
+    """Online env steps step+1 .. online_steps in iterations: one episode with the sampled policy
+    and the online target, stored with its hindsight returns-to-go, then updates_per_iteration
+    updates on the replay. loop (None at the start) holds the replay, the env, the counters, the
+    updates still owed by the last episode and the last losses; checkpoints fall between episodes."""
+    cfg, agent, device = run.cfg, run.agent, run.device
+    env = make_env(parse_env_name(cfg.env)[0])
+    env.reset(seed=cfg.seed)  # seeds the env's RNG; every episode starts with a reset
+    if loop is None:
+        replay = offline.seeded(cfg.replay_size)
+        updates, owed, losses, saved_at = 0, 0, {}, 0
+        run.finite.check("finetune", 0)
+        run.log.write({"phase": "finetune", "step": 0, "env_steps": 0, **run.evaluate(agent)})
+    else:
+        replay = TrajectoryReplay(cfg.replay_size, offline.pad_row, device)
+        replay.load_state_dict(loop["replay"])
+        restore_env_state(env, loop["env"])
+        updates, owed, losses, saved_at = loop["updates"], loop["owed"], dict(loop["losses"]), step
+    progress = tqdm(
+        total=cfg.online_steps, initial=step, desc="finetune (ODT)", unit="env step", mininterval=1, smoothing=0.1
+    )
+    env_step = step
 
-    def __init__(self, base: str, envs: list[gym.Env], cfg: Config, device: torch.device, stats):
-        self.base, self.envs, self.cfg, self.device, self.stats = base, envs, cfg, device, stats
-        self.seeds = [cfg.seed * 1000 + 500 + i for i in range(len(envs))]
-
-    def __call__(self, agent: ODTAgent) -> dict[str, float]:
-        obs = np.stack([env.reset(seed=s)[0] for env, s in zip(self.envs, self.seeds)]).astype(np.float32)
-        act_dim = self.envs[0].action_space.shape[0]
-        window = Window(len(self.envs), obs.shape[1], act_dim, self.cfg, self.stats, self.cfg.eval_rtg, self.device)
-        returns = np.zeros(len(self.envs))
-        active = list(range(len(self.envs)))
-        while active:
-            window.observe(obs)
-            actions = agent.act(*window.inputs(active), deterministic=True).cpu().numpy()
-            still, rewards = [], []
-            for i, action in zip(active, actions):
-                next_obs, reward, terminated, truncated, _ = self.envs[i].step(action)
-                returns[i] += reward
-                rewards.append(reward)
-                obs[i] = next_obs
-                if not (terminated or truncated):
-                    still.append(i)
-            window.record(active, actions, np.array(rewards))
-            active = still
-        return {
-            "return": float(returns.mean()),
-            "return_std": float(returns.std()),
-            "normalized_score": float(normalized_score(self.base, returns).mean()),
-            **NO_Q,
+    def checkpoint() -> None:
+        nonlocal saved_at
+        loop = {
+            "replay": replay.state_dict(),
+            "env": env_state(env),
+            "updates": updates,
+            "owed": owed,
+            "losses": losses,
         }
+        run.save_checkpoint("finetune", env_step, loop)
+        saved_at = env_step
+
+    while True:
+        while owed > 0:  # the updates of the last episode; a signal stops after any of them
+            losses = agent.update(*replay.sample(cfg.batch_size, cfg.context_length))
+            run.finite.watch(losses)
+            updates, owed = updates + 1, owed - 1
+            if run.stop.signum is not None:
+                checkpoint()
+                raise Stopped
+        done = env_step >= cfg.online_steps
+        if run.stop.signum is not None or done or env_step // cfg.checkpoint_every > saved_at // cfg.checkpoint_every:
+            checkpoint()
+        if run.stop.signum is not None:
+            raise Stopped
+        if done:
+            break
+        # One episode (a signal lets it finish: at most the env's time limit of steps).
+        obs, _ = env.reset()
+        window = Window(1, run.obs_dim, run.act_dim, cfg, stats, cfg.online_rtg, device)
+        episode = {"obs": [], "act": [], "rew": []}
+        while True:
+            window.observe(obs[None])
+            action = agent.act(*window.inputs([0]), deterministic=False)[0].cpu().numpy()
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            window.record([0], action[None], np.array([reward]))
+            for key, value in zip(("obs", "act", "rew"), (obs, action, reward)):
+                episode[key].append(value)
+            obs, env_step = next_obs, env_step + 1
+            progress.update(1)
+            if env_step % cfg.eval_every == 0 or env_step == cfg.online_steps:
+                run.finite.check("finetune", env_step)
+                record = {
+                    "phase": "finetune",
+                    "step": updates,
+                    "env_steps": env_step,
+                    **run.evaluate(agent),
+                    **losses_record(losses),
+                }
+                run.log.write(record)
+                progress.set_postfix(score=f"{record['normalized_score']:.1f}")
+            if terminated or truncated or env_step == cfg.online_steps:
+                break
+        if env_step < cfg.online_steps:  # the episode that reaches the budget ends the run
+            replay.add(trajectory_rows(episode["obs"], episode["act"], episode["rew"], stats))
+            owed = cfg.updates_per_iteration
+    progress.close()
+
+
+def time_phases(run: Run, phase: str, step: int, offline: TrajectoryReplay) -> list[tuple[str, int, float]]:
+    """(phase, updates left, seconds per update) of the rest of the run, from updates timed on a
+    copy of the agent with random segments. Finetuning's update count is a guess: online episodes
+    as long as the replay's seed trajectories."""
+    cfg, agent = run.cfg, copy.deepcopy(run.agent)
+    fixed = torch.Generator(run.device).manual_seed(0)  # the rows must not draw from the run's RNG
+    rows = torch.rand(
+        cfg.batch_size, cfg.context_length, run.obs_dim + run.act_dim + 1, device=run.device, generator=fixed
+    )
+    mask = torch.ones(cfg.batch_size, cfg.context_length, device=run.device)
+    seconds = seconds_per_call(lambda: agent.update(rows, mask), run.device, 3)
+    parts = []
+    if phase == "pretrain" and cfg.pretrain_steps > step:
+        parts.append(("pretraining", cfg.pretrain_steps - step, seconds))
+    left = cfg.online_steps - (step if phase == "finetune" else 0)
+    if left > 0 and cfg.updates_per_iteration > 0:
+        episode = float(np.mean([len(t) for t in offline.trajectories[-cfg.replay_size :]]))
+        iterations = math.ceil(left / episode)
+        parts.append(
+            (
+                f"finetuning (~{iterations:,} episodes of ~{episode:.0f} steps, as the replay's)",
+                iterations * cfg.updates_per_iteration,
+                seconds,
+            )
+        )
+    return parts
+
+
+def read_pretrained(cfg: Config) -> dict:
+    """A finished pretraining (pretrain.pt) that fits this run; ConfigError otherwise."""
+    saved = read_export(cfg.pretrained, "pretrain")
+    config = saved["config"]
+    if config["env"] != cfg.env or config["random_dataset_steps"] != cfg.random_dataset_steps:
+        raise ConfigError(
+            f"checkpoint '{cfg.pretrained}' was pretrained on {config['env']} ({config['random_dataset_steps']} random steps), not {cfg.env} ({cfg.random_dataset_steps}); its state normalisation would not fit"
+        )
+    sizes = ("context_length", "embed_dim", "n_layers", "n_heads")
+    if any(config[name] != getattr(cfg, name) for name in sizes):
+        raise ConfigError(
+            f"checkpoint '{cfg.pretrained}' has {', '.join(f'{n}={config[n]}' for n in sizes)}; this run has {', '.join(f'{n}={getattr(cfg, n)}' for n in sizes)}"
+        )
+    return saved
+
+
+def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
+    """A new run (checkpoint None) or the continuation of a checkpointed one, to its end."""
+    base, quality = parse_env_name(cfg.env)
+    pretrained = read_pretrained(cfg) if cfg.pretrained is not None and checkpoint is None else None
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    arrays, dataset_id = load_dataset(base, quality, cfg.random_dataset_steps)
+    obs_dim, act_dim = arrays["observations"].shape[1], arrays["actions"].shape[1]
+    data_info = {"id": dataset_id, "fingerprint": dataset_fingerprint(arrays)}
+    if checkpoint is not None and checkpoint["dataset"] != data_info:
+        raise ConfigError(
+            f"--resume: dataset {dataset_id} on disk is not the one the run started with ({checkpoint['dataset']['fingerprint']}, now {data_info['fingerprint']})"
+        )
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    stats = state_normalisation(arrays)
+    evaluate = Evaluator(base, [make_env(base) for _ in range(cfg.eval_episodes)], cfg, device, stats)
+    agent = ODTAgent(obs_dim, act_dim, cfg, device)
+    if pretrained is not None:
+        agent.load_state_dict(pretrained["agent"])
+    first = ("pretrain", {}) if pretrained is None else ("finetune", None)
+    run, phase, step, loop = start_run(cfg, checkpoint, agent, evaluate, device, data_info, (obs_dim, act_dim), first)
+    offline = TrajectoryReplay(1 << 62, padding_row(stats, act_dim), device)  # the pretraining set: no capacity
+    trajectories = ranked_trajectories(split_trajectories(arrays))
+    for t in trajectories:
+        offline.add(trajectory_rows(t["observations"], t["actions"], t["rewards"], stats))
+    print(
+        f"run {run.dir}: dataset {dataset_id} ({len(arrays['rewards'])} transitions, {len(trajectories)} trajectories in the pretraining set), ODT, device {device}, {phase} from step {step}",
+        file=sys.stderr,
+    )
+    print(
+        f"{ALGO}.py: ODT has no Q function: the Q diagnostics (q_bias, kendall_tau, q_std_*) do not apply and are null in metrics.jsonl",
+        file=sys.stderr,
+    )
+    announce_time(time_phases(run, phase, step, offline))
+
+    def phases(run: Run) -> None:
+        nonlocal step, loop
+        if phase == "pretrain":
+            pretrain(run, offline, step)
+            run.pretrain_time_s = run.wall_time()
+            run.export("pretrain")
+            step, loop = 0, None
+            run.save_checkpoint("finetune", step, loop)
+        if cfg.online_steps > 0:
+            finetune(run, offline, stats, step, loop)
+        run.export("final")
+
+    return run_to_end(run, phases)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        cfg, checkpoint = parse_args(sys.argv[1:] if argv is None else argv)
+        run_dir = train(resolve_config(cfg), checkpoint)
+    except ConfigError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:  # before the run folder exists, or a second Ctrl-C
+        print(f"{ALGO}.py: interrupted (a run folder keeps its last checkpoint)", file=sys.stderr)
+        sys.exit(130)
+    print(f"done: {run_dir}", file=sys.stderr)
+
+
+# ==============================================================================================
+# Shared plumbing: each definition below is identical in every algorithm file that has it
+# (tests/test_shared_blocks.py), so a reader of the method can stop here. Config parsing and checks,
+# environments and scores, datasets, replay buffer, evaluation and Q diagnostics, run folder.
+# ==============================================================================================
+# ----------------------------------------------------------------------------------------------
+# Config parsing and checks
+# ----------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = 1  # of checkpoint.pt, pretrain.pt and final.pt
+
+
+class ConfigError(Exception):
+    """Bad input: reported as one line on stderr, exit code 2, before any compute or run folder."""
+
+
+def fail(message: str) -> None:
+    print(f"{ALGO}.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def type_problem(value, hint) -> bool:
+    """True if value does not fit the type hint (int, float, bool, str, Optional, Literal, tuple);
+    floats must be finite."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return all(type_problem(value, arg) for arg in args)
+    if origin is Literal:
+        return value not in args
+    if origin is tuple:
+        return not isinstance(value, tuple) or any(type_problem(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is not None
+    if hint is float:
+        return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if hint is int:
+        return isinstance(value, bool) or not isinstance(value, int)
+    return not isinstance(value, hint)
+
+
+def check_types(cfg: Config, source: str) -> None:
+    hints = typing.get_type_hints(Config)
+    for f in fields(Config):
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        if type_problem(value, hint):
+            expected = {float: "a finite float", int: "int", str: "str", bool: "bool"}.get(
+                hint, str(hint).replace("typing.", "")
+            )
+            raise ConfigError(f"{source}{f.name} must be {expected}, got {value!r}")
+
+
+def check(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def writable_dir_problem(path: Path) -> Optional[str]:
+    """Why files cannot be created under path (a file in the way, no write permission), or None."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"'{existing}' is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"'{existing}' is not writable"
+    return None
+
+
+def check_common(cfg: Config) -> None:
+    """Types (from the --config file too), finite numbers, seed, evaluation, paths and device."""
+    check_types(cfg, "")
+    check(
+        [
+            (0 <= cfg.seed < 2**31, "seed must be in [0, 2^31)"),
+            (1 <= cfg.eval_episodes <= 1000, "eval_episodes must be in [1, 1000]"),
+            (cfg.eval_every >= 1 and cfg.checkpoint_every >= 1, "eval_every and checkpoint_every must be >= 1"),
+            (  # odt.py has no Q diagnostics, so no such fields
+                not hasattr(cfg, "kendall_windows") or (1 <= cfg.kendall_windows <= 10_000 and cfg.mc_tail_steps >= 0),
+                "kendall_windows must be in [1, 10000] and mc_tail_steps >= 0",
+            ),
+            (
+                cfg.run_name is None
+                or (
+                    cfg.run_name.replace("-", "").replace(".", "").replace("_", "").isalnum()
+                    and "__" not in cfg.run_name
+                ),
+                "run_name may hold letters, digits, '.', '-' and single '_' only",
+            ),
+        ]
+    )
+    problem = writable_dir_problem(Path(cfg.out_dir))
+    if problem:
+        raise ConfigError(f"out_dir '{cfg.out_dir}' cannot hold run folders: {problem}")
+    if cfg.device != "auto":
+        try:
+            if torch.device(cfg.device).type not in ("cpu", "cuda"):
+                raise RuntimeError("expected cpu or cuda")
+            torch.empty(0, device=cfg.device)
+        except (RuntimeError, AssertionError) as exc:
+            raise ConfigError(f"device '{cfg.device}' is not usable: {first_line(exc)}")
+
+
+def read_config_file(path: str) -> Config:
+    """Field values from a YAML file (lists become tuples); the type checks come later."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise TypeError("expected a mapping of field names to values")
+        return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except (OSError, yaml.YAMLError, TypeError) as exc:
+        raise ConfigError(f"cannot use config file '{path}': {first_line(exc)}")
+
+
+def read_checkpoint(run_dir: str) -> dict:
+    """RUN_DIR/checkpoint.pt of this algorithm; ConfigError otherwise."""
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        raise ConfigError(
+            f"--resume: no checkpoint.pt in '{run_dir}' (a run folder of this project's algorithm files, after its first checkpoint)"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        fmt, algo = checkpoint["format"], checkpoint["algo"]
+    except Exception as exc:
+        raise ConfigError(f"--resume: cannot read '{path}': {first_line(exc)}")
+    if fmt != CHECKPOINT_FORMAT or algo != ALGO:
+        raise ConfigError(
+            f"--resume: '{path}' is a checkpoint of algorithms/{algo}.py (format {fmt}), not of algorithms/{ALGO}.py (format {CHECKPOINT_FORMAT})"
+        )
+    return checkpoint
+
+
+def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
+    """tyro CLI -> (config, checkpoint to resume or None). --config FILE: the file's values are
+    the defaults that flags override. --resume RUN_DIR: the run's saved config is the default;
+    flags override it, except the RESUME_FIXED fields."""
+    cfg = tyro.cli(Config, args=argv)
+    if cfg.resume is not None:
+        if cfg.config is not None:
+            raise ConfigError("--resume continues with the run's saved config; leave out --config")
+        checkpoint = read_checkpoint(cfg.resume)
+        saved = replace(Config(**checkpoint["config"]), resume=cfg.resume)
+        cfg = tyro.cli(Config, args=argv, default=saved)
+        changed = [name for name in RESUME_FIXED if getattr(cfg, name) != getattr(saved, name)]
+        budget = PHASE_BUDGET[checkpoint["phase"]]
+        if getattr(cfg, budget) < checkpoint["step"]:
+            raise ConfigError(
+                f"--resume: {budget}={getattr(cfg, budget)} is below the {checkpoint['step']} steps the run has made in {checkpoint['phase']}"
+            )
+        if changed:
+            raise ConfigError(
+                f"--resume: {', '.join(changed)} cannot change in a resumed run (saved: {', '.join(f'{n}={getattr(saved, n)}' for n in changed)})"
+            )
+        return cfg, checkpoint
+    if cfg.config is not None:
+        defaults = read_config_file(cfg.config)
+        check_types(defaults, f"config file '{cfg.config}': ")  # before tyro sees the defaults
+        cfg = tyro.cli(Config, args=argv, default=replace(defaults, config=cfg.config))
+    return cfg, None
 
 
 # ----------------------------------------------------------------------------------------------
-# Run folder: name, metrics, checkpoint, signals, divergence (the same block in every algorithm file)
+# Environments and scores: D4RL names -> gymnasium envs, reference scores
+# ----------------------------------------------------------------------------------------------
+GYM_IDS = {
+    "halfcheetah": "HalfCheetah-v5",
+    "hopper": "Hopper-v5",
+    "walker2d": "Walker2d-v5",
+    "ant": "Ant-v5",
+    "pen": "AdroitHandPen-v1",
+    "door": "AdroitHandDoor-v1",
+}
+
+
+ADROIT = ("pen", "door")
+
+
+# D4RL reference returns (random, expert) that define the normalised score.
+REF_SCORES = {
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+    "pen": (96.262799, 3076.833),
+    "door": (-56.512833, 2880.569),
+}
+
+
+def normalized_score(base: str, returns):
+    low, high = REF_SCORES[base]
+    return 100.0 * (np.asarray(returns) - low) / (high - low)
+
+
+def make_env(base: str) -> gym.Env:
+    if base in ADROIT:
+        try:
+            import gymnasium_robotics  # noqa: F401  (registers the Adroit environments)
+        except ImportError:
+            raise ConfigError(f"'{base}' needs the Adroit environments: pip install gymnasium-robotics==1.4.2")
+    return gym.make(GYM_IDS[base])
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets: D4RL names -> Minari datasets -> flat transition arrays (cached)
+# ----------------------------------------------------------------------------------------------
+GENERATED = ("halfcheetah", "hopper", "walker2d", "ant")  # scripts/make_dataset.py makes their sets
+LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
+ADROIT_QUALITIES = ("human", "cloned", "expert")
+
+
+def parse_env_name(name: str) -> tuple[str, str]:
+    """'walker2d-medium-replay' -> ('walker2d', 'medium-replay'); ConfigError if unknown."""
+    base, _, quality = name.partition("-")
+    if base not in GYM_IDS or quality not in (ADROIT_QUALITIES if base in ADROIT else LOCOMOTION_QUALITIES):
+        locomotion = ",".join(b for b in GYM_IDS if b not in ADROIT)
+        raise ConfigError(
+            f"unknown env '{name}'; expected {{{locomotion}}}-{{{','.join(LOCOMOTION_QUALITIES)}}} or {{{','.join(ADROIT)}}}-{{{','.join(ADROIT_QUALITIES)}}}"
+        )
+    return base, quality
+
+
+def dataset_ids(base: str, quality: str, random_steps: int) -> tuple[str, list[str]]:
+    """(local id, hub ids) tried in that order. The hub has no random, medium-replay or
+    medium-expert locomotion sets; its medium/expert sets come from other policies than D4RL's."""
+    name = quality if quality != "random" or random_steps == 1_000_000 else f"random-n{random_steps}"
+    local = f"local/{base}/{name}-v0"
+    if base in ADROIT:
+        return local, [f"D4RL/{base}/{quality}-v2"]
+    return local, [f"mujoco/{base}/{quality}-v0"] if quality in ("medium", "expert") else []
+
+
+def flatten_episodes(episodes) -> dict[str, np.ndarray]:
+    """Episodes (observations with T+1 rows, actions/rewards/terminations/truncations with T) ->
+    float32 transition arrays in D4RL's q-learning layout. terminals = terminations only: a
+    time-limit truncation is not a terminal state, and observations[t + 1] is the real next state
+    even at a truncation; timeouts marks truncations, so episode boundaries stay recoverable."""
+    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
+    for ep in episodes:
+        parts["observations"].append(ep["observations"][:-1])
+        parts["next_observations"].append(ep["observations"][1:])
+        parts["actions"].append(ep["actions"])
+        parts["rewards"].append(ep["rewards"])
+        parts["terminals"].append(ep["terminations"])
+        parts["timeouts"].append(ep["truncations"])
+    return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
+
+
+def dataset_path(dataset_id: str = "") -> Path:
+    """Minari's folder of a dataset ($MINARI_DATASETS_PATH, default ~/.minari/datasets), without
+    creating anything, so that a read-only store can be read."""
+    return Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets") / dataset_id
+
+
+def cache_key(dataset_id: str) -> str:
+    stat = (dataset_path(dataset_id) / "data" / "main_data.hdf5").stat()
+    return f"flat-v1:{dataset_id}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def save_flat_cache(dataset_id: str, arrays: dict[str, np.ndarray]) -> None:
+    path = dataset_path(dataset_id) / "flat_cache.npz"
+    tmp = path.with_name(f".flat_cache.tmp{os.getpid()}.npz")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, key=np.array(cache_key(dataset_id)), **arrays)
+        os.replace(tmp, path)
+    except OSError:  # a read-only store only costs the next load its flattening time
+        tmp.unlink(missing_ok=True)
+
+
+def read_flat_cache(dataset_id: str) -> Optional[dict[str, np.ndarray]]:
+    """The cached arrays, or None when the cache is missing, stale or unreadable (a cache miss)."""
+    try:
+        with np.load(dataset_path(dataset_id) / "flat_cache.npz") as cache:
+            if str(cache["key"]) != cache_key(dataset_id):
+                return None
+            return {k: cache[k] for k in cache.files if k != "key"}
+    except Exception:  # missing, truncated or garbage file: flatten the dataset again
+        return None
+
+
+def build_flat_cache(dataset_id: str) -> dict[str, np.ndarray]:
+    import minari
+
+    dataset = minari.load_dataset(dataset_id)
+    episodes = (
+        {
+            "observations": e.observations,
+            "actions": e.actions,
+            "rewards": e.rewards,
+            "terminations": e.terminations,
+            "truncations": e.truncations,
+        }
+        for e in dataset.iterate_episodes()
+    )
+    arrays = flatten_episodes(episodes)
+    save_flat_cache(dataset_id, arrays)
+    return arrays
+
+
+def generate_random_dataset(base: str, steps: int) -> None:
+    """*-random sets are made on the spot by scripts/make_dataset.py (D4RL random protocol), so a
+    first run needs no network. That script locks the id: concurrent first runs make it once."""
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "make_dataset.py"), f"{base}-random", "--steps", str(steps)]
+    print(
+        f"{ALGO}.py: {base}-random is not on disk; generating it: python scripts/make_dataset.py {base}-random --steps {steps}",
+        file=sys.stderr,
+    )
+    code = subprocess.run(command).returncode
+    if code in (2, 130, 143):  # bad input or a signal: the script has said why in one line
+        sys.exit(code)
+    if code != 0:
+        raise ConfigError(f"generating {base}-random failed (exit code {code}); see its output above")
+
+
+def load_dataset(base: str, quality: str, random_steps: int) -> tuple[dict[str, np.ndarray], str]:
+    """Flat transition arrays and the Minari id they came from. Order: local/<env>/<quality>-v0,
+    then the hub id on disk, then for *-random a set generated here, then a download (needs the
+    network). A damaged dataset is a ConfigError that says how to make it again."""
+    root = dataset_path()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"MINARI_DATASETS_PATH '{root}' is a file, not a folder")
+    local_id, hub_ids = dataset_ids(base, quality, random_steps)
+    on_disk = [i for i in [local_id, *hub_ids] if (dataset_path(i) / "data").exists()]
+    if not on_disk and quality == "random":
+        generate_random_dataset(base, random_steps)
+        on_disk = [local_id]
+    if not on_disk:
+        on_disk = [download_dataset(base, quality, local_id, hub_ids)]
+    dataset_id = on_disk[0]
+    remedy = f"delete {dataset_path(dataset_id)} and " + (
+        f"make it again with: python scripts/make_dataset.py {base}-{quality}"
+        if dataset_id == local_id
+        else "run again to download it"
+    )
+    if not (dataset_path(dataset_id) / "data" / "main_data.hdf5").is_file():
+        raise ConfigError(f"dataset {dataset_id} is damaged (data/main_data.hdf5 is missing); {remedy}")
+    arrays = read_flat_cache(dataset_id)
+    if arrays is None:
+        try:
+            arrays = build_flat_cache(dataset_id)
+        except Exception as exc:  # h5py / minari errors of a truncated or corrupt file
+            raise ConfigError(f"dataset {dataset_id} is damaged ({first_line(exc)}); {remedy}")
+    return arrays, dataset_id
+
+
+def download_dataset(base: str, quality: str, local_id: str, hub_ids: list[str]) -> str:
+    """Minari's download of the first hub id that works; ConfigError naming the way to make the
+    dataset offline. Without a network the hub's name does not resolve: that fails at once,
+    where the download itself would retry for ~25 s."""
+    import socket
+
+    import minari
+
+    errors = []
+    try:
+        if hub_ids:
+            socket.getaddrinfo("huggingface.co", 443)
+    except OSError as exc:
+        errors.append(f"the Minari hub (huggingface.co) is unreachable: {first_line(exc)}")
+    for hub_id in hub_ids if not errors else []:
+        try:
+            minari.download_dataset(hub_id)
+            return hub_id
+        except Exception as exc:  # no network, missing hf extra, id gone: all mean "unavailable"
+            errors.append(f"{hub_id}: {first_line(exc)}")
+    tried = f"; download failed ({'; '.join(errors)})" if errors else " and the Minari hub has no such dataset"
+    make = "" if base not in GENERATED else f"; generate it with: python scripts/make_dataset.py {base}-{quality}"
+    raise ConfigError(
+        f"dataset '{base}-{quality}' is not on disk (looked for {', '.join([local_id, *hub_ids])}){tried}. It is unavailable offline{make}"
+    )
+
+
+def dataset_fingerprint(arrays: dict[str, np.ndarray]) -> str:
+    """Content hash of the flat dataset arrays: a resumed run checks that it reloaded the same data
+    (the checkpoint does not copy the dataset)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(arrays):
+        digest.update(key.encode() + np.ascontiguousarray(arrays[key]).tobytes())
+    return f"{len(arrays['rewards'])} transitions, blake2b {digest.hexdigest()}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folder: name, metrics, checkpoint, signals, divergence
 # ----------------------------------------------------------------------------------------------
 # Exit codes: 0 finished, 2 bad input, 3 diverged; a SIGINT / SIGTERM exits with 128 + its number
 # (130 / 143) once the checkpoint is written.
@@ -1419,228 +1656,6 @@ def run_to_end(run: Run, train_phases) -> Path:
         )
         sys.exit(EXIT_DIVERGED)
     return run.dir
-
-
-# ----------------------------------------------------------------------------------------------
-# Train loop
-# ----------------------------------------------------------------------------------------------
-def losses_record(losses: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {k: float(v) for k, v in losses.items()}
-
-
-def pretrain(run: Run, offline: TrajectoryReplay, step: int) -> None:
-    """Updates step+1 .. pretrain_steps on segments of the pretraining set."""
-    cfg, agent = run.cfg, run.agent
-    progress = tqdm(
-        range(step + 1, cfg.pretrain_steps + 1),
-        desc="pretrain (ODT)",
-        unit="upd",
-        mininterval=1,
-        initial=step,
-        total=cfg.pretrain_steps,
-    )
-    for step in progress:
-        losses = agent.update(*offline.sample(cfg.batch_size, cfg.context_length))
-        run.finite.watch(losses)
-        if step % cfg.pretrain_eval_every == 0 or step == cfg.pretrain_steps:
-            run.finite.check("pretrain", step)
-            record = {"phase": "pretrain", "step": step, "env_steps": 0, **run.evaluate(agent), **losses_record(losses)}
-            run.log.write(record)
-            progress.set_postfix(score=f"{record['normalized_score']:.1f}")
-        if run.stop.signum is not None or step % cfg.checkpoint_every == 0:
-            run.save_checkpoint("pretrain", step, {})
-        if run.stop.signum is not None:
-            raise Stopped
-    progress.close()
-
-
-def finetune(run: Run, offline: TrajectoryReplay, stats, step: int, loop: Optional[dict]) -> None:
-    """Online env steps step+1 .. online_steps in iterations: one episode with the sampled policy
-    and the online target, stored with its hindsight returns-to-go, then updates_per_iteration
-    updates on the replay. loop (None at the start) holds the replay, the env, the counters, the
-    updates still owed by the last episode and the last losses; checkpoints fall between episodes."""
-    cfg, agent, device = run.cfg, run.agent, run.device
-    env = make_env(parse_env_name(cfg.env)[0])
-    env.reset(seed=cfg.seed)  # seeds the env's RNG; every episode starts with a reset
-    if loop is None:
-        replay = offline.seeded(cfg.replay_size)
-        updates, owed, losses, saved_at = 0, 0, {}, 0
-        run.finite.check("finetune", 0)
-        run.log.write({"phase": "finetune", "step": 0, "env_steps": 0, **run.evaluate(agent)})
-    else:
-        replay = TrajectoryReplay(cfg.replay_size, offline.pad_row, device)
-        replay.load_state_dict(loop["replay"])
-        restore_env_state(env, loop["env"])
-        updates, owed, losses, saved_at = loop["updates"], loop["owed"], dict(loop["losses"]), step
-    progress = tqdm(
-        total=cfg.online_steps, initial=step, desc="finetune (ODT)", unit="env step", mininterval=1, smoothing=0.1
-    )
-    env_step = step
-
-    def checkpoint() -> None:
-        nonlocal saved_at
-        loop = {
-            "replay": replay.state_dict(),
-            "env": env_state(env),
-            "updates": updates,
-            "owed": owed,
-            "losses": losses,
-        }
-        run.save_checkpoint("finetune", env_step, loop)
-        saved_at = env_step
-
-    while True:
-        while owed > 0:  # the updates of the last episode; a signal stops after any of them
-            losses = agent.update(*replay.sample(cfg.batch_size, cfg.context_length))
-            run.finite.watch(losses)
-            updates, owed = updates + 1, owed - 1
-            if run.stop.signum is not None:
-                checkpoint()
-                raise Stopped
-        done = env_step >= cfg.online_steps
-        if run.stop.signum is not None or done or env_step // cfg.checkpoint_every > saved_at // cfg.checkpoint_every:
-            checkpoint()
-        if run.stop.signum is not None:
-            raise Stopped
-        if done:
-            break
-        # One episode (a signal lets it finish: at most the env's time limit of steps).
-        obs, _ = env.reset()
-        window = Window(1, run.obs_dim, run.act_dim, cfg, stats, cfg.online_rtg, device)
-        episode = {"obs": [], "act": [], "rew": []}
-        while True:
-            window.observe(obs[None])
-            action = agent.act(*window.inputs([0]), deterministic=False)[0].cpu().numpy()
-            next_obs, reward, terminated, truncated, _ = env.step(action)
-            window.record([0], action[None], np.array([reward]))
-            for key, value in zip(("obs", "act", "rew"), (obs, action, reward)):
-                episode[key].append(value)
-            obs, env_step = next_obs, env_step + 1
-            progress.update(1)
-            if env_step % cfg.eval_every == 0 or env_step == cfg.online_steps:
-                run.finite.check("finetune", env_step)
-                record = {
-                    "phase": "finetune",
-                    "step": updates,
-                    "env_steps": env_step,
-                    **run.evaluate(agent),
-                    **losses_record(losses),
-                }
-                run.log.write(record)
-                progress.set_postfix(score=f"{record['normalized_score']:.1f}")
-            if terminated or truncated or env_step == cfg.online_steps:
-                break
-        if env_step < cfg.online_steps:  # the episode that reaches the budget ends the run
-            replay.add(trajectory_rows(episode["obs"], episode["act"], episode["rew"], stats))
-            owed = cfg.updates_per_iteration
-    progress.close()
-
-
-def time_phases(run: Run, phase: str, step: int, offline: TrajectoryReplay) -> list[tuple[str, int, float]]:
-    """(phase, updates left, seconds per update) of the rest of the run, from updates timed on a
-    copy of the agent with random segments. Finetuning's update count is a guess: online episodes
-    as long as the replay's seed trajectories."""
-    cfg, agent = run.cfg, copy.deepcopy(run.agent)
-    fixed = torch.Generator(run.device).manual_seed(0)  # the rows must not draw from the run's RNG
-    rows = torch.rand(
-        cfg.batch_size, cfg.context_length, run.obs_dim + run.act_dim + 1, device=run.device, generator=fixed
-    )
-    mask = torch.ones(cfg.batch_size, cfg.context_length, device=run.device)
-    seconds = seconds_per_call(lambda: agent.update(rows, mask), run.device, 3)
-    parts = []
-    if phase == "pretrain" and cfg.pretrain_steps > step:
-        parts.append(("pretraining", cfg.pretrain_steps - step, seconds))
-    left = cfg.online_steps - (step if phase == "finetune" else 0)
-    if left > 0 and cfg.updates_per_iteration > 0:
-        episode = float(np.mean([len(t) for t in offline.trajectories[-cfg.replay_size :]]))
-        iterations = math.ceil(left / episode)
-        parts.append(
-            (
-                f"finetuning (~{iterations:,} episodes of ~{episode:.0f} steps, as the replay's)",
-                iterations * cfg.updates_per_iteration,
-                seconds,
-            )
-        )
-    return parts
-
-
-def read_pretrained(cfg: Config) -> dict:
-    """A finished pretraining (pretrain.pt) that fits this run; ConfigError otherwise."""
-    saved = read_export(cfg.pretrained, "pretrain")
-    config = saved["config"]
-    if config["env"] != cfg.env or config["random_dataset_steps"] != cfg.random_dataset_steps:
-        raise ConfigError(
-            f"checkpoint '{cfg.pretrained}' was pretrained on {config['env']} ({config['random_dataset_steps']} random steps), not {cfg.env} ({cfg.random_dataset_steps}); its state normalisation would not fit"
-        )
-    sizes = ("context_length", "embed_dim", "n_layers", "n_heads")
-    if any(config[name] != getattr(cfg, name) for name in sizes):
-        raise ConfigError(
-            f"checkpoint '{cfg.pretrained}' has {', '.join(f'{n}={config[n]}' for n in sizes)}; this run has {', '.join(f'{n}={getattr(cfg, n)}' for n in sizes)}"
-        )
-    return saved
-
-
-def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
-    """A new run (checkpoint None) or the continuation of a checkpointed one, to its end."""
-    base, quality = parse_env_name(cfg.env)
-    pretrained = read_pretrained(cfg) if cfg.pretrained is not None and checkpoint is None else None
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    arrays, dataset_id = load_dataset(base, quality, cfg.random_dataset_steps)
-    obs_dim, act_dim = arrays["observations"].shape[1], arrays["actions"].shape[1]
-    data_info = {"id": dataset_id, "fingerprint": dataset_fingerprint(arrays)}
-    if checkpoint is not None and checkpoint["dataset"] != data_info:
-        raise ConfigError(
-            f"--resume: dataset {dataset_id} on disk is not the one the run started with ({checkpoint['dataset']['fingerprint']}, now {data_info['fingerprint']})"
-        )
-
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    stats = state_normalisation(arrays)
-    evaluate = Evaluator(base, [make_env(base) for _ in range(cfg.eval_episodes)], cfg, device, stats)
-    agent = ODTAgent(obs_dim, act_dim, cfg, device)
-    if pretrained is not None:
-        agent.load_state_dict(pretrained["agent"])
-    first = ("pretrain", {}) if pretrained is None else ("finetune", None)
-    run, phase, step, loop = start_run(cfg, checkpoint, agent, evaluate, device, data_info, (obs_dim, act_dim), first)
-    offline = TrajectoryReplay(1 << 62, padding_row(stats, act_dim), device)  # the pretraining set: no capacity
-    trajectories = ranked_trajectories(split_trajectories(arrays))
-    for t in trajectories:
-        offline.add(trajectory_rows(t["observations"], t["actions"], t["rewards"], stats))
-    print(
-        f"run {run.dir}: dataset {dataset_id} ({len(arrays['rewards'])} transitions, {len(trajectories)} trajectories in the pretraining set), ODT, device {device}, {phase} from step {step}",
-        file=sys.stderr,
-    )
-    print(
-        f"{ALGO}.py: ODT has no Q function: the Q diagnostics (q_bias, kendall_tau, q_std_*) do not apply and are null in metrics.jsonl",
-        file=sys.stderr,
-    )
-    announce_time(time_phases(run, phase, step, offline))
-
-    def phases(run: Run) -> None:
-        nonlocal step, loop
-        if phase == "pretrain":
-            pretrain(run, offline, step)
-            run.pretrain_time_s = run.wall_time()
-            run.export("pretrain")
-            step, loop = 0, None
-            run.save_checkpoint("finetune", step, loop)
-        if cfg.online_steps > 0:
-            finetune(run, offline, stats, step, loop)
-        run.export("final")
-
-    return run_to_end(run, phases)
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    try:
-        cfg, checkpoint = parse_args(sys.argv[1:] if argv is None else argv)
-        run_dir = train(resolve_config(cfg), checkpoint)
-    except ConfigError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:  # before the run folder exists, or a second Ctrl-C
-        print(f"{ALGO}.py: interrupted (a run folder keeps its last checkpoint)", file=sys.stderr)
-        sys.exit(130)
-    print(f"done: {run_dir}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -150,236 +150,6 @@ def resolve_config(cfg: Config) -> Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# Config parsing and checks (the same block in every algorithm file)
-# ----------------------------------------------------------------------------------------------
-CHECKPOINT_FORMAT = 1  # of checkpoint.pt, pretrain.pt and final.pt
-
-
-class ConfigError(Exception):
-    """Bad input: reported as one line on stderr, exit code 2, before any compute or run folder."""
-
-
-def fail(message: str) -> None:
-    print(f"{ALGO}.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
-def type_problem(value, hint) -> bool:
-    """True if value does not fit the type hint (int, float, bool, str, Optional, Literal, tuple);
-    floats must be finite."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union:
-        return all(type_problem(value, arg) for arg in args)
-    if origin is Literal:
-        return value not in args
-    if origin is tuple:
-        return not isinstance(value, tuple) or any(type_problem(v, args[0]) for v in value)
-    if hint is type(None):
-        return value is not None
-    if hint is float:
-        return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-    if hint is int:
-        return isinstance(value, bool) or not isinstance(value, int)
-    return not isinstance(value, hint)
-
-
-def check_types(cfg: Config, source: str) -> None:
-    hints = typing.get_type_hints(Config)
-    for f in fields(Config):
-        value, hint = getattr(cfg, f.name), hints[f.name]
-        if type_problem(value, hint):
-            expected = {float: "a finite float", int: "int", str: "str", bool: "bool"}.get(
-                hint, str(hint).replace("typing.", "")
-            )
-            raise ConfigError(f"{source}{f.name} must be {expected}, got {value!r}")
-
-
-def check(checks: list[tuple[bool, str]]) -> None:
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-
-
-def writable_dir_problem(path: Path) -> Optional[str]:
-    """Why files cannot be created under path (a file in the way, no write permission), or None."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"'{existing}' is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"'{existing}' is not writable"
-    return None
-
-
-def check_common(cfg: Config) -> None:
-    """Types (from the --config file too), finite numbers, seed, evaluation, paths and device."""
-    check_types(cfg, "")
-    check(
-        [
-            (0 <= cfg.seed < 2**31, "seed must be in [0, 2^31)"),
-            (1 <= cfg.eval_episodes <= 1000, "eval_episodes must be in [1, 1000]"),
-            (cfg.eval_every >= 1 and cfg.checkpoint_every >= 1, "eval_every and checkpoint_every must be >= 1"),
-            (
-                1 <= cfg.kendall_windows <= 10_000 and cfg.mc_tail_steps >= 0,
-                "kendall_windows must be in [1, 10000] and mc_tail_steps >= 0",
-            ),
-            (
-                cfg.run_name is None
-                or (
-                    cfg.run_name.replace("-", "").replace(".", "").replace("_", "").isalnum()
-                    and "__" not in cfg.run_name
-                ),
-                "run_name may hold letters, digits, '.', '-' and single '_' only",
-            ),
-        ]
-    )
-    problem = writable_dir_problem(Path(cfg.out_dir))
-    if problem:
-        raise ConfigError(f"out_dir '{cfg.out_dir}' cannot hold run folders: {problem}")
-    if cfg.device != "auto":
-        try:
-            if torch.device(cfg.device).type not in ("cpu", "cuda"):
-                raise RuntimeError("expected cpu or cuda")
-            torch.empty(0, device=cfg.device)
-        except (RuntimeError, AssertionError) as exc:
-            raise ConfigError(f"device '{cfg.device}' is not usable: {first_line(exc)}")
-
-
-def read_config_file(path: str) -> Config:
-    """Field values from a YAML file (lists become tuples); the type checks come later."""
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(values, dict):
-            raise TypeError("expected a mapping of field names to values")
-        return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-    except (OSError, yaml.YAMLError, TypeError) as exc:
-        raise ConfigError(f"cannot use config file '{path}': {first_line(exc)}")
-
-
-def read_checkpoint(run_dir: str) -> dict:
-    """RUN_DIR/checkpoint.pt of this algorithm; ConfigError otherwise."""
-    path = Path(run_dir) / "checkpoint.pt"
-    if not path.is_file():
-        raise ConfigError(
-            f"--resume: no checkpoint.pt in '{run_dir}' (a run folder of this project's algorithm files, after its first checkpoint)"
-        )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        fmt, algo = checkpoint["format"], checkpoint["algo"]
-    except Exception as exc:
-        raise ConfigError(f"--resume: cannot read '{path}': {first_line(exc)}")
-    if fmt != CHECKPOINT_FORMAT or algo != ALGO:
-        raise ConfigError(
-            f"--resume: '{path}' is a checkpoint of algorithms/{algo}.py (format {fmt}), not of algorithms/{ALGO}.py (format {CHECKPOINT_FORMAT})"
-        )
-    return checkpoint
-
-
-def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
-    """tyro CLI -> (config, checkpoint to resume or None). --config FILE: the file's values are
-    the defaults that flags override. --resume RUN_DIR: the run's saved config is the default;
-    flags override it, except the RESUME_FIXED fields."""
-    cfg = tyro.cli(Config, args=argv)
-    if cfg.resume is not None:
-        if cfg.config is not None:
-            raise ConfigError("--resume continues with the run's saved config; leave out --config")
-        checkpoint = read_checkpoint(cfg.resume)
-        saved = replace(Config(**checkpoint["config"]), resume=cfg.resume)
-        cfg = tyro.cli(Config, args=argv, default=saved)
-        changed = [name for name in RESUME_FIXED if getattr(cfg, name) != getattr(saved, name)]
-        budget = PHASE_BUDGET[checkpoint["phase"]]
-        if getattr(cfg, budget) < checkpoint["step"]:
-            raise ConfigError(
-                f"--resume: {budget}={getattr(cfg, budget)} is below the {checkpoint['step']} steps the run has made in {checkpoint['phase']}"
-            )
-        if changed:
-            raise ConfigError(
-                f"--resume: {', '.join(changed)} cannot change in a resumed run (saved: {', '.join(f'{n}={getattr(saved, n)}' for n in changed)})"
-            )
-        return cfg, checkpoint
-    if cfg.config is not None:
-        defaults = read_config_file(cfg.config)
-        check_types(defaults, f"config file '{cfg.config}': ")  # before tyro sees the defaults
-        cfg = tyro.cli(Config, args=argv, default=replace(defaults, config=cfg.config))
-    return cfg, None
-
-
-# ----------------------------------------------------------------------------------------------
-# Environment and scores
-# ----------------------------------------------------------------------------------------------
-GYM_IDS = {"halfcheetah": "HalfCheetah-v5", "hopper": "Hopper-v5", "walker2d": "Walker2d-v5", "ant": "Ant-v5"}
-# D4RL reference returns (random, expert) that define the normalised score.
-REF_SCORES = {
-    "halfcheetah": (-280.178953, 12135.0),
-    "hopper": (-20.272305, 3234.3),
-    "walker2d": (1.629008, 4592.3),
-    "ant": (-325.6, 3879.7),
-}
-
-
-def normalized_score(base: str, returns):
-    low, high = REF_SCORES[base]
-    return 100.0 * (np.asarray(returns) - low) / (high - low)
-
-
-def make_env(env: str) -> gym.Env:
-    return gym.make(GYM_IDS[env])
-
-
-# ----------------------------------------------------------------------------------------------
-# Replay buffer
-# ----------------------------------------------------------------------------------------------
-class ReplayBuffer:
-    """Transitions as rows [obs | action | reward | next_obs | done] of one device tensor, so a
-    batch is one gather. When full, new rows overwrite the oldest (FIFO)."""
-
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
-        self.sizes = [obs_dim, act_dim, 1, obs_dim, 1]
-        self.rows = torch.zeros(capacity, sum(self.sizes), device=device)
-        self.capacity, self.size, self.ptr = capacity, 0, 0
-        # Host staging row: one env step is written into it and copied to the device once.
-        self.stage = torch.zeros(sum(self.sizes), pin_memory=device.type == "cuda")
-        self.stage_np = self.stage.numpy()
-        self.offsets = np.cumsum([0] + self.sizes)
-
-    def extend(self, rows: torch.Tensor) -> None:
-        """Append rows in order, to the same slots as adding them one by one would."""
-        n = rows.shape[0]
-        start = (self.ptr + max(n - self.capacity, 0)) % self.capacity
-        rows = rows[-self.capacity :].to(self.rows.device)
-        first = min(len(rows), self.capacity - start)
-        self.rows[start : start + first] = rows[:first]
-        self.rows[: len(rows) - first] = rows[first:]
-        self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
-
-    def add(self, obs, action, reward, next_obs, done) -> None:
-        for k, value in enumerate((obs, action, reward, next_obs, done)):
-            self.stage_np[self.offsets[k] : self.offsets[k + 1]] = value
-        self.rows[self.ptr].copy_(self.stage)  # blocking: the staging row is rewritten next step
-        self.ptr, self.size = (self.ptr + 1) % self.capacity, min(self.size + 1, self.capacity)
-
-    def sample(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.rows[torch.randint(0, self.size, shape, device=self.rows.device)]
-
-    def split(self, batch: torch.Tensor):
-        """Rows -> (obs, action, reward, next_obs, done), reward and done without the last dim."""
-        obs, act, rew, next_obs, done = torch.split(batch, self.sizes, dim=-1)
-        return obs, act, rew.squeeze(-1), next_obs, done.squeeze(-1)
-
-    def state_dict(self) -> dict:
-        return {"rows": self.rows[: self.size].cpu(), "ptr": self.ptr}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.size, self.ptr = len(state["rows"]), state["ptr"]
-        self.rows[: self.size] = state["rows"].to(self.rows.device)
-
-
-# ----------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------
 class Actor(nn.Module):
@@ -528,6 +298,380 @@ class SACAgent:
 
 
 # ----------------------------------------------------------------------------------------------
+# Train loop
+# ----------------------------------------------------------------------------------------------
+def online(run: Run, step: int, loop: Optional[dict]) -> bool:
+    """Env steps step+1 .. total_steps, one update each after learning_starts; loop (None at the
+    start) holds the replay buffer, the running episode and the last losses. True if an
+    evaluation reached stop_score."""
+    cfg, agent, device = run.cfg, run.agent, run.device
+    buffer = ReplayBuffer(cfg.buffer_size, run.obs_dim, run.act_dim, device)
+    env = make_env(cfg.env)
+    obs, _ = env.reset(seed=cfg.seed)
+    losses = {}
+    if loop is not None:
+        if loop["stopped"]:  # it reached stop_score: nothing more to train
+            return True
+        buffer.load_state_dict(loop["buffer"])
+        restore_env_state(env, loop["env"])
+        obs, losses = loop["obs"], loop["losses"]
+    # Host staging row for the policy input: filled in place each env step, no new tensor.
+    obs_stage = torch.zeros(run.obs_dim, pin_memory=device.type == "cuda")
+    stopped = False
+    progress = tqdm(
+        range(step + 1, cfg.total_steps + 1),
+        desc=f"SAC {cfg.env}",
+        unit="step",
+        mininterval=1,
+        initial=step,
+        total=cfg.total_steps,
+    )
+    for step in progress:
+        with torch.no_grad():
+            if step <= cfg.learning_starts:
+                action = (torch.rand(run.act_dim) * 2 - 1).numpy()
+            else:
+                obs_stage.numpy()[:] = obs
+                action = agent.actor(obs_stage.to(device)[None])[0][0].cpu().numpy()
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        # done = termination only; a time-limit truncation still bootstraps from next_obs.
+        buffer.add(obs, action, reward, next_obs, float(terminated))
+        obs = env.reset()[0] if terminated or truncated else next_obs
+        if step > cfg.learning_starts:
+            # A delayed actor update leaves the last actor loss and temperature as they were.
+            losses = {**losses, **agent.update(buffer.sample((cfg.batch_size,)), buffer.split)}
+            run.finite.watch(losses)
+        if step % cfg.eval_every == 0 or step == cfg.total_steps:
+            run.finite.check("online", step)
+            record = {
+                "phase": "online",
+                "step": step,
+                "env_steps": step,
+                **run.evaluate(agent),
+                **{k: float(v) for k, v in losses.items()},
+            }
+            run.log.write(record)
+            progress.set_postfix(score=f"{record['normalized_score']:.1f}")
+            stopped = cfg.stop_score is not None and record["normalized_score"] >= cfg.stop_score
+        if run.stop.signum is not None or stopped or step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
+            loop = {
+                "buffer": buffer.state_dict(),
+                "env": env_state(env),
+                "obs": obs,
+                "losses": losses,
+                "stopped": stopped,
+            }
+            run.save_checkpoint("online", step, loop)
+        if run.stop.signum is not None:
+            raise Stopped
+        if stopped:
+            break
+    progress.close()
+    return stopped
+
+
+def time_phases(run: Run, step: int) -> list[tuple[str, int, float]]:
+    """(phase, steps left, seconds per step) of the rest of the run, from updates timed on a copy of
+    the agent with random rows."""
+    cfg, agent = run.cfg, copy.deepcopy(run.agent)
+    fixed = torch.Generator(run.device).manual_seed(0)  # the rows must not draw from the run's RNG
+    split = ReplayBuffer(1, run.obs_dim, run.act_dim, run.device).split
+    rows = torch.rand(cfg.batch_size, 2 * run.obs_dim + run.act_dim + 2, device=run.device, generator=fixed)
+    left = cfg.total_steps - max(step, cfg.learning_starts)
+    k = cfg.policy_frequency  # whole rounds of the delayed update: k critic steps and k actor steps
+    per_step = seconds_per_call(lambda: [agent.update(rows, split) for _ in range(k)], run.device, 3) / k
+    return [("training", left, per_step)] if left > 0 else []
+
+
+def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
+    """A new run (checkpoint None) or the continuation of a checkpointed one, to its end."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    evaluate = Evaluator(cfg.env, [make_env(cfg.env) for _ in range(cfg.eval_episodes)], cfg, device)
+    obs_dim, act_dim = evaluate.envs[0].observation_space.shape[0], evaluate.envs[0].action_space.shape[0]
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    agent = SACAgent(obs_dim, act_dim, cfg, device)
+    run, _, step, loop = start_run(cfg, checkpoint, agent, evaluate, device, None, (obs_dim, act_dim), ("online", None))
+    print(f"run {run.dir}: {GYM_IDS[cfg.env]}, device {device}, online from step {step}", file=sys.stderr)
+    announce_time(time_phases(run, step))
+
+    def phases(run: Run) -> None:
+        online(run, step, loop)
+        run.export("final")
+
+    return run_to_end(run, phases)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        cfg, checkpoint = parse_args(sys.argv[1:] if argv is None else argv)
+        run_dir = train(resolve_config(cfg), checkpoint)
+    except ConfigError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:  # before the run folder exists, or a second Ctrl-C
+        print(f"{ALGO}.py: interrupted (a run folder keeps its last checkpoint)", file=sys.stderr)
+        sys.exit(130)
+    print(f"done: {run_dir}", file=sys.stderr)
+
+
+# ==============================================================================================
+# Shared plumbing: each definition below is identical in every algorithm file that has it
+# (tests/test_shared_blocks.py), so a reader of the method can stop here. Config parsing and checks,
+# environments and scores, datasets, replay buffer, evaluation and Q diagnostics, run folder.
+# ==============================================================================================
+# ----------------------------------------------------------------------------------------------
+# Config parsing and checks
+# ----------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = 1  # of checkpoint.pt, pretrain.pt and final.pt
+
+
+class ConfigError(Exception):
+    """Bad input: reported as one line on stderr, exit code 2, before any compute or run folder."""
+
+
+def fail(message: str) -> None:
+    print(f"{ALGO}.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def type_problem(value, hint) -> bool:
+    """True if value does not fit the type hint (int, float, bool, str, Optional, Literal, tuple);
+    floats must be finite."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return all(type_problem(value, arg) for arg in args)
+    if origin is Literal:
+        return value not in args
+    if origin is tuple:
+        return not isinstance(value, tuple) or any(type_problem(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is not None
+    if hint is float:
+        return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if hint is int:
+        return isinstance(value, bool) or not isinstance(value, int)
+    return not isinstance(value, hint)
+
+
+def check_types(cfg: Config, source: str) -> None:
+    hints = typing.get_type_hints(Config)
+    for f in fields(Config):
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        if type_problem(value, hint):
+            expected = {float: "a finite float", int: "int", str: "str", bool: "bool"}.get(
+                hint, str(hint).replace("typing.", "")
+            )
+            raise ConfigError(f"{source}{f.name} must be {expected}, got {value!r}")
+
+
+def check(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def writable_dir_problem(path: Path) -> Optional[str]:
+    """Why files cannot be created under path (a file in the way, no write permission), or None."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"'{existing}' is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"'{existing}' is not writable"
+    return None
+
+
+def check_common(cfg: Config) -> None:
+    """Types (from the --config file too), finite numbers, seed, evaluation, paths and device."""
+    check_types(cfg, "")
+    check(
+        [
+            (0 <= cfg.seed < 2**31, "seed must be in [0, 2^31)"),
+            (1 <= cfg.eval_episodes <= 1000, "eval_episodes must be in [1, 1000]"),
+            (cfg.eval_every >= 1 and cfg.checkpoint_every >= 1, "eval_every and checkpoint_every must be >= 1"),
+            (  # odt.py has no Q diagnostics, so no such fields
+                not hasattr(cfg, "kendall_windows") or (1 <= cfg.kendall_windows <= 10_000 and cfg.mc_tail_steps >= 0),
+                "kendall_windows must be in [1, 10000] and mc_tail_steps >= 0",
+            ),
+            (
+                cfg.run_name is None
+                or (
+                    cfg.run_name.replace("-", "").replace(".", "").replace("_", "").isalnum()
+                    and "__" not in cfg.run_name
+                ),
+                "run_name may hold letters, digits, '.', '-' and single '_' only",
+            ),
+        ]
+    )
+    problem = writable_dir_problem(Path(cfg.out_dir))
+    if problem:
+        raise ConfigError(f"out_dir '{cfg.out_dir}' cannot hold run folders: {problem}")
+    if cfg.device != "auto":
+        try:
+            if torch.device(cfg.device).type not in ("cpu", "cuda"):
+                raise RuntimeError("expected cpu or cuda")
+            torch.empty(0, device=cfg.device)
+        except (RuntimeError, AssertionError) as exc:
+            raise ConfigError(f"device '{cfg.device}' is not usable: {first_line(exc)}")
+
+
+def read_config_file(path: str) -> Config:
+    """Field values from a YAML file (lists become tuples); the type checks come later."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise TypeError("expected a mapping of field names to values")
+        return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except (OSError, yaml.YAMLError, TypeError) as exc:
+        raise ConfigError(f"cannot use config file '{path}': {first_line(exc)}")
+
+
+def read_checkpoint(run_dir: str) -> dict:
+    """RUN_DIR/checkpoint.pt of this algorithm; ConfigError otherwise."""
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        raise ConfigError(
+            f"--resume: no checkpoint.pt in '{run_dir}' (a run folder of this project's algorithm files, after its first checkpoint)"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        fmt, algo = checkpoint["format"], checkpoint["algo"]
+    except Exception as exc:
+        raise ConfigError(f"--resume: cannot read '{path}': {first_line(exc)}")
+    if fmt != CHECKPOINT_FORMAT or algo != ALGO:
+        raise ConfigError(
+            f"--resume: '{path}' is a checkpoint of algorithms/{algo}.py (format {fmt}), not of algorithms/{ALGO}.py (format {CHECKPOINT_FORMAT})"
+        )
+    return checkpoint
+
+
+def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
+    """tyro CLI -> (config, checkpoint to resume or None). --config FILE: the file's values are
+    the defaults that flags override. --resume RUN_DIR: the run's saved config is the default;
+    flags override it, except the RESUME_FIXED fields."""
+    cfg = tyro.cli(Config, args=argv)
+    if cfg.resume is not None:
+        if cfg.config is not None:
+            raise ConfigError("--resume continues with the run's saved config; leave out --config")
+        checkpoint = read_checkpoint(cfg.resume)
+        saved = replace(Config(**checkpoint["config"]), resume=cfg.resume)
+        cfg = tyro.cli(Config, args=argv, default=saved)
+        changed = [name for name in RESUME_FIXED if getattr(cfg, name) != getattr(saved, name)]
+        budget = PHASE_BUDGET[checkpoint["phase"]]
+        if getattr(cfg, budget) < checkpoint["step"]:
+            raise ConfigError(
+                f"--resume: {budget}={getattr(cfg, budget)} is below the {checkpoint['step']} steps the run has made in {checkpoint['phase']}"
+            )
+        if changed:
+            raise ConfigError(
+                f"--resume: {', '.join(changed)} cannot change in a resumed run (saved: {', '.join(f'{n}={getattr(saved, n)}' for n in changed)})"
+            )
+        return cfg, checkpoint
+    if cfg.config is not None:
+        defaults = read_config_file(cfg.config)
+        check_types(defaults, f"config file '{cfg.config}': ")  # before tyro sees the defaults
+        cfg = tyro.cli(Config, args=argv, default=replace(defaults, config=cfg.config))
+    return cfg, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Environments and scores: D4RL names -> gymnasium envs, reference scores
+# ----------------------------------------------------------------------------------------------
+GYM_IDS = {
+    "halfcheetah": "HalfCheetah-v5",
+    "hopper": "Hopper-v5",
+    "walker2d": "Walker2d-v5",
+    "ant": "Ant-v5",
+    "pen": "AdroitHandPen-v1",
+    "door": "AdroitHandDoor-v1",
+}
+
+
+ADROIT = ("pen", "door")
+
+
+# D4RL reference returns (random, expert) that define the normalised score.
+REF_SCORES = {
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+    "pen": (96.262799, 3076.833),
+    "door": (-56.512833, 2880.569),
+}
+
+
+def normalized_score(base: str, returns):
+    low, high = REF_SCORES[base]
+    return 100.0 * (np.asarray(returns) - low) / (high - low)
+
+
+def make_env(base: str) -> gym.Env:
+    if base in ADROIT:
+        try:
+            import gymnasium_robotics  # noqa: F401  (registers the Adroit environments)
+        except ImportError:
+            raise ConfigError(f"'{base}' needs the Adroit environments: pip install gymnasium-robotics==1.4.2")
+    return gym.make(GYM_IDS[base])
+
+
+# ----------------------------------------------------------------------------------------------
+# Replay buffer
+# ----------------------------------------------------------------------------------------------
+class ReplayBuffer:
+    """Transitions as rows [obs | action | reward | next_obs | done] of one device tensor, so a
+    batch is one gather. When full, new rows overwrite the oldest (FIFO)."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.sizes = [obs_dim, act_dim, 1, obs_dim, 1]
+        self.rows = torch.zeros(capacity, sum(self.sizes), device=device)
+        self.capacity, self.size, self.ptr = capacity, 0, 0
+        # Host staging row: one env step is written into it and copied to the device once.
+        self.stage = torch.zeros(sum(self.sizes), pin_memory=device.type == "cuda")
+        self.stage_np = self.stage.numpy()
+        self.offsets = np.cumsum([0] + self.sizes)
+
+    def extend(self, rows: torch.Tensor) -> None:
+        """Append rows in order, to the same slots as adding them one by one would."""
+        n = rows.shape[0]
+        start = (self.ptr + max(n - self.capacity, 0)) % self.capacity
+        rows = rows[-self.capacity :].to(self.rows.device)
+        first = min(len(rows), self.capacity - start)
+        self.rows[start : start + first] = rows[:first]
+        self.rows[: len(rows) - first] = rows[first:]
+        self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
+
+    def add(self, obs, action, reward, next_obs, done) -> None:
+        for k, value in enumerate((obs, action, reward, next_obs, done)):
+            self.stage_np[self.offsets[k] : self.offsets[k + 1]] = value
+        self.rows[self.ptr].copy_(self.stage)  # blocking: the staging row is rewritten next step
+        self.ptr, self.size = (self.ptr + 1) % self.capacity, min(self.size + 1, self.capacity)
+
+    def sample(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.rows[torch.randint(0, self.size, shape, device=self.rows.device)]
+
+    def split(self, batch: torch.Tensor):
+        """Rows -> (obs, action, reward, next_obs, done), reward and done without the last dim."""
+        obs, act, rew, next_obs, done = torch.split(batch, self.sizes, dim=-1)
+        return obs, act, rew.squeeze(-1), next_obs, done.squeeze(-1)
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows[: self.size].cpu(), "ptr": self.ptr}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Rows back into the same slots; a buffer that is not full (e.g. a resumed run given a
+        larger budget) continues after its last row."""
+        self.size = len(state["rows"])
+        self.ptr = state["ptr"] if self.size == self.capacity else self.size
+        self.rows[: self.size] = state["rows"].to(self.rows.device)
+
+
+# ----------------------------------------------------------------------------------------------
 # Evaluation and Q diagnostics
 # ----------------------------------------------------------------------------------------------
 def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
@@ -652,7 +796,7 @@ class Evaluator:
 
 
 # ----------------------------------------------------------------------------------------------
-# Run folder: name, metrics, checkpoint, signals, divergence (the same block in every algorithm file)
+# Run folder: name, metrics, checkpoint, signals, divergence
 # ----------------------------------------------------------------------------------------------
 # Exit codes: 0 finished, 2 bad input, 3 diverged; a SIGINT / SIGTERM exits with 128 + its number
 # (130 / 143) once the checkpoint is written.
@@ -1054,123 +1198,6 @@ def run_to_end(run: Run, train_phases) -> Path:
         )
         sys.exit(EXIT_DIVERGED)
     return run.dir
-
-
-# ----------------------------------------------------------------------------------------------
-# Train loop
-# ----------------------------------------------------------------------------------------------
-def online(run: Run, step: int, loop: Optional[dict]) -> bool:
-    """Env steps step+1 .. total_steps, one update each after learning_starts; loop (None at the
-    start) holds the replay buffer, the running episode and the last losses. True if an
-    evaluation reached stop_score."""
-    cfg, agent, device = run.cfg, run.agent, run.device
-    buffer = ReplayBuffer(cfg.buffer_size, run.obs_dim, run.act_dim, device)
-    env = make_env(cfg.env)
-    obs, _ = env.reset(seed=cfg.seed)
-    losses = {}
-    if loop is not None:
-        if loop["stopped"]:  # it reached stop_score: nothing more to train
-            return True
-        buffer.load_state_dict(loop["buffer"])
-        restore_env_state(env, loop["env"])
-        obs, losses = loop["obs"], loop["losses"]
-    # Host staging row for the policy input: filled in place each env step, no new tensor.
-    obs_stage = torch.zeros(run.obs_dim, pin_memory=device.type == "cuda")
-    stopped = False
-    progress = tqdm(
-        range(step + 1, cfg.total_steps + 1),
-        desc=f"SAC {cfg.env}",
-        unit="step",
-        mininterval=1,
-        initial=step,
-        total=cfg.total_steps,
-    )
-    for step in progress:
-        with torch.no_grad():
-            if step <= cfg.learning_starts:
-                action = (torch.rand(run.act_dim) * 2 - 1).numpy()
-            else:
-                obs_stage.numpy()[:] = obs
-                action = agent.actor(obs_stage.to(device)[None])[0][0].cpu().numpy()
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        # done = termination only; a time-limit truncation still bootstraps from next_obs.
-        buffer.add(obs, action, reward, next_obs, float(terminated))
-        obs = env.reset()[0] if terminated or truncated else next_obs
-        if step > cfg.learning_starts:
-            # A delayed actor update leaves the last actor loss and temperature as they were.
-            losses = {**losses, **agent.update(buffer.sample((cfg.batch_size,)), buffer.split)}
-            run.finite.watch(losses)
-        if step % cfg.eval_every == 0 or step == cfg.total_steps:
-            run.finite.check("online", step)
-            record = {
-                "phase": "online",
-                "step": step,
-                "env_steps": step,
-                **run.evaluate(agent),
-                **{k: float(v) for k, v in losses.items()},
-            }
-            run.log.write(record)
-            progress.set_postfix(score=f"{record['normalized_score']:.1f}")
-            stopped = cfg.stop_score is not None and record["normalized_score"] >= cfg.stop_score
-        if run.stop.signum is not None or stopped or step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-            loop = {
-                "buffer": buffer.state_dict(),
-                "env": env_state(env),
-                "obs": obs,
-                "losses": losses,
-                "stopped": stopped,
-            }
-            run.save_checkpoint("online", step, loop)
-        if run.stop.signum is not None:
-            raise Stopped
-        if stopped:
-            break
-    progress.close()
-    return stopped
-
-
-def time_phases(run: Run, step: int) -> list[tuple[str, int, float]]:
-    """(phase, steps left, seconds per step) of the rest of the run, from updates timed on a copy of
-    the agent with random rows."""
-    cfg, agent = run.cfg, copy.deepcopy(run.agent)
-    fixed = torch.Generator(run.device).manual_seed(0)  # the rows must not draw from the run's RNG
-    split = ReplayBuffer(1, run.obs_dim, run.act_dim, run.device).split
-    rows = torch.rand(cfg.batch_size, 2 * run.obs_dim + run.act_dim + 2, device=run.device, generator=fixed)
-    left = cfg.total_steps - max(step, cfg.learning_starts)
-    k = cfg.policy_frequency  # whole rounds of the delayed update: k critic steps and k actor steps
-    per_step = seconds_per_call(lambda: [agent.update(rows, split) for _ in range(k)], run.device, 3) / k
-    return [("training", left, per_step)] if left > 0 else []
-
-
-def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
-    """A new run (checkpoint None) or the continuation of a checkpointed one, to its end."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    evaluate = Evaluator(cfg.env, [make_env(cfg.env) for _ in range(cfg.eval_episodes)], cfg, device)
-    obs_dim, act_dim = evaluate.envs[0].observation_space.shape[0], evaluate.envs[0].action_space.shape[0]
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    agent = SACAgent(obs_dim, act_dim, cfg, device)
-    run, _, step, loop = start_run(cfg, checkpoint, agent, evaluate, device, None, (obs_dim, act_dim), ("online", None))
-    print(f"run {run.dir}: {GYM_IDS[cfg.env]}, device {device}, online from step {step}", file=sys.stderr)
-    announce_time(time_phases(run, step))
-
-    def phases(run: Run) -> None:
-        online(run, step, loop)
-        run.export("final")
-
-    return run_to_end(run, phases)
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    try:
-        cfg, checkpoint = parse_args(sys.argv[1:] if argv is None else argv)
-        run_dir = train(resolve_config(cfg), checkpoint)
-    except ConfigError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:  # before the run folder exists, or a second Ctrl-C
-        print(f"{ALGO}.py: interrupted (a run folder keeps its last checkpoint)", file=sys.stderr)
-        sys.exit(130)
-    print(f"done: {run_dir}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -224,441 +224,6 @@ def resolve_config(cfg: Config) -> Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# Config parsing and checks (the same block in every algorithm file)
-# ----------------------------------------------------------------------------------------------
-CHECKPOINT_FORMAT = 1  # of checkpoint.pt, pretrain.pt and final.pt
-
-
-class ConfigError(Exception):
-    """Bad input: reported as one line on stderr, exit code 2, before any compute or run folder."""
-
-
-def fail(message: str) -> None:
-    print(f"{ALGO}.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
-def type_problem(value, hint) -> bool:
-    """True if value does not fit the type hint (int, float, bool, str, Optional, Literal, tuple);
-    floats must be finite."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union:
-        return all(type_problem(value, arg) for arg in args)
-    if origin is Literal:
-        return value not in args
-    if origin is tuple:
-        return not isinstance(value, tuple) or any(type_problem(v, args[0]) for v in value)
-    if hint is type(None):
-        return value is not None
-    if hint is float:
-        return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-    if hint is int:
-        return isinstance(value, bool) or not isinstance(value, int)
-    return not isinstance(value, hint)
-
-
-def check_types(cfg: Config, source: str) -> None:
-    hints = typing.get_type_hints(Config)
-    for f in fields(Config):
-        value, hint = getattr(cfg, f.name), hints[f.name]
-        if type_problem(value, hint):
-            expected = {float: "a finite float", int: "int", str: "str", bool: "bool"}.get(
-                hint, str(hint).replace("typing.", "")
-            )
-            raise ConfigError(f"{source}{f.name} must be {expected}, got {value!r}")
-
-
-def check(checks: list[tuple[bool, str]]) -> None:
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-
-
-def writable_dir_problem(path: Path) -> Optional[str]:
-    """Why files cannot be created under path (a file in the way, no write permission), or None."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"'{existing}' is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"'{existing}' is not writable"
-    return None
-
-
-def check_common(cfg: Config) -> None:
-    """Types (from the --config file too), finite numbers, seed, evaluation, paths and device."""
-    check_types(cfg, "")
-    check(
-        [
-            (0 <= cfg.seed < 2**31, "seed must be in [0, 2^31)"),
-            (1 <= cfg.eval_episodes <= 1000, "eval_episodes must be in [1, 1000]"),
-            (cfg.eval_every >= 1 and cfg.checkpoint_every >= 1, "eval_every and checkpoint_every must be >= 1"),
-            (
-                1 <= cfg.kendall_windows <= 10_000 and cfg.mc_tail_steps >= 0,
-                "kendall_windows must be in [1, 10000] and mc_tail_steps >= 0",
-            ),
-            (
-                cfg.run_name is None
-                or (
-                    cfg.run_name.replace("-", "").replace(".", "").replace("_", "").isalnum()
-                    and "__" not in cfg.run_name
-                ),
-                "run_name may hold letters, digits, '.', '-' and single '_' only",
-            ),
-        ]
-    )
-    problem = writable_dir_problem(Path(cfg.out_dir))
-    if problem:
-        raise ConfigError(f"out_dir '{cfg.out_dir}' cannot hold run folders: {problem}")
-    if cfg.device != "auto":
-        try:
-            if torch.device(cfg.device).type not in ("cpu", "cuda"):
-                raise RuntimeError("expected cpu or cuda")
-            torch.empty(0, device=cfg.device)
-        except (RuntimeError, AssertionError) as exc:
-            raise ConfigError(f"device '{cfg.device}' is not usable: {first_line(exc)}")
-
-
-def read_config_file(path: str) -> Config:
-    """Field values from a YAML file (lists become tuples); the type checks come later."""
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(values, dict):
-            raise TypeError("expected a mapping of field names to values")
-        return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-    except (OSError, yaml.YAMLError, TypeError) as exc:
-        raise ConfigError(f"cannot use config file '{path}': {first_line(exc)}")
-
-
-def read_checkpoint(run_dir: str) -> dict:
-    """RUN_DIR/checkpoint.pt of this algorithm; ConfigError otherwise."""
-    path = Path(run_dir) / "checkpoint.pt"
-    if not path.is_file():
-        raise ConfigError(
-            f"--resume: no checkpoint.pt in '{run_dir}' (a run folder of this project's algorithm files, after its first checkpoint)"
-        )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        fmt, algo = checkpoint["format"], checkpoint["algo"]
-    except Exception as exc:
-        raise ConfigError(f"--resume: cannot read '{path}': {first_line(exc)}")
-    if fmt != CHECKPOINT_FORMAT or algo != ALGO:
-        raise ConfigError(
-            f"--resume: '{path}' is a checkpoint of algorithms/{algo}.py (format {fmt}), not of algorithms/{ALGO}.py (format {CHECKPOINT_FORMAT})"
-        )
-    return checkpoint
-
-
-def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
-    """tyro CLI -> (config, checkpoint to resume or None). --config FILE: the file's values are
-    the defaults that flags override. --resume RUN_DIR: the run's saved config is the default;
-    flags override it, except the RESUME_FIXED fields."""
-    cfg = tyro.cli(Config, args=argv)
-    if cfg.resume is not None:
-        if cfg.config is not None:
-            raise ConfigError("--resume continues with the run's saved config; leave out --config")
-        checkpoint = read_checkpoint(cfg.resume)
-        saved = replace(Config(**checkpoint["config"]), resume=cfg.resume)
-        cfg = tyro.cli(Config, args=argv, default=saved)
-        changed = [name for name in RESUME_FIXED if getattr(cfg, name) != getattr(saved, name)]
-        budget = PHASE_BUDGET[checkpoint["phase"]]
-        if getattr(cfg, budget) < checkpoint["step"]:
-            raise ConfigError(
-                f"--resume: {budget}={getattr(cfg, budget)} is below the {checkpoint['step']} steps the run has made in {checkpoint['phase']}"
-            )
-        if changed:
-            raise ConfigError(
-                f"--resume: {', '.join(changed)} cannot change in a resumed run (saved: {', '.join(f'{n}={getattr(saved, n)}' for n in changed)})"
-            )
-        return cfg, checkpoint
-    if cfg.config is not None:
-        defaults = read_config_file(cfg.config)
-        check_types(defaults, f"config file '{cfg.config}': ")  # before tyro sees the defaults
-        cfg = tyro.cli(Config, args=argv, default=replace(defaults, config=cfg.config))
-    return cfg, None
-
-
-# ----------------------------------------------------------------------------------------------
-# Datasets: D4RL names -> Minari datasets -> flat transition arrays (cached), scores
-# ----------------------------------------------------------------------------------------------
-GYM_IDS = {
-    "halfcheetah": "HalfCheetah-v5",
-    "hopper": "Hopper-v5",
-    "walker2d": "Walker2d-v5",
-    "ant": "Ant-v5",
-    "pen": "AdroitHandPen-v1",
-    "door": "AdroitHandDoor-v1",
-}
-ADROIT = ("pen", "door")
-GENERATED = ("halfcheetah", "hopper", "walker2d", "ant")  # scripts/make_dataset.py makes their sets
-LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
-ADROIT_QUALITIES = ("human", "cloned", "expert")
-# D4RL reference returns (random, expert) that define the normalised score.
-REF_SCORES = {
-    "halfcheetah": (-280.178953, 12135.0),
-    "hopper": (-20.272305, 3234.3),
-    "walker2d": (1.629008, 4592.3),
-    "ant": (-325.6, 3879.7),
-    "pen": (96.262799, 3076.833),
-    "door": (-56.512833, 2880.569),
-}
-
-
-def parse_env_name(name: str) -> tuple[str, str]:
-    """'walker2d-medium-replay' -> ('walker2d', 'medium-replay'); ConfigError if unknown."""
-    base, _, quality = name.partition("-")
-    if base not in GYM_IDS or quality not in (ADROIT_QUALITIES if base in ADROIT else LOCOMOTION_QUALITIES):
-        locomotion = ",".join(b for b in GYM_IDS if b not in ADROIT)
-        raise ConfigError(
-            f"unknown env '{name}'; expected {{{locomotion}}}-{{{','.join(LOCOMOTION_QUALITIES)}}} or {{{','.join(ADROIT)}}}-{{{','.join(ADROIT_QUALITIES)}}}"
-        )
-    return base, quality
-
-
-def dataset_ids(base: str, quality: str, random_steps: int) -> tuple[str, list[str]]:
-    """(local id, hub ids) tried in that order. The hub has no random, medium-replay or
-    medium-expert locomotion sets; its medium/expert sets come from other policies than D4RL's."""
-    name = quality if quality != "random" or random_steps == 1_000_000 else f"random-n{random_steps}"
-    local = f"local/{base}/{name}-v0"
-    if base in ADROIT:
-        return local, [f"D4RL/{base}/{quality}-v2"]
-    return local, [f"mujoco/{base}/{quality}-v0"] if quality in ("medium", "expert") else []
-
-
-def normalized_score(base: str, returns):
-    low, high = REF_SCORES[base]
-    return 100.0 * (np.asarray(returns) - low) / (high - low)
-
-
-def flatten_episodes(episodes) -> dict[str, np.ndarray]:
-    """Episodes (observations with T+1 rows, actions/rewards/terminations/truncations with T) ->
-    float32 transition arrays in D4RL's q-learning layout. terminals = terminations only: a
-    time-limit truncation is not a terminal state, and observations[t + 1] is the real next state
-    even at a truncation; timeouts marks truncations, so episode boundaries stay recoverable."""
-    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
-    for ep in episodes:
-        parts["observations"].append(ep["observations"][:-1])
-        parts["next_observations"].append(ep["observations"][1:])
-        parts["actions"].append(ep["actions"])
-        parts["rewards"].append(ep["rewards"])
-        parts["terminals"].append(ep["terminations"])
-        parts["timeouts"].append(ep["truncations"])
-    return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
-
-
-def dataset_path(dataset_id: str = "") -> Path:
-    """Minari's folder of a dataset ($MINARI_DATASETS_PATH, default ~/.minari/datasets), without
-    creating anything, so that a read-only store can be read."""
-    return Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets") / dataset_id
-
-
-def cache_key(dataset_id: str) -> str:
-    stat = (dataset_path(dataset_id) / "data" / "main_data.hdf5").stat()
-    return f"flat-v1:{dataset_id}:{stat.st_size}:{stat.st_mtime_ns}"
-
-
-def save_flat_cache(dataset_id: str, arrays: dict[str, np.ndarray]) -> None:
-    path = dataset_path(dataset_id) / "flat_cache.npz"
-    tmp = path.with_name(f".flat_cache.tmp{os.getpid()}.npz")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, key=np.array(cache_key(dataset_id)), **arrays)
-        os.replace(tmp, path)
-    except OSError:  # a read-only store only costs the next load its flattening time
-        tmp.unlink(missing_ok=True)
-
-
-def read_flat_cache(dataset_id: str) -> Optional[dict[str, np.ndarray]]:
-    """The cached arrays, or None when the cache is missing, stale or unreadable (a cache miss)."""
-    try:
-        with np.load(dataset_path(dataset_id) / "flat_cache.npz") as cache:
-            if str(cache["key"]) != cache_key(dataset_id):
-                return None
-            return {k: cache[k] for k in cache.files if k != "key"}
-    except Exception:  # missing, truncated or garbage file: flatten the dataset again
-        return None
-
-
-def build_flat_cache(dataset_id: str) -> dict[str, np.ndarray]:
-    import minari
-
-    dataset = minari.load_dataset(dataset_id)
-    episodes = (
-        {
-            "observations": e.observations,
-            "actions": e.actions,
-            "rewards": e.rewards,
-            "terminations": e.terminations,
-            "truncations": e.truncations,
-        }
-        for e in dataset.iterate_episodes()
-    )
-    arrays = flatten_episodes(episodes)
-    save_flat_cache(dataset_id, arrays)
-    return arrays
-
-
-def generate_random_dataset(base: str, steps: int) -> None:
-    """*-random sets are made on the spot by scripts/make_dataset.py (D4RL random protocol), so a
-    first run needs no network. That script locks the id: concurrent first runs make it once."""
-    command = [sys.executable, str(REPO_ROOT / "scripts" / "make_dataset.py"), f"{base}-random", "--steps", str(steps)]
-    print(
-        f"{ALGO}.py: {base}-random is not on disk; generating it: python scripts/make_dataset.py {base}-random --steps {steps}",
-        file=sys.stderr,
-    )
-    code = subprocess.run(command).returncode
-    if code in (2, 130, 143):  # bad input or a signal: the script has said why in one line
-        sys.exit(code)
-    if code != 0:
-        raise ConfigError(f"generating {base}-random failed (exit code {code}); see its output above")
-
-
-def load_dataset(base: str, quality: str, random_steps: int) -> tuple[dict[str, np.ndarray], str]:
-    """Flat transition arrays and the Minari id they came from. Order: local/<env>/<quality>-v0,
-    then the hub id on disk, then for *-random a set generated here, then a download (needs the
-    network). A damaged dataset is a ConfigError that says how to make it again."""
-    root = dataset_path()
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"MINARI_DATASETS_PATH '{root}' is a file, not a folder")
-    local_id, hub_ids = dataset_ids(base, quality, random_steps)
-    on_disk = [i for i in [local_id, *hub_ids] if (dataset_path(i) / "data").exists()]
-    if not on_disk and quality == "random":
-        generate_random_dataset(base, random_steps)
-        on_disk = [local_id]
-    if not on_disk:
-        on_disk = [download_dataset(base, quality, local_id, hub_ids)]
-    dataset_id = on_disk[0]
-    remedy = f"delete {dataset_path(dataset_id)} and " + (
-        f"make it again with: python scripts/make_dataset.py {base}-{quality}"
-        if dataset_id == local_id
-        else "run again to download it"
-    )
-    if not (dataset_path(dataset_id) / "data" / "main_data.hdf5").is_file():
-        raise ConfigError(f"dataset {dataset_id} is damaged (data/main_data.hdf5 is missing); {remedy}")
-    arrays = read_flat_cache(dataset_id)
-    if arrays is None:
-        try:
-            arrays = build_flat_cache(dataset_id)
-        except Exception as exc:  # h5py / minari errors of a truncated or corrupt file
-            raise ConfigError(f"dataset {dataset_id} is damaged ({first_line(exc)}); {remedy}")
-    return arrays, dataset_id
-
-
-def download_dataset(base: str, quality: str, local_id: str, hub_ids: list[str]) -> str:
-    """Minari's download of the first hub id that works; ConfigError naming the way to make the
-    dataset offline. Without a network the hub's name does not resolve: that fails at once,
-    where the download itself would retry for ~25 s."""
-    import socket
-
-    import minari
-
-    errors = []
-    try:
-        if hub_ids:
-            socket.getaddrinfo("huggingface.co", 443)
-    except OSError as exc:
-        errors.append(f"the Minari hub (huggingface.co) is unreachable: {first_line(exc)}")
-    for hub_id in hub_ids if not errors else []:
-        try:
-            minari.download_dataset(hub_id)
-            return hub_id
-        except Exception as exc:  # no network, missing hf extra, id gone: all mean "unavailable"
-            errors.append(f"{hub_id}: {first_line(exc)}")
-    tried = f"; download failed ({'; '.join(errors)})" if errors else " and the Minari hub has no such dataset"
-    make = "" if base not in GENERATED else f"; generate it with: python scripts/make_dataset.py {base}-{quality}"
-    raise ConfigError(
-        f"dataset '{base}-{quality}' is not on disk (looked for {', '.join([local_id, *hub_ids])}){tried}. It is unavailable offline{make}"
-    )
-
-
-def dataset_fingerprint(arrays: dict[str, np.ndarray]) -> str:
-    """Content hash of the flat dataset arrays: a resumed run checks that it reloaded the same data
-    (the checkpoint does not copy the dataset)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for key in sorted(arrays):
-        digest.update(key.encode() + np.ascontiguousarray(arrays[key]).tobytes())
-    return f"{len(arrays['rewards'])} transitions, blake2b {digest.hexdigest()}"
-
-
-def make_env(base: str) -> gym.Env:
-    if base in ADROIT:
-        try:
-            import gymnasium_robotics  # noqa: F401  (registers the Adroit environments)
-        except ImportError:
-            raise ConfigError(f"'{base}' needs the Adroit environments: pip install gymnasium-robotics==1.4.2")
-    return gym.make(GYM_IDS[base])
-
-
-def dataset_rows(arrays: dict[str, np.ndarray]) -> torch.Tensor:
-    """Flat arrays -> replay rows [obs | action | reward | next_obs | done]; done = terminals only:
-    a time-limit truncation keeps bootstrapping."""
-    columns = [
-        arrays["observations"],
-        arrays["actions"],
-        arrays["rewards"][:, None],
-        arrays["next_observations"],
-        arrays["terminals"][:, None],
-    ]
-    return torch.from_numpy(np.concatenate(columns, axis=1))
-
-
-# ----------------------------------------------------------------------------------------------
-# Replay buffer
-# ----------------------------------------------------------------------------------------------
-class ReplayBuffer:
-    """Transitions as rows [obs | action | reward | next_obs | done] of one device tensor, so a
-    batch is one gather. When full, new rows overwrite the oldest (FIFO)."""
-
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
-        self.sizes = [obs_dim, act_dim, 1, obs_dim, 1]
-        self.rows = torch.zeros(capacity, sum(self.sizes), device=device)
-        self.capacity, self.size, self.ptr = capacity, 0, 0
-        # Host staging row: one env step is written into it and copied to the device once.
-        self.stage = torch.zeros(sum(self.sizes), pin_memory=device.type == "cuda")
-        self.stage_np = self.stage.numpy()
-        self.offsets = np.cumsum([0] + self.sizes)
-
-    def extend(self, rows: torch.Tensor) -> None:
-        """Append rows in order, to the same slots as adding them one by one would."""
-        n = rows.shape[0]
-        start = (self.ptr + max(n - self.capacity, 0)) % self.capacity
-        rows = rows[-self.capacity :].to(self.rows.device)
-        first = min(len(rows), self.capacity - start)
-        self.rows[start : start + first] = rows[:first]
-        self.rows[: len(rows) - first] = rows[first:]
-        self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
-
-    def add(self, obs, action, reward, next_obs, done) -> None:
-        for k, value in enumerate((obs, action, reward, next_obs, done)):
-            self.stage_np[self.offsets[k] : self.offsets[k + 1]] = value
-        self.rows[self.ptr].copy_(self.stage)  # blocking: the staging row is rewritten next step
-        self.ptr, self.size = (self.ptr + 1) % self.capacity, min(self.size + 1, self.capacity)
-
-    def sample(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.rows[torch.randint(0, self.size, shape, device=self.rows.device)]
-
-    def split(self, batch: torch.Tensor):
-        """Rows -> (obs, action, reward, next_obs, done), reward and done without the last dim."""
-        obs, act, rew, next_obs, done = torch.split(batch, self.sizes, dim=-1)
-        return obs, act, rew.squeeze(-1), next_obs, done.squeeze(-1)
-
-    def state_dict(self) -> dict:
-        return {"rows": self.rows[: self.size].cpu(), "ptr": self.ptr}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Rows back into the same slots; a buffer that is not full (e.g. a resumed run given a
-        larger budget) continues after its last row."""
-        self.size = len(state["rows"])
-        self.ptr = state["ptr"] if self.size == self.capacity else self.size
-        self.rows[: self.size] = state["rows"].to(self.rows.device)
-
-
-# ----------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------
 class Actor(nn.Module):
@@ -869,6 +434,693 @@ class SO2Agent:
 
 
 # ----------------------------------------------------------------------------------------------
+# Train loop
+# ----------------------------------------------------------------------------------------------
+def pretrain(run: Run, data: ReplayBuffer, step: int, loop: dict) -> None:
+    """EDAC gradient steps step+1 .. pretrain_steps; loop holds the drawn batch indices."""
+    cfg, agent = run.cfg, run.agent
+    # Indices for many steps are drawn at once; a batch is gathered per step from the device buffer.
+    chunk, indices = 1000, None if loop["indices"] is None else loop["indices"].to(run.device)
+    progress = tqdm(
+        range(step + 1, cfg.pretrain_steps + 1),
+        desc="pretrain (EDAC)",
+        unit="upd",
+        mininterval=1,
+        initial=step,
+        total=cfg.pretrain_steps,
+    )
+    for step in progress:
+        if (step - 1) % chunk == 0:
+            indices = torch.randint(0, data.size, (chunk, cfg.batch_size), device=data.rows.device)
+        losses = agent.pretrain_step(data.rows[indices[(step - 1) % chunk]], data.split)
+        run.finite.watch(losses)
+        if step % cfg.pretrain_eval_every == 0 or step == cfg.pretrain_steps:
+            run.finite.check("pretrain", step)
+            record = {
+                "phase": "pretrain",
+                "step": step,
+                "env_steps": 0,
+                **run.evaluate(agent),
+                **{k: float(v) for k, v in losses.items()},
+            }
+            run.log.write(record)
+            progress.set_postfix(score=f"{record['normalized_score']:.1f}")
+        if run.stop.signum is not None or step % cfg.checkpoint_every == 0:
+            run.save_checkpoint("pretrain", step, {"indices": indices})
+        if run.stop.signum is not None:
+            raise Stopped
+    progress.close()
+
+
+def finetune(run: Run, dataset: torch.Tensor, step: int, loop: Optional[dict]) -> None:
+    """SO2 env steps step+1 .. online_steps; loop (None at the start) holds the online rows, the
+    running episode and the counters. The mixed buffer is rebuilt from the dataset and those rows."""
+    cfg, agent, device = run.cfg, run.agent, run.device
+    fixed_alpha = None if cfg.auto_alpha else cfg.alpha
+    online = ReplayBuffer(cfg.online_steps, run.obs_dim, run.act_dim, device)
+    if cfg.batch_mode == "online+mixed":
+        # Released code: a FIFO buffer that starts as the whole shuffled dataset; online
+        # transitions overwrite its oldest (= first shuffled) rows.
+        mixed = ReplayBuffer(len(dataset), run.obs_dim, run.act_dim, device)
+        mixed.extend(dataset[torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))])
+    else:
+        mixed = ReplayBuffer(len(dataset) + cfg.online_steps, run.obs_dim, run.act_dim, device)
+        mixed.extend(dataset)
+    if cfg.compile:  # in place, so checkpoints keep their keys
+        for module in (agent.actor, agent.critic, agent.target_critic):
+            module.compile()
+    env = make_env(parse_env_name(cfg.env)[0])
+    obs, _ = env.reset(seed=cfg.seed)
+    if loop is None:
+        agent.new_optimisers(cfg.finetune_lr)
+        # --auto-alpha (paper SAC) tunes the temperature on, starting from the pretrained one.
+        alpha = agent.log_alpha.detach().exp() if cfg.auto_alpha else cfg.alpha
+        updates, critic_loss, actor_loss = 0, torch.tensor(float("nan")), torch.tensor(float("nan"))
+        run.finite.check("finetune", 0)
+        run.log.write({"phase": "finetune", "step": 0, "env_steps": 0, **run.evaluate(agent), "alpha": float(alpha)})
+    else:
+        online.load_state_dict(loop["online"])
+        mixed.extend(online.rows[: online.size])
+        restore_env_state(env, loop["env"])
+        obs, alpha, updates, critic_loss, actor_loss = (
+            loop[k] for k in ("obs", "alpha", "updates", "critic_loss", "actor_loss")
+        )
+    obs_stage = torch.zeros(run.obs_dim, pin_memory=device.type == "cuda")
+    progress = tqdm(
+        range(step + 1, cfg.online_steps + 1),
+        desc="finetune (SO2)",
+        unit="env step",
+        mininterval=1,
+        initial=step,
+        total=cfg.online_steps,
+    )
+    for env_step in progress:
+        obs_stage.numpy()[:] = obs
+        with torch.no_grad():
+            action = agent.actor(obs_stage.to(device)[None])[0][0].cpu().numpy()
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        # done = termination only; a time-limit truncation still bootstraps from next_obs.
+        online.add(obs, action, reward, next_obs, float(terminated))
+        mixed.add(obs, action, reward, next_obs, float(terminated))
+        obs = env.reset()[0] if terminated or truncated else next_obs
+
+        if env_step > cfg.warmup_steps:
+            # All utd mini-batches of this env step in one gather per buffer.
+            if cfg.batch_mode == "online+mixed":
+                batches = torch.cat(
+                    [online.sample((cfg.utd, cfg.online_batch_size)), mixed.sample((cfg.utd, cfg.mixed_batch_size))],
+                    dim=1,
+                )
+            else:
+                batches = mixed.sample((cfg.utd, cfg.online_batch_size + cfg.mixed_batch_size))
+            for k in range(cfg.utd):
+                critic_loss = agent.finetune_critic_step(batches[k], online.split, alpha)
+                updates += 1
+                if cfg.actor_update == "per-critic-step" or k == cfg.utd - 1:
+                    alpha, actor_loss = agent.actor_and_alpha_step(online.split(batches[k])[0], fixed_alpha)
+            run.finite.watch({"critic_loss": critic_loss, "actor_loss": actor_loss, "alpha": alpha})
+
+        if env_step % cfg.eval_every == 0 or env_step == cfg.online_steps:
+            run.finite.check("finetune", env_step)
+            record = {
+                "phase": "finetune",
+                "step": updates,
+                "env_steps": env_step,
+                **run.evaluate(agent),
+                "alpha": float(alpha),
+                "critic_loss": float(critic_loss),
+                "actor_loss": float(actor_loss),
+            }
+            run.log.write(record)
+            progress.set_postfix(score=f"{record['normalized_score']:.1f}")
+        if run.stop.signum is not None or env_step % cfg.checkpoint_every == 0 or env_step == cfg.online_steps:
+            loop = {
+                "online": online.state_dict(),
+                "env": env_state(env),
+                "obs": obs,
+                "alpha": alpha,
+                "updates": updates,
+                "critic_loss": critic_loss,
+                "actor_loss": actor_loss,
+            }
+            run.save_checkpoint("finetune", env_step, loop)
+        if run.stop.signum is not None:
+            raise Stopped
+    progress.close()
+
+
+def time_phases(run: Run, phase: str, step: int) -> list[tuple[str, int, float]]:
+    """(phase, steps left, seconds per step) of the rest of the run, from updates timed on a copy of
+    the agent with random rows (a finetuning step: utd critic updates and one actor update)."""
+    cfg, agent = run.cfg, copy.deepcopy(run.agent)
+    fixed = torch.Generator(run.device).manual_seed(0)  # the rows must not draw from the run's RNG
+    split = ReplayBuffer(1, run.obs_dim, run.act_dim, run.device).split
+    width = 2 * run.obs_dim + run.act_dim + 2
+    parts = []
+    if phase == "pretrain" and cfg.pretrain_steps > step:
+        rows = torch.rand(cfg.batch_size, width, device=run.device, generator=fixed)
+        parts.append(
+            (
+                "pretraining",
+                cfg.pretrain_steps - step,
+                seconds_per_call(lambda: agent.pretrain_step(rows, split), run.device, 3),
+            )
+        )
+    updating = cfg.online_steps - max(cfg.warmup_steps, step if phase == "finetune" else 0)
+    if updating > 0:
+        agent.new_optimisers(cfg.finetune_lr)
+        rows = torch.rand(cfg.online_batch_size + cfg.mixed_batch_size, width, device=run.device, generator=fixed)
+
+        def env_step() -> None:
+            for _ in range(cfg.utd):
+                agent.finetune_critic_step(rows, split, cfg.alpha)
+            agent.actor_and_alpha_step(split(rows)[0], None if cfg.auto_alpha else cfg.alpha)
+
+        parts.append(("finetuning", updating, seconds_per_call(env_step, run.device, 1)))
+    return parts
+
+
+def read_pretrained(cfg: Config) -> dict:
+    """A finished pretraining (pretrain.pt) that fits this run; ConfigError otherwise."""
+    saved = read_export(cfg.pretrained, "pretrain")
+    config = saved["config"]
+    if config["env"] != cfg.env:
+        raise ConfigError(f"checkpoint '{cfg.pretrained}' was pretrained on {config['env']}, not {cfg.env}")
+    if (config["num_critics"], config["hidden_dim"]) != (cfg.num_critics, cfg.hidden_dim):
+        raise ConfigError(
+            f"checkpoint '{cfg.pretrained}' has num_critics={config['num_critics']}, hidden_dim={config['hidden_dim']}; this run has {cfg.num_critics}, {cfg.hidden_dim}"
+        )
+    return saved
+
+
+def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
+    """A new run (checkpoint None) or the continuation of a checkpointed one, to its end."""
+    base, quality = parse_env_name(cfg.env)
+    pretrained = read_pretrained(cfg) if cfg.pretrained is not None and checkpoint is None else None
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    arrays, dataset_id = load_dataset(base, quality, cfg.random_dataset_steps)
+    dataset = dataset_rows(arrays)
+    obs_dim, act_dim = arrays["observations"].shape[1], arrays["actions"].shape[1]
+    data_info = {"id": dataset_id, "fingerprint": dataset_fingerprint(arrays)}
+    if checkpoint is not None and checkpoint["dataset"] != data_info:
+        raise ConfigError(
+            f"--resume: dataset {dataset_id} on disk is not the one the run started with ({checkpoint['dataset']['fingerprint']}, now {data_info['fingerprint']})"
+        )
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    evaluate = Evaluator(base, [make_env(base) for _ in range(cfg.eval_episodes)], cfg, device)
+    agent = SO2Agent(obs_dim, act_dim, cfg, device)
+    if pretrained is not None:
+        agent.load_state_dict(pretrained["agent"])
+    first = ("pretrain", {"indices": None}) if pretrained is None else ("finetune", None)
+    run, phase, step, loop = start_run(cfg, checkpoint, agent, evaluate, device, data_info, (obs_dim, act_dim), first)
+    print(
+        f"run {run.dir}: dataset {dataset_id} ({len(dataset)} transitions), N={cfg.num_critics}, eta={cfg.eta}, device {device}, {phase} from step {step}",
+        file=sys.stderr,
+    )
+    announce_time(time_phases(run, phase, step))
+
+    def phases(run: Run) -> None:
+        nonlocal step, loop
+        if phase == "pretrain":
+            data = ReplayBuffer(len(dataset), obs_dim, act_dim, device)
+            data.extend(dataset)
+            pretrain(run, data, step, loop)
+            del data
+            run.pretrain_time_s = run.wall_time()
+            run.export("pretrain")
+            step, loop = 0, None
+            run.save_checkpoint("finetune", step, loop)
+        if cfg.online_steps > 0:
+            finetune(run, dataset, step, loop)
+        run.export("final")
+
+    return run_to_end(run, phases)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        cfg, checkpoint = parse_args(sys.argv[1:] if argv is None else argv)
+        run_dir = train(resolve_config(cfg), checkpoint)
+    except ConfigError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:  # before the run folder exists, or a second Ctrl-C
+        print(f"{ALGO}.py: interrupted (a run folder keeps its last checkpoint)", file=sys.stderr)
+        sys.exit(130)
+    print(f"done: {run_dir}", file=sys.stderr)
+
+
+# ==============================================================================================
+# Shared plumbing: each definition below is identical in every algorithm file that has it
+# (tests/test_shared_blocks.py), so a reader of the method can stop here. Config parsing and checks,
+# environments and scores, datasets, replay buffer, evaluation and Q diagnostics, run folder.
+# ==============================================================================================
+# ----------------------------------------------------------------------------------------------
+# Config parsing and checks
+# ----------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = 1  # of checkpoint.pt, pretrain.pt and final.pt
+
+
+class ConfigError(Exception):
+    """Bad input: reported as one line on stderr, exit code 2, before any compute or run folder."""
+
+
+def fail(message: str) -> None:
+    print(f"{ALGO}.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def type_problem(value, hint) -> bool:
+    """True if value does not fit the type hint (int, float, bool, str, Optional, Literal, tuple);
+    floats must be finite."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return all(type_problem(value, arg) for arg in args)
+    if origin is Literal:
+        return value not in args
+    if origin is tuple:
+        return not isinstance(value, tuple) or any(type_problem(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is not None
+    if hint is float:
+        return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if hint is int:
+        return isinstance(value, bool) or not isinstance(value, int)
+    return not isinstance(value, hint)
+
+
+def check_types(cfg: Config, source: str) -> None:
+    hints = typing.get_type_hints(Config)
+    for f in fields(Config):
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        if type_problem(value, hint):
+            expected = {float: "a finite float", int: "int", str: "str", bool: "bool"}.get(
+                hint, str(hint).replace("typing.", "")
+            )
+            raise ConfigError(f"{source}{f.name} must be {expected}, got {value!r}")
+
+
+def check(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def writable_dir_problem(path: Path) -> Optional[str]:
+    """Why files cannot be created under path (a file in the way, no write permission), or None."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"'{existing}' is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"'{existing}' is not writable"
+    return None
+
+
+def check_common(cfg: Config) -> None:
+    """Types (from the --config file too), finite numbers, seed, evaluation, paths and device."""
+    check_types(cfg, "")
+    check(
+        [
+            (0 <= cfg.seed < 2**31, "seed must be in [0, 2^31)"),
+            (1 <= cfg.eval_episodes <= 1000, "eval_episodes must be in [1, 1000]"),
+            (cfg.eval_every >= 1 and cfg.checkpoint_every >= 1, "eval_every and checkpoint_every must be >= 1"),
+            (  # odt.py has no Q diagnostics, so no such fields
+                not hasattr(cfg, "kendall_windows") or (1 <= cfg.kendall_windows <= 10_000 and cfg.mc_tail_steps >= 0),
+                "kendall_windows must be in [1, 10000] and mc_tail_steps >= 0",
+            ),
+            (
+                cfg.run_name is None
+                or (
+                    cfg.run_name.replace("-", "").replace(".", "").replace("_", "").isalnum()
+                    and "__" not in cfg.run_name
+                ),
+                "run_name may hold letters, digits, '.', '-' and single '_' only",
+            ),
+        ]
+    )
+    problem = writable_dir_problem(Path(cfg.out_dir))
+    if problem:
+        raise ConfigError(f"out_dir '{cfg.out_dir}' cannot hold run folders: {problem}")
+    if cfg.device != "auto":
+        try:
+            if torch.device(cfg.device).type not in ("cpu", "cuda"):
+                raise RuntimeError("expected cpu or cuda")
+            torch.empty(0, device=cfg.device)
+        except (RuntimeError, AssertionError) as exc:
+            raise ConfigError(f"device '{cfg.device}' is not usable: {first_line(exc)}")
+
+
+def read_config_file(path: str) -> Config:
+    """Field values from a YAML file (lists become tuples); the type checks come later."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise TypeError("expected a mapping of field names to values")
+        return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except (OSError, yaml.YAMLError, TypeError) as exc:
+        raise ConfigError(f"cannot use config file '{path}': {first_line(exc)}")
+
+
+def read_checkpoint(run_dir: str) -> dict:
+    """RUN_DIR/checkpoint.pt of this algorithm; ConfigError otherwise."""
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        raise ConfigError(
+            f"--resume: no checkpoint.pt in '{run_dir}' (a run folder of this project's algorithm files, after its first checkpoint)"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        fmt, algo = checkpoint["format"], checkpoint["algo"]
+    except Exception as exc:
+        raise ConfigError(f"--resume: cannot read '{path}': {first_line(exc)}")
+    if fmt != CHECKPOINT_FORMAT or algo != ALGO:
+        raise ConfigError(
+            f"--resume: '{path}' is a checkpoint of algorithms/{algo}.py (format {fmt}), not of algorithms/{ALGO}.py (format {CHECKPOINT_FORMAT})"
+        )
+    return checkpoint
+
+
+def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
+    """tyro CLI -> (config, checkpoint to resume or None). --config FILE: the file's values are
+    the defaults that flags override. --resume RUN_DIR: the run's saved config is the default;
+    flags override it, except the RESUME_FIXED fields."""
+    cfg = tyro.cli(Config, args=argv)
+    if cfg.resume is not None:
+        if cfg.config is not None:
+            raise ConfigError("--resume continues with the run's saved config; leave out --config")
+        checkpoint = read_checkpoint(cfg.resume)
+        saved = replace(Config(**checkpoint["config"]), resume=cfg.resume)
+        cfg = tyro.cli(Config, args=argv, default=saved)
+        changed = [name for name in RESUME_FIXED if getattr(cfg, name) != getattr(saved, name)]
+        budget = PHASE_BUDGET[checkpoint["phase"]]
+        if getattr(cfg, budget) < checkpoint["step"]:
+            raise ConfigError(
+                f"--resume: {budget}={getattr(cfg, budget)} is below the {checkpoint['step']} steps the run has made in {checkpoint['phase']}"
+            )
+        if changed:
+            raise ConfigError(
+                f"--resume: {', '.join(changed)} cannot change in a resumed run (saved: {', '.join(f'{n}={getattr(saved, n)}' for n in changed)})"
+            )
+        return cfg, checkpoint
+    if cfg.config is not None:
+        defaults = read_config_file(cfg.config)
+        check_types(defaults, f"config file '{cfg.config}': ")  # before tyro sees the defaults
+        cfg = tyro.cli(Config, args=argv, default=replace(defaults, config=cfg.config))
+    return cfg, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Environments and scores: D4RL names -> gymnasium envs, reference scores
+# ----------------------------------------------------------------------------------------------
+GYM_IDS = {
+    "halfcheetah": "HalfCheetah-v5",
+    "hopper": "Hopper-v5",
+    "walker2d": "Walker2d-v5",
+    "ant": "Ant-v5",
+    "pen": "AdroitHandPen-v1",
+    "door": "AdroitHandDoor-v1",
+}
+
+
+ADROIT = ("pen", "door")
+
+
+# D4RL reference returns (random, expert) that define the normalised score.
+REF_SCORES = {
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+    "pen": (96.262799, 3076.833),
+    "door": (-56.512833, 2880.569),
+}
+
+
+def normalized_score(base: str, returns):
+    low, high = REF_SCORES[base]
+    return 100.0 * (np.asarray(returns) - low) / (high - low)
+
+
+def make_env(base: str) -> gym.Env:
+    if base in ADROIT:
+        try:
+            import gymnasium_robotics  # noqa: F401  (registers the Adroit environments)
+        except ImportError:
+            raise ConfigError(f"'{base}' needs the Adroit environments: pip install gymnasium-robotics==1.4.2")
+    return gym.make(GYM_IDS[base])
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets: D4RL names -> Minari datasets -> flat transition arrays (cached)
+# ----------------------------------------------------------------------------------------------
+GENERATED = ("halfcheetah", "hopper", "walker2d", "ant")  # scripts/make_dataset.py makes their sets
+LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
+ADROIT_QUALITIES = ("human", "cloned", "expert")
+
+
+def parse_env_name(name: str) -> tuple[str, str]:
+    """'walker2d-medium-replay' -> ('walker2d', 'medium-replay'); ConfigError if unknown."""
+    base, _, quality = name.partition("-")
+    if base not in GYM_IDS or quality not in (ADROIT_QUALITIES if base in ADROIT else LOCOMOTION_QUALITIES):
+        locomotion = ",".join(b for b in GYM_IDS if b not in ADROIT)
+        raise ConfigError(
+            f"unknown env '{name}'; expected {{{locomotion}}}-{{{','.join(LOCOMOTION_QUALITIES)}}} or {{{','.join(ADROIT)}}}-{{{','.join(ADROIT_QUALITIES)}}}"
+        )
+    return base, quality
+
+
+def dataset_ids(base: str, quality: str, random_steps: int) -> tuple[str, list[str]]:
+    """(local id, hub ids) tried in that order. The hub has no random, medium-replay or
+    medium-expert locomotion sets; its medium/expert sets come from other policies than D4RL's."""
+    name = quality if quality != "random" or random_steps == 1_000_000 else f"random-n{random_steps}"
+    local = f"local/{base}/{name}-v0"
+    if base in ADROIT:
+        return local, [f"D4RL/{base}/{quality}-v2"]
+    return local, [f"mujoco/{base}/{quality}-v0"] if quality in ("medium", "expert") else []
+
+
+def flatten_episodes(episodes) -> dict[str, np.ndarray]:
+    """Episodes (observations with T+1 rows, actions/rewards/terminations/truncations with T) ->
+    float32 transition arrays in D4RL's q-learning layout. terminals = terminations only: a
+    time-limit truncation is not a terminal state, and observations[t + 1] is the real next state
+    even at a truncation; timeouts marks truncations, so episode boundaries stay recoverable."""
+    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
+    for ep in episodes:
+        parts["observations"].append(ep["observations"][:-1])
+        parts["next_observations"].append(ep["observations"][1:])
+        parts["actions"].append(ep["actions"])
+        parts["rewards"].append(ep["rewards"])
+        parts["terminals"].append(ep["terminations"])
+        parts["timeouts"].append(ep["truncations"])
+    return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
+
+
+def dataset_path(dataset_id: str = "") -> Path:
+    """Minari's folder of a dataset ($MINARI_DATASETS_PATH, default ~/.minari/datasets), without
+    creating anything, so that a read-only store can be read."""
+    return Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets") / dataset_id
+
+
+def cache_key(dataset_id: str) -> str:
+    stat = (dataset_path(dataset_id) / "data" / "main_data.hdf5").stat()
+    return f"flat-v1:{dataset_id}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def save_flat_cache(dataset_id: str, arrays: dict[str, np.ndarray]) -> None:
+    path = dataset_path(dataset_id) / "flat_cache.npz"
+    tmp = path.with_name(f".flat_cache.tmp{os.getpid()}.npz")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, key=np.array(cache_key(dataset_id)), **arrays)
+        os.replace(tmp, path)
+    except OSError:  # a read-only store only costs the next load its flattening time
+        tmp.unlink(missing_ok=True)
+
+
+def read_flat_cache(dataset_id: str) -> Optional[dict[str, np.ndarray]]:
+    """The cached arrays, or None when the cache is missing, stale or unreadable (a cache miss)."""
+    try:
+        with np.load(dataset_path(dataset_id) / "flat_cache.npz") as cache:
+            if str(cache["key"]) != cache_key(dataset_id):
+                return None
+            return {k: cache[k] for k in cache.files if k != "key"}
+    except Exception:  # missing, truncated or garbage file: flatten the dataset again
+        return None
+
+
+def build_flat_cache(dataset_id: str) -> dict[str, np.ndarray]:
+    import minari
+
+    dataset = minari.load_dataset(dataset_id)
+    episodes = (
+        {
+            "observations": e.observations,
+            "actions": e.actions,
+            "rewards": e.rewards,
+            "terminations": e.terminations,
+            "truncations": e.truncations,
+        }
+        for e in dataset.iterate_episodes()
+    )
+    arrays = flatten_episodes(episodes)
+    save_flat_cache(dataset_id, arrays)
+    return arrays
+
+
+def generate_random_dataset(base: str, steps: int) -> None:
+    """*-random sets are made on the spot by scripts/make_dataset.py (D4RL random protocol), so a
+    first run needs no network. That script locks the id: concurrent first runs make it once."""
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "make_dataset.py"), f"{base}-random", "--steps", str(steps)]
+    print(
+        f"{ALGO}.py: {base}-random is not on disk; generating it: python scripts/make_dataset.py {base}-random --steps {steps}",
+        file=sys.stderr,
+    )
+    code = subprocess.run(command).returncode
+    if code in (2, 130, 143):  # bad input or a signal: the script has said why in one line
+        sys.exit(code)
+    if code != 0:
+        raise ConfigError(f"generating {base}-random failed (exit code {code}); see its output above")
+
+
+def load_dataset(base: str, quality: str, random_steps: int) -> tuple[dict[str, np.ndarray], str]:
+    """Flat transition arrays and the Minari id they came from. Order: local/<env>/<quality>-v0,
+    then the hub id on disk, then for *-random a set generated here, then a download (needs the
+    network). A damaged dataset is a ConfigError that says how to make it again."""
+    root = dataset_path()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"MINARI_DATASETS_PATH '{root}' is a file, not a folder")
+    local_id, hub_ids = dataset_ids(base, quality, random_steps)
+    on_disk = [i for i in [local_id, *hub_ids] if (dataset_path(i) / "data").exists()]
+    if not on_disk and quality == "random":
+        generate_random_dataset(base, random_steps)
+        on_disk = [local_id]
+    if not on_disk:
+        on_disk = [download_dataset(base, quality, local_id, hub_ids)]
+    dataset_id = on_disk[0]
+    remedy = f"delete {dataset_path(dataset_id)} and " + (
+        f"make it again with: python scripts/make_dataset.py {base}-{quality}"
+        if dataset_id == local_id
+        else "run again to download it"
+    )
+    if not (dataset_path(dataset_id) / "data" / "main_data.hdf5").is_file():
+        raise ConfigError(f"dataset {dataset_id} is damaged (data/main_data.hdf5 is missing); {remedy}")
+    arrays = read_flat_cache(dataset_id)
+    if arrays is None:
+        try:
+            arrays = build_flat_cache(dataset_id)
+        except Exception as exc:  # h5py / minari errors of a truncated or corrupt file
+            raise ConfigError(f"dataset {dataset_id} is damaged ({first_line(exc)}); {remedy}")
+    return arrays, dataset_id
+
+
+def download_dataset(base: str, quality: str, local_id: str, hub_ids: list[str]) -> str:
+    """Minari's download of the first hub id that works; ConfigError naming the way to make the
+    dataset offline. Without a network the hub's name does not resolve: that fails at once,
+    where the download itself would retry for ~25 s."""
+    import socket
+
+    import minari
+
+    errors = []
+    try:
+        if hub_ids:
+            socket.getaddrinfo("huggingface.co", 443)
+    except OSError as exc:
+        errors.append(f"the Minari hub (huggingface.co) is unreachable: {first_line(exc)}")
+    for hub_id in hub_ids if not errors else []:
+        try:
+            minari.download_dataset(hub_id)
+            return hub_id
+        except Exception as exc:  # no network, missing hf extra, id gone: all mean "unavailable"
+            errors.append(f"{hub_id}: {first_line(exc)}")
+    tried = f"; download failed ({'; '.join(errors)})" if errors else " and the Minari hub has no such dataset"
+    make = "" if base not in GENERATED else f"; generate it with: python scripts/make_dataset.py {base}-{quality}"
+    raise ConfigError(
+        f"dataset '{base}-{quality}' is not on disk (looked for {', '.join([local_id, *hub_ids])}){tried}. It is unavailable offline{make}"
+    )
+
+
+def dataset_fingerprint(arrays: dict[str, np.ndarray]) -> str:
+    """Content hash of the flat dataset arrays: a resumed run checks that it reloaded the same data
+    (the checkpoint does not copy the dataset)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(arrays):
+        digest.update(key.encode() + np.ascontiguousarray(arrays[key]).tobytes())
+    return f"{len(arrays['rewards'])} transitions, blake2b {digest.hexdigest()}"
+
+
+def dataset_rows(arrays: dict[str, np.ndarray]) -> torch.Tensor:
+    """Flat arrays -> replay rows [obs | action | reward | next_obs | done]; done = terminals only:
+    a time-limit truncation keeps bootstrapping."""
+    columns = [
+        arrays["observations"],
+        arrays["actions"],
+        arrays["rewards"][:, None],
+        arrays["next_observations"],
+        arrays["terminals"][:, None],
+    ]
+    return torch.from_numpy(np.concatenate(columns, axis=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Replay buffer
+# ----------------------------------------------------------------------------------------------
+class ReplayBuffer:
+    """Transitions as rows [obs | action | reward | next_obs | done] of one device tensor, so a
+    batch is one gather. When full, new rows overwrite the oldest (FIFO)."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.sizes = [obs_dim, act_dim, 1, obs_dim, 1]
+        self.rows = torch.zeros(capacity, sum(self.sizes), device=device)
+        self.capacity, self.size, self.ptr = capacity, 0, 0
+        # Host staging row: one env step is written into it and copied to the device once.
+        self.stage = torch.zeros(sum(self.sizes), pin_memory=device.type == "cuda")
+        self.stage_np = self.stage.numpy()
+        self.offsets = np.cumsum([0] + self.sizes)
+
+    def extend(self, rows: torch.Tensor) -> None:
+        """Append rows in order, to the same slots as adding them one by one would."""
+        n = rows.shape[0]
+        start = (self.ptr + max(n - self.capacity, 0)) % self.capacity
+        rows = rows[-self.capacity :].to(self.rows.device)
+        first = min(len(rows), self.capacity - start)
+        self.rows[start : start + first] = rows[:first]
+        self.rows[: len(rows) - first] = rows[first:]
+        self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
+
+    def add(self, obs, action, reward, next_obs, done) -> None:
+        for k, value in enumerate((obs, action, reward, next_obs, done)):
+            self.stage_np[self.offsets[k] : self.offsets[k + 1]] = value
+        self.rows[self.ptr].copy_(self.stage)  # blocking: the staging row is rewritten next step
+        self.ptr, self.size = (self.ptr + 1) % self.capacity, min(self.size + 1, self.capacity)
+
+    def sample(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.rows[torch.randint(0, self.size, shape, device=self.rows.device)]
+
+    def split(self, batch: torch.Tensor):
+        """Rows -> (obs, action, reward, next_obs, done), reward and done without the last dim."""
+        obs, act, rew, next_obs, done = torch.split(batch, self.sizes, dim=-1)
+        return obs, act, rew.squeeze(-1), next_obs, done.squeeze(-1)
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows[: self.size].cpu(), "ptr": self.ptr}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Rows back into the same slots; a buffer that is not full (e.g. a resumed run given a
+        larger budget) continues after its last row."""
+        self.size = len(state["rows"])
+        self.ptr = state["ptr"] if self.size == self.capacity else self.size
+        self.rows[: self.size] = state["rows"].to(self.rows.device)
+
+
+# ----------------------------------------------------------------------------------------------
 # Evaluation and Q diagnostics
 # ----------------------------------------------------------------------------------------------
 def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
@@ -993,7 +1245,7 @@ class Evaluator:
 
 
 # ----------------------------------------------------------------------------------------------
-# Run folder: name, metrics, checkpoint, signals, divergence (the same block in every algorithm file)
+# Run folder: name, metrics, checkpoint, signals, divergence
 # ----------------------------------------------------------------------------------------------
 # Exit codes: 0 finished, 2 bad input, 3 diverged; a SIGINT / SIGTERM exits with 128 + its number
 # (130 / 143) once the checkpoint is written.
@@ -1395,244 +1647,6 @@ def run_to_end(run: Run, train_phases) -> Path:
         )
         sys.exit(EXIT_DIVERGED)
     return run.dir
-
-
-# ----------------------------------------------------------------------------------------------
-# Train loop
-# ----------------------------------------------------------------------------------------------
-def pretrain(run: Run, data: ReplayBuffer, step: int, loop: dict) -> None:
-    """EDAC gradient steps step+1 .. pretrain_steps; loop holds the drawn batch indices."""
-    cfg, agent = run.cfg, run.agent
-    # Indices for many steps are drawn at once; a batch is gathered per step from the device buffer.
-    chunk, indices = 1000, None if loop["indices"] is None else loop["indices"].to(run.device)
-    progress = tqdm(
-        range(step + 1, cfg.pretrain_steps + 1),
-        desc="pretrain (EDAC)",
-        unit="upd",
-        mininterval=1,
-        initial=step,
-        total=cfg.pretrain_steps,
-    )
-    for step in progress:
-        if (step - 1) % chunk == 0:
-            indices = torch.randint(0, data.size, (chunk, cfg.batch_size), device=data.rows.device)
-        losses = agent.pretrain_step(data.rows[indices[(step - 1) % chunk]], data.split)
-        run.finite.watch(losses)
-        if step % cfg.pretrain_eval_every == 0 or step == cfg.pretrain_steps:
-            run.finite.check("pretrain", step)
-            record = {
-                "phase": "pretrain",
-                "step": step,
-                "env_steps": 0,
-                **run.evaluate(agent),
-                **{k: float(v) for k, v in losses.items()},
-            }
-            run.log.write(record)
-            progress.set_postfix(score=f"{record['normalized_score']:.1f}")
-        if run.stop.signum is not None or step % cfg.checkpoint_every == 0:
-            run.save_checkpoint("pretrain", step, {"indices": indices})
-        if run.stop.signum is not None:
-            raise Stopped
-    progress.close()
-
-
-def finetune(run: Run, dataset: torch.Tensor, step: int, loop: Optional[dict]) -> None:
-    """SO2 env steps step+1 .. online_steps; loop (None at the start) holds the online rows, the
-    running episode and the counters. The mixed buffer is rebuilt from the dataset and those rows."""
-    cfg, agent, device = run.cfg, run.agent, run.device
-    fixed_alpha = None if cfg.auto_alpha else cfg.alpha
-    online = ReplayBuffer(cfg.online_steps, run.obs_dim, run.act_dim, device)
-    if cfg.batch_mode == "online+mixed":
-        # Released code: a FIFO buffer that starts as the whole shuffled dataset; online
-        # transitions overwrite its oldest (= first shuffled) rows.
-        mixed = ReplayBuffer(len(dataset), run.obs_dim, run.act_dim, device)
-        mixed.extend(dataset[torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))])
-    else:
-        mixed = ReplayBuffer(len(dataset) + cfg.online_steps, run.obs_dim, run.act_dim, device)
-        mixed.extend(dataset)
-    if cfg.compile:  # in place, so checkpoints keep their keys
-        for module in (agent.actor, agent.critic, agent.target_critic):
-            module.compile()
-    env = make_env(parse_env_name(cfg.env)[0])
-    obs, _ = env.reset(seed=cfg.seed)
-    if loop is None:
-        agent.new_optimisers(cfg.finetune_lr)
-        # --auto-alpha (paper SAC) tunes the temperature on, starting from the pretrained one.
-        alpha = agent.log_alpha.detach().exp() if cfg.auto_alpha else cfg.alpha
-        updates, critic_loss, actor_loss = 0, torch.tensor(float("nan")), torch.tensor(float("nan"))
-        run.finite.check("finetune", 0)
-        run.log.write({"phase": "finetune", "step": 0, "env_steps": 0, **run.evaluate(agent), "alpha": float(alpha)})
-    else:
-        online.load_state_dict(loop["online"])
-        mixed.extend(online.rows[: online.size])
-        restore_env_state(env, loop["env"])
-        obs, alpha, updates, critic_loss, actor_loss = (
-            loop[k] for k in ("obs", "alpha", "updates", "critic_loss", "actor_loss")
-        )
-    obs_stage = torch.zeros(run.obs_dim, pin_memory=device.type == "cuda")
-    progress = tqdm(
-        range(step + 1, cfg.online_steps + 1),
-        desc="finetune (SO2)",
-        unit="env step",
-        mininterval=1,
-        initial=step,
-        total=cfg.online_steps,
-    )
-    for env_step in progress:
-        obs_stage.numpy()[:] = obs
-        with torch.no_grad():
-            action = agent.actor(obs_stage.to(device)[None])[0][0].cpu().numpy()
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        # done = termination only; a time-limit truncation still bootstraps from next_obs.
-        online.add(obs, action, reward, next_obs, float(terminated))
-        mixed.add(obs, action, reward, next_obs, float(terminated))
-        obs = env.reset()[0] if terminated or truncated else next_obs
-
-        if env_step > cfg.warmup_steps:
-            # All utd mini-batches of this env step in one gather per buffer.
-            if cfg.batch_mode == "online+mixed":
-                batches = torch.cat(
-                    [online.sample((cfg.utd, cfg.online_batch_size)), mixed.sample((cfg.utd, cfg.mixed_batch_size))],
-                    dim=1,
-                )
-            else:
-                batches = mixed.sample((cfg.utd, cfg.online_batch_size + cfg.mixed_batch_size))
-            for k in range(cfg.utd):
-                critic_loss = agent.finetune_critic_step(batches[k], online.split, alpha)
-                updates += 1
-                if cfg.actor_update == "per-critic-step" or k == cfg.utd - 1:
-                    alpha, actor_loss = agent.actor_and_alpha_step(online.split(batches[k])[0], fixed_alpha)
-            run.finite.watch({"critic_loss": critic_loss, "actor_loss": actor_loss, "alpha": alpha})
-
-        if env_step % cfg.eval_every == 0 or env_step == cfg.online_steps:
-            run.finite.check("finetune", env_step)
-            record = {
-                "phase": "finetune",
-                "step": updates,
-                "env_steps": env_step,
-                **run.evaluate(agent),
-                "alpha": float(alpha),
-                "critic_loss": float(critic_loss),
-                "actor_loss": float(actor_loss),
-            }
-            run.log.write(record)
-            progress.set_postfix(score=f"{record['normalized_score']:.1f}")
-        if run.stop.signum is not None or env_step % cfg.checkpoint_every == 0 or env_step == cfg.online_steps:
-            loop = {
-                "online": online.state_dict(),
-                "env": env_state(env),
-                "obs": obs,
-                "alpha": alpha,
-                "updates": updates,
-                "critic_loss": critic_loss,
-                "actor_loss": actor_loss,
-            }
-            run.save_checkpoint("finetune", env_step, loop)
-        if run.stop.signum is not None:
-            raise Stopped
-    progress.close()
-
-
-def time_phases(run: Run, phase: str, step: int) -> list[tuple[str, int, float]]:
-    """(phase, steps left, seconds per step) of the rest of the run, from updates timed on a copy of
-    the agent with random rows (a finetuning step: utd critic updates and one actor update)."""
-    cfg, agent = run.cfg, copy.deepcopy(run.agent)
-    fixed = torch.Generator(run.device).manual_seed(0)  # the rows must not draw from the run's RNG
-    split = ReplayBuffer(1, run.obs_dim, run.act_dim, run.device).split
-    width = 2 * run.obs_dim + run.act_dim + 2
-    parts = []
-    if phase == "pretrain" and cfg.pretrain_steps > step:
-        rows = torch.rand(cfg.batch_size, width, device=run.device, generator=fixed)
-        parts.append(
-            (
-                "pretraining",
-                cfg.pretrain_steps - step,
-                seconds_per_call(lambda: agent.pretrain_step(rows, split), run.device, 3),
-            )
-        )
-    updating = cfg.online_steps - max(cfg.warmup_steps, step if phase == "finetune" else 0)
-    if updating > 0:
-        agent.new_optimisers(cfg.finetune_lr)
-        rows = torch.rand(cfg.online_batch_size + cfg.mixed_batch_size, width, device=run.device, generator=fixed)
-
-        def env_step() -> None:
-            for _ in range(cfg.utd):
-                agent.finetune_critic_step(rows, split, cfg.alpha)
-            agent.actor_and_alpha_step(split(rows)[0], None if cfg.auto_alpha else cfg.alpha)
-
-        parts.append(("finetuning", updating, seconds_per_call(env_step, run.device, 1)))
-    return parts
-
-
-def read_pretrained(cfg: Config) -> dict:
-    """A finished pretraining (pretrain.pt) that fits this run; ConfigError otherwise."""
-    saved = read_export(cfg.pretrained, "pretrain")
-    config = saved["config"]
-    if config["env"] != cfg.env:
-        raise ConfigError(f"checkpoint '{cfg.pretrained}' was pretrained on {config['env']}, not {cfg.env}")
-    if (config["num_critics"], config["hidden_dim"]) != (cfg.num_critics, cfg.hidden_dim):
-        raise ConfigError(
-            f"checkpoint '{cfg.pretrained}' has num_critics={config['num_critics']}, hidden_dim={config['hidden_dim']}; this run has {cfg.num_critics}, {cfg.hidden_dim}"
-        )
-    return saved
-
-
-def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
-    """A new run (checkpoint None) or the continuation of a checkpointed one, to its end."""
-    base, quality = parse_env_name(cfg.env)
-    pretrained = read_pretrained(cfg) if cfg.pretrained is not None and checkpoint is None else None
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    arrays, dataset_id = load_dataset(base, quality, cfg.random_dataset_steps)
-    dataset = dataset_rows(arrays)
-    obs_dim, act_dim = arrays["observations"].shape[1], arrays["actions"].shape[1]
-    data_info = {"id": dataset_id, "fingerprint": dataset_fingerprint(arrays)}
-    if checkpoint is not None and checkpoint["dataset"] != data_info:
-        raise ConfigError(
-            f"--resume: dataset {dataset_id} on disk is not the one the run started with ({checkpoint['dataset']['fingerprint']}, now {data_info['fingerprint']})"
-        )
-
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    evaluate = Evaluator(base, [make_env(base) for _ in range(cfg.eval_episodes)], cfg, device)
-    agent = SO2Agent(obs_dim, act_dim, cfg, device)
-    if pretrained is not None:
-        agent.load_state_dict(pretrained["agent"])
-    first = ("pretrain", {"indices": None}) if pretrained is None else ("finetune", None)
-    run, phase, step, loop = start_run(cfg, checkpoint, agent, evaluate, device, data_info, (obs_dim, act_dim), first)
-    print(
-        f"run {run.dir}: dataset {dataset_id} ({len(dataset)} transitions), N={cfg.num_critics}, eta={cfg.eta}, device {device}, {phase} from step {step}",
-        file=sys.stderr,
-    )
-    announce_time(time_phases(run, phase, step))
-
-    def phases(run: Run) -> None:
-        nonlocal step, loop
-        if phase == "pretrain":
-            data = ReplayBuffer(len(dataset), obs_dim, act_dim, device)
-            data.extend(dataset)
-            pretrain(run, data, step, loop)
-            del data
-            run.pretrain_time_s = run.wall_time()
-            run.export("pretrain")
-            step, loop = 0, None
-            run.save_checkpoint("finetune", step, loop)
-        if cfg.online_steps > 0:
-            finetune(run, dataset, step, loop)
-        run.export("final")
-
-    return run_to_end(run, phases)
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    try:
-        cfg, checkpoint = parse_args(sys.argv[1:] if argv is None else argv)
-        run_dir = train(resolve_config(cfg), checkpoint)
-    except ConfigError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:  # before the run folder exists, or a second Ctrl-C
-        print(f"{ALGO}.py: interrupted (a run folder keeps its last checkpoint)", file=sys.stderr)
-        sys.exit(130)
-    print(f"done: {run_dir}", file=sys.stderr)
 
 
 if __name__ == "__main__":

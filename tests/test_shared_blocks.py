@@ -1,7 +1,9 @@
-"""The blocks that every algorithm file copies on purpose stay identical, and the files keep one
-section order. A reader who diffs two algorithm files should see only the algorithms."""
+"""Every algorithm file reads as its method first, then one banner, then the shared plumbing. Each
+definition of the plumbing is identical in every file that has it, so a reader who diffs two
+algorithm files sees only the methods."""
 
 import ast
+import functools
 import re
 
 import pytest
@@ -9,89 +11,120 @@ import pytest
 from conftest import REPO
 
 FILES = sorted((REPO / "algorithms").glob("*.py"))
-
-# Same-named top-level definitions that differ on purpose, and why. Everything else defined in two
-# or more algorithm files must be identical, character for character.
+BANNER = "identical in every algorithm file"
+RULE = r"# -{90,}"
+# The method's sections, in this order; "Method data" (a method's own dataset handling or buffer) is optional.
+PART1 = ["Config", "Method data", "Networks", "Losses and updates", "Train loop"]
+# The plumbing's sections, in this order; a file leaves out those it does not use (sac.py has no dataset).
+PART2 = [
+    "Config parsing and checks",
+    "Environments and scores",
+    "Datasets",
+    "Replay buffer",
+    "Evaluation and Q diagnostics",
+    "Run folder",
+]
+# Definitions of the method (above the banner) that share a name with another file's and differ, and why.
 DELIBERATE = {
     "Config": "each algorithm has its own fields",
     "RESUME_FIXED": "the fields a resumed run cannot change depend on the algorithm",
     "PHASE_BUDGET": "sac.py has one phase, online, with its own budget field",
     "resolve_config": "the checks of each algorithm's own fields",
-    "parse_env_name": "cal_ql.py also takes AntMaze names",
-    "dataset_ids": "cal_ql.py also resolves AntMaze ids",
-    "build_flat_cache": "cal_ql.py flattens AntMaze's dict observations",
-    "make_env": "cal_ql.py recovers AntMaze envs from the dataset; sac.py takes a bare env name",
-    "GYM_IDS": "sac.py trains the locomotion envs only; cal_ql.py adds AntMaze",
-    "REF_SCORES": "the same constants for the envs each file supports",
-    "ReplayBuffer": "cal_ql.py stores the return-to-go and appends whole trajectories",
+    "ALGO": "the file's name",
+    "FIRST_RESULT": "the way to a first result on a CPU differs per algorithm",
     "VectorizedCritic": "each method's released init: EDAC's (so2, cal_ql), nn.Linear's (td3_bc; sac, which "
     "trained the shipped behaviour policies), orthogonal (iql)",
     "pretrain": "the algorithm's own update",
     "finetune": "the algorithm's own online loop",
+    "time_phases": "the phases and updates of each algorithm",
     "read_pretrained": "the network sizes a pretraining must match",
     "train": "the algorithm's own phases",
-    "ALGO": "the file's name",
-    "FIRST_RESULT": "the way to a first result on a CPU differs per algorithm",
-    "time_phases": "the phases and updates of each algorithm",
+    # cal_ql.py's own versions of shared pieces (its "Method data" section)
+    "REF_SCORES": "cal_ql.py adds AntMaze's success rate",
+    "parse_env_name": "cal_ql.py also takes AntMaze names",
+    "dataset_ids": "cal_ql.py also resolves AntMaze ids",
+    "build_flat_cache": "cal_ql.py flattens AntMaze's dict observations",
+    "make_env": "cal_ql.py recovers AntMaze envs from the dataset",
+    "ReplayBuffer": "cal_ql.py stores the return-to-go and appends whole trajectories",
+    # odt.py's own evaluator
     "Evaluator": "odt.py's policy reads a window of returns-to-go, states and actions, and has no Q to diagnose",
-    "check_common": "odt.py has no Q diagnostics, so no kendall_windows / mc_tail_steps to check",
 }
 
 
-def top_level(path) -> dict[str, str]:
-    source = path.read_text()
+def definitions(source: str, start: int = 0, end: int | None = None) -> dict[str, str]:
+    """Top-level functions, classes and assignments whose text starts in source[start:end]."""
+    end = len(source) if end is None else end
     out = {}
+    line_starts = [0]
+    for line in source.splitlines(keepends=True):
+        line_starts.append(line_starts[-1] + len(line))
     for node in ast.parse(source).body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            out[node.name] = ast.get_source_segment(source, node)
+            name = node.name
         elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            out[node.targets[0].id] = ast.get_source_segment(source, node)
+            name = node.targets[0].id
+        else:
+            continue
+        if start <= line_starts[node.lineno - 1] < end:
+            out[name] = ast.get_source_segment(source, node)
     return out
 
 
-def test_shared_definitions_are_identical():
-    definitions = {path.name: top_level(path) for path in FILES}
-    shared = {
-        name for defs in definitions.values() for name in defs if sum(name in d for d in definitions.values()) > 1
-    }
-    assert {
-        "Evaluator",
-        "RunLog",
-        "Run",
-        "load_dataset",
-        "Actor",
-        "parse_args",
-    } <= shared  # the check looks at real blocks
+@functools.cache
+def parts(path) -> tuple[dict[str, str], dict[str, str]]:
+    """(definitions above the banner, definitions below it)."""
+    source = path.read_text()
+    banner = source.index(BANNER)
+    return definitions(source, 0, banner), definitions(source, banner)
+
+
+def test_plumbing_is_identical_in_every_file_that_has_it():
+    plumbing = {path.name: parts(path)[1] for path in FILES}
+    assert {"Evaluator", "RunLog", "Run", "load_dataset", "parse_args", "ReplayBuffer"} <= {
+        name for defs in plumbing.values() for name in defs
+    }  # the check looks at real blocks
     differing = []
-    for name in sorted(shared - set(DELIBERATE)):
-        versions = {defs[name] for defs in definitions.values() if name in defs}
+    for name in sorted({name for defs in plumbing.values() for name in defs}):
+        versions = {defs[name] for defs in plumbing.values() if name in defs}
         if len(versions) > 1:
-            differing.append(f"{name} ({', '.join(f for f, d in definitions.items() if name in d)})")
+            differing.append(f"{name} ({', '.join(f for f, d in plumbing.items() if name in d)})")
+    assert not differing, f"plumbing definitions differ: {differing}"
+
+
+def test_shared_method_definitions_are_identical_unless_listed():
+    """Above the banner too, a definition that two files share (Actor, soft_update, sera_reward, ...)
+    is identical, or DELIBERATE says why not."""
+    files = [{**below, **above} for above, below in map(parts, FILES)]
+    method = {name for path in FILES for name in parts(path)[0]}
+    differing = []
+    for name in sorted(method - set(DELIBERATE)):
+        if len({defs[name] for defs in files if name in defs}) > 1:
+            differing.append(name)
     assert not differing, f"shared definitions differ: {differing}"
 
 
-def test_deliberate_differences_are_real():
-    """An entry of DELIBERATE whose copies became identical (or that no file defines twice) is
-    stale and must go, so the list stays short and true."""
-    definitions = [top_level(path) for path in FILES]
+def test_deliberate_differences_are_real_and_in_the_method():
+    """An entry of DELIBERATE whose copies became identical is stale, so the list stays short and
+    true; and no file defines a name both above and below the banner."""
+    files = [parts(path) for path in FILES]
     for name in DELIBERATE:
-        versions = {defs[name] for defs in definitions if name in defs}
+        versions = {d[name] for above, below in files for d in (above, below) if name in d}
         assert len(versions) > 1, f"{name}: listed as a deliberate difference but its copies are identical"
+    for path, (above, below) in zip(FILES, files):
+        assert not (set(below) & set(above)), path.name
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
-def test_section_order(path):
-    """Every algorithm file has the same sections in the same order."""
-    headers = re.findall(r"^# -{90,}\n# ([^\n:(]+).*\n# -{90,}$", path.read_text(), flags=re.M)
-    expected = [
-        "Config",
-        "Config parsing and checks",
-        "Datasets" if path.name != "sac.py" else "Environment and scores",
-        "Replay buffer",
-        "Networks",
-        "Losses and updates",
-        "Evaluation and Q diagnostics",
-        "Run folder",
-        "Train loop",
-    ]
-    assert [h.strip() for h in headers] == expected
+def test_method_first_then_plumbing(path):
+    """Part 1 (the method) in PART1's order, the banner, then Part 2 in PART2's order; the
+    __main__ guard ends the file."""
+    source = path.read_text()
+    banner = source.index(BANNER)
+    title = re.compile(rf"^{RULE}\n# ([^\n:(]+).*\n{RULE}$", re.M)
+    above = [m.group(1).strip() for m in title.finditer(source[:banner])]
+    below = [m.group(1).strip() for m in title.finditer(source[banner:])]
+    assert above[0] == "Config" and above == [s for s in PART1 if s in above], above
+    assert {"Networks", "Losses and updates", "Train loop"} <= set(above)
+    assert below == [s for s in PART2 if s in below] and {"Config parsing and checks", "Run folder"} <= set(below)
+    assert source.rstrip().endswith('if __name__ == "__main__":\n    main()')
+    assert "def main(" in source[:banner]  # main stands with the method, above the helpers it calls
