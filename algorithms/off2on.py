@@ -74,6 +74,7 @@ Deliberate differences from the releases:
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import itertools
 import json
@@ -1501,6 +1502,19 @@ def new_run_dir(cfg: Config) -> Path:
             continue
 
 
+def lock_run_dir(run_dir: Path):
+    """Hold run_dir for this process: a second process on the same folder (a double launch, a requeue
+    beside a stale job) is refused in one line. The kernel drops the lock when its process ends,
+    kill -9 included, so a dead run never blocks its resume. Returns the open lock file."""
+    handle = open(run_dir / ".lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(f"run folder '{run_dir}' is in use by another process; wait for it to end or stop it first")
+    return handle
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import version
 
@@ -1680,6 +1694,7 @@ class Run:
     stop: StopSignal
     finite: FiniteCheck
     wall_before: float  # seconds run before this process (resumed runs)
+    lock: object  # the run folder's lock file, held until the run ends
     pretrain_time_s: Optional[float] = None
     started: float = field(default_factory=time.time)
 
@@ -1806,12 +1821,13 @@ def start_run(
         agent.load_state_dict(checkpoint["agent"])
         restore_rng_state(checkpoint["rng"], device)
     run_dir = new_run_dir(cfg) if checkpoint is None else Path(cfg.resume)
+    lock = lock_run_dir(run_dir)
     config = {**asdict(cfg), "dataset_id": None if dataset is None else dataset["id"], "device_resolved": str(device)}
     atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
     run = Run(
         cfg=cfg, dir=run_dir, device=device, agent=agent, evaluate=evaluate, dataset=dataset, obs_dim=dims[0], act_dim=dims[1],
         log=RunLog(run_dir, cfg, [] if checkpoint is None else checkpoint["records"]), stop=stop, finite=FiniteCheck(agent),
-        wall_before=0.0 if checkpoint is None else checkpoint["wall_time_s"],
+        wall_before=0.0 if checkpoint is None else checkpoint["wall_time_s"], lock=lock,
         pretrain_time_s=None if checkpoint is None else checkpoint["pretrain_time_s"],
     )  # fmt: skip
     if checkpoint is None:
@@ -1831,6 +1847,7 @@ def run_to_end(run: Run, train_phases) -> Path:
         status, error = "diverged", str(exc)
     run.write_summary(status, error)
     run.log.close()
+    run.lock.close()
     run.stop.restore()
     if status == "interrupted":
         resume = f"python algorithms/{ALGO}.py --resume {run.dir}"

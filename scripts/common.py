@@ -1,4 +1,4 @@
-"""Helpers shared by the scripts: an algorithm file imported as a module, and update timing."""
+"""Helpers shared by the scripts and tests: a file of the repository imported as a module, and update timing."""
 
 import importlib.util
 import sys
@@ -10,14 +10,22 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
-def load_algorithm(name: str):
-    """Import algorithms/<name>.py (a standalone script, not a package) as the module <name>."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "algorithms" / f"{name}.py")
+def load_script(relative: str):
+    """Import a standalone file of the repository (algorithms/so2.py, scripts/report.py, ...) as the module
+    named after it. The algorithm files are scripts, not a package: this is the one way scripts/ and tests/
+    import them, e.g. load_script("algorithms/so2.py").RECORD_KEYS."""
+    path = REPO / relative
+    if path.stem not in sys.modules:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses resolve their module while it executes
+        sys.modules[path.stem] = module  # dataclasses resolve their module while it executes
         spec.loader.exec_module(module)
-    return sys.modules[name]
+    return sys.modules[path.stem]
+
+
+def load_algorithm(name: str):
+    """algorithms/<name>.py as the module <name>."""
+    return load_script(f"algorithms/{name}.py")
 
 
 def time_updates(fn, steps: int, device: torch.device) -> float:

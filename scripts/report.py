@@ -31,6 +31,7 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
@@ -85,28 +86,32 @@ def find_runs(paths: tuple[str, ...]) -> list[Run]:
     )
     runs = []
     for folder in folders:
-        summary = json.loads((folder / "summary.json").read_text())
-        if summary.get("status") != "finished":
-            continue  # interrupted or diverged: not a result
-        config = yaml.safe_load((folder / "config.yaml").read_text())
-        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-        online = [r for r in records if r["phase"] != "pretrain"]
-        if not online:
-            continue  # a pretraining-only run
-        finetune_time = summary["wall_time_s"] - (summary.get("pretrain_time_s") or 0.0)
-        steps = np.array([r["env_steps"] for r in online], dtype=float)
-        runs.append(
-            Run(
-                config["env"],
-                config.get("run_name") or "default",
-                config["seed"],
-                steps,
-                online,
-                finetune_time,
-                summary,
-            )
-        )
+        try:
+            run = read_run(folder)
+        except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
+            print(f"report.py: skipped damaged run {folder}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        if run is not None:
+            runs.append(run)
     return runs
+
+
+def read_run(folder: Path) -> Optional[Run]:
+    """A finished run with finetuning records, or None (interrupted, diverged or pretraining only: not a
+    result). A damaged or half-copied file raises."""
+    summary = json.loads((folder / "summary.json").read_text())
+    if summary.get("status") != "finished":
+        return None
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    online = [r for r in records if r["phase"] != "pretrain"]
+    if not online:
+        return None
+    finetune_time = summary["wall_time_s"] - (summary.get("pretrain_time_s") or 0.0)
+    steps = np.array([r["env_steps"] for r in online], dtype=float)
+    return Run(
+        config["env"], config.get("run_name") or "default", config["seed"], steps, online, finetune_time, summary
+    )
 
 
 def bootstrap_ci(values: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:

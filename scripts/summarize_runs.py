@@ -56,7 +56,10 @@ def main(args: Args) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for folder in args.folders:
-        print("| " + row(Path(folder)) + " |")
+        try:
+            print("| " + row(Path(folder)) + " |")
+        except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
+            print(f"summarize_runs.py: skipped damaged run {folder}: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

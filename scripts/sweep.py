@@ -21,6 +21,8 @@ Each run has its own folder <out_dir>/<name>/<dataset>/<variant or pretrain>/see
 config it was given (sweep_config.yaml), the logs of every attempt (logs/) and the algorithm's run
 folder. Running the sweep again finds them: finished runs are skipped, interrupted or killed runs
 continue with --resume, runs that failed before are tried again. A run that diverged stays failed.
+A run whose folder another process holds (a second sweep on the same runs) is reported as in use,
+not as a failure; a damaged summary.json beside a checkpoint is reported and the run resumes.
 Local workers are pinned to one torch thread each (OMP_NUM_THREADS=1), so two runs share two
 cores without oversubscription. Ctrl-C (or SIGTERM) asks every running run to checkpoint, then
 stops; run the same command to continue. Exit code 0 when every run finished, 1 otherwise.
@@ -124,12 +126,16 @@ def run_folder(spec: RunSpec) -> Optional[Path]:
 
 
 def state(spec: RunSpec) -> str:
-    """done, diverged, resumable (a checkpoint to continue from) or new."""
+    """done, diverged, resumable (a checkpoint to continue from), damaged (a checkpoint beside an unreadable
+    summary.json: resumable, and resuming rewrites the summary) or new."""
     folder = run_folder(spec)
     if folder is None:
         return "new"
     summary = folder / "summary.json"
-    status = json.loads(summary.read_text())["status"] if summary.exists() else None
+    try:
+        status = json.loads(summary.read_text())["status"] if summary.exists() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return "damaged"
     return {"finished": "done", "diverged": "diverged"}.get(status, "resumable")
 
 
@@ -172,12 +178,15 @@ def last_error(log: Path) -> str:
 # ----------------------------------------------------------------------------------------------
 def run_local(specs: list[RunSpec], workers: int, retries: int) -> dict[str, str]:
     """Run everything that is not done, `workers` at a time, respecting dependencies; the final
-    state of every run (done / failed / blocked / stopped)."""
+    state of every run (done / failed / blocked / stopped / in use: another process holds its folder)."""
     stop: list[int] = []
     handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     running: dict[str, tuple[RunSpec, subprocess.Popen, float, Path]] = {}
     # runs that ended before this call count from the first progress line on
     final = {s.id: {"done": "done", "diverged": "failed"}[state(s)] for s in specs if state(s) in ("done", "diverged")}
+    for spec in specs:
+        if state(spec) == "damaged":
+            print(f"damaged summary.json in {run_folder(spec)}: the run resumes from its checkpoint", file=sys.stderr)
     shown = None
     try:
         while True:
@@ -191,6 +200,9 @@ def run_local(specs: list[RunSpec], workers: int, retries: int) -> dict[str, str
                     final[spec_id] = "done"
                 elif stop:
                     final[spec_id] = "stopped"
+                elif process.returncode == 2 and "in use by another process" in last_error(log):
+                    final[spec_id] = "in use"  # another process runs it: not a failure, and not to retry
+                    print(f"IN USE {spec_id}: {last_error(log)}", file=sys.stderr, flush=True)
                 elif now == "diverged" or spec.attempts > retries:
                     final[spec_id] = "failed"
                     print(
@@ -251,11 +263,13 @@ def progress_line(specs: list[RunSpec], final: dict[str, str], running: dict, wo
     """done / running / failed / waiting, with an ETA from the mean time of the runs finished here."""
     done = sum(v == "done" for v in final.values())
     failed = sum(v in ("failed", "blocked") for v in final.values())
-    waiting = len(specs) - done - failed - len(running)
+    in_use = sum(v == "in use" for v in final.values())
+    waiting = len(specs) - done - failed - in_use - len(running)
     times = [d for s in specs for d in s.durations]
     eta = f", ETA {sum(times) / len(times) * (waiting + len(running)) / workers / 60:.0f} min" if times else ""
     return (
-        f"[sweep] {done} done, {len(running)} running ({', '.join(running)}), {failed} failed, {waiting} waiting{eta}"
+        f"[sweep] {done} done, {len(running)} running ({', '.join(running)}), {failed} failed, "
+        f"{in_use} in use elsewhere, {waiting} waiting{eta}"
     )
 
 
@@ -364,9 +378,9 @@ def main(args: Args) -> int:
     final = (
         run_submitit(specs, sweep, args, root) if args.backend != "local" else run_local(specs, args.workers, retries)
     )
-    counts = {k: sum(v == k for v in final.values()) for k in ("done", "failed", "blocked", "stopped")}
+    counts = {k: sum(v == k for v in final.values()) for k in ("done", "failed", "blocked", "stopped", "in use")}
     print(
-        f"[sweep] {sweep['name']}: {counts['done']}/{len(specs)} done, {counts['failed']} failed, {counts['blocked']} blocked by a failed pretraining, {counts['stopped']} stopped; runs in {root}",
+        f"[sweep] {sweep['name']}: {counts['done']}/{len(specs)} done, {counts['failed']} failed, {counts['blocked']} blocked by a failed pretraining, {counts['stopped']} stopped, {counts['in use']} in use by another process; runs in {root}",
         file=sys.stderr,
     )
     if args.backend == "slurm":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -17,21 +16,12 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+from common import load_script  # noqa: E402  (the one way to import an algorithm file; re-exported to the tests)
+
 # One torch thread here too: the suite runs as two pytest-xdist workers on two cores, beside
 # single-threaded script subprocesses; more threads would oversubscribe the cores.
 torch.set_num_threads(1)
-
-
-def load_script(relative: str):
-    """Import a standalone script (algorithms/so2.py, ...) as a module."""
-    path = REPO / relative
-    name = path.stem
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses resolve their module while it executes
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @pytest.fixture(scope="session")

@@ -178,3 +178,35 @@ def test_q_table_averages_evaluations_from_q_from(tmp_path, datasets_root):
     }
     # From 1,000 steps: tau run means 1.5 and 2.5.
     assert row("--q-from", "1000")["kendall_tau"] == "2.00 ± 0.71"
+
+
+def damage(folder, name: str) -> None:
+    """A half-copied file: its first half only (a JSON line or document cut in the middle)."""
+    text = (folder / name).read_text()
+    (folder / name).write_text(text[: len(text) // 2])
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "summary.json"])
+def test_a_damaged_run_is_one_line_and_the_report_is_still_made(name, tmp_path, datasets_root):
+    for seed in range(3):
+        write_run(tmp_path / "runs" / f"seed{seed}", "hopper-random", "so2", seed)
+    damage(tmp_path / "runs" / "seed1", name)
+    result = report_of(tmp_path, datasets_root)
+    skipped = [line for line in result.stderr.splitlines() if "skipped damaged run" in line]
+    assert len(skipped) == 1 and "seed1" in skipped[0]
+    assert "report of 2 runs" in result.stdout and (tmp_path / "report" / "table.md").exists()
+
+
+def test_summarize_runs_reports_a_damaged_run_and_lists_the_rest(tmp_path, datasets_root):
+    folders = [tmp_path / f"seed{seed}" for seed in range(3)]
+    for seed, folder in enumerate(folders):
+        write_run(folder, "hopper-random", "so2", seed)
+        summary = json.loads((folder / "summary.json").read_text())
+        summary.update(seed=seed, device_name="cpu", pretrained_score=1.0, final_score=2.0, best_score=2.0,
+                       final_q_bias=0.1, final_kendall_tau=0.5)  # fmt: skip
+        (folder / "summary.json").write_text(json.dumps(summary))
+    damage(folders[2], "summary.json")
+    result = run_script("scripts/summarize_runs.py", [str(f) for f in folders], datasets_root)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("skipped damaged run") == 1 and "seed2" in result.stderr
+    assert [line.split("|")[1].strip() for line in result.stdout.splitlines()[2:]] == ["seed0", "seed1"]

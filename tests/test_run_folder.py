@@ -2,9 +2,11 @@
 run, --resume refusing foreign runs, separate folders for runs started together, and the same
 metrics and summary keys everywhere (exact resume: tests/test_resume.py)."""
 
+import fcntl
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from conftest import (
     script,
     script_env,
     start_script,
+    wait_for_checkpoint,
 )
 
 
@@ -161,3 +164,26 @@ def test_time_estimate_restores_the_rng_and_points_to_a_first_result(capsys):
     assert "that is days on this device" in stderr and "configs/so2_cpu.yaml" in stderr
     so2.announce_time([("finetuning", 1000, 0.01)])
     assert "days" not in capsys.readouterr().err
+
+
+def test_a_run_folder_in_use_is_refused_and_freed_when_its_process_dies(tmp_path, datasets_root):
+    """A second process resuming a folder that a live run holds stops with one line and exit 2, and
+    writes nothing; once the holder is killed (kill -9), the folder is free again (the resume after
+    kill -9 itself: tests/test_resume_kill.py)."""
+    since = time.time()
+    process = start_script(script("so2"), [*RESUME_ARGS["so2"], "--out-dir", str(tmp_path)], datasets_root)
+    try:
+        run_dir = wait_for_checkpoint(process, tmp_path, "pretrain", since)
+        before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name != "checkpoint.pt"}
+        second = run_script(script("so2"), ["--resume", str(run_dir)], datasets_root)
+        assert_one_line_error(second, "is in use by another process")
+        assert process.poll() is None  # the first run goes on
+        after = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name != "checkpoint.pt"}
+        assert {k: v for k, v in after.items() if k in ("config.yaml", "summary.json")} == {
+            k: v for k, v in before.items() if k in ("config.yaml", "summary.json")
+        }
+    finally:
+        process.kill()
+        process.wait()
+    with open(run_dir / ".lock") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if still held

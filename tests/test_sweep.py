@@ -2,6 +2,7 @@
 pretraining, a failing run, a sweep stopped halfway and run again), and the submitit path with
 submitit's local executor."""
 
+import fcntl
 import json
 import signal
 import subprocess
@@ -137,3 +138,30 @@ def test_committed_sweep_files_expand_to_valid_configs(path, tmp_path):
     assert len(specs) == len(spec["datasets"]) * len(spec["seeds"]) * per_seed
     for run in specs:
         algo.resolve_config(algo.Config(**{**run.values, "out_dir": str(tmp_path)}))
+
+
+def test_a_damaged_summary_resumes_and_a_folder_in_use_is_not_a_failure(tmp_path, datasets_root):
+    """A finished run whose summary.json was half copied is reported and resumed (which rewrites the
+    summary); a run whose folder another process holds is reported as in use, not failed or retried."""
+    path = write_sweep(tmp_path, variants={"so2": VARIANTS["so2"]}, seeds=[0], shared_pretraining=False)
+    env = script_env(datasets_root)
+
+    def sweep():
+        command = sweep_command(path, tmp_path / "out")
+        return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+    assert sweep().returncode == 0
+    (summary,) = (tmp_path / "out" / "tiny").rglob("summary.json")
+    text = summary.read_text()
+    summary.write_text(text[: len(text) // 2])
+    result = sweep()
+    assert result.returncode == 0 and "damaged summary.json in" in result.stderr, result.stderr[-3000:]
+    assert json.loads(summary.read_text())["status"] == "finished"
+
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "status": "interrupted"}))
+    with open(summary.parent / ".lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a live run of that folder holds it
+        result = sweep()
+    assert result.returncode == 1 and "IN USE walker2d-random/so2/seed0" in result.stderr, result.stderr[-3000:]
+    assert "FAILED" not in result.stderr and "retrying" not in result.stderr
+    assert "1 in use by another process" in result.stderr.splitlines()[-1]
