@@ -51,6 +51,7 @@ batch with about 256 x online / (dataset + online) online rows, too few for a k-
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import hashlib
@@ -630,28 +631,21 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
     if pretrained is not None:
         agent.load_state_dict(pretrained["agent"])
     first = ("pretrain", {"indices": None}) if pretrained is None else ("finetune", None)
-    run, phase, step, loop = start_run(cfg, checkpoint, agent, evaluate, device, data_info, (obs_dim, act_dim), first)
-    print(
-        f"run {run.dir}: dataset {dataset_id} ({len(arrays['rewards'])} transitions), IQL{' + SERA' if cfg.sera else ''}, rewards x {scale:.4g}, device {device}, {phase} from step {step}",
-        file=sys.stderr,
-    )
-    announce_time(time_phases(run, phase, step))
-    dataset = ReplayBuffer(len(arrays["rewards"]), obs_dim, act_dim, device)
-    dataset.extend(dataset_rows({**arrays, "rewards": (arrays["rewards"] * scale).astype(np.float32)}))
-
-    def phases(run: Run) -> None:
-        nonlocal step, loop
+    with open_run(cfg, checkpoint, agent, evaluate, device, data_info, first) as (run, phase, step, loop):
+        print(
+            f"run {run.dir}: dataset {dataset_id} ({len(arrays['rewards'])} transitions), IQL{' + SERA' if cfg.sera else ''}, rewards x {scale:.4g}, device {device}, {phase} from step {step}",
+            file=sys.stderr,
+        )
+        announce_time(time_phases(run, phase, step))
+        dataset = ReplayBuffer(len(arrays["rewards"]), obs_dim, act_dim, device)
+        dataset.extend(dataset_rows({**arrays, "rewards": (arrays["rewards"] * scale).astype(np.float32)}))
         if phase == "pretrain":
             pretrain(run, dataset, step, loop)
-            run.pretrain_time_s = run.wall_time()
-            run.export("pretrain")
-            step, loop = 0, None
-            run.save_checkpoint("finetune", step, loop)
+            step, loop = run.end_pretraining()
         if cfg.online_steps > 0:
             finetune(run, dataset, step, loop, scale)
         run.export("final")
-
-    return run_to_end(run, phases)
+    return run.dir
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -1218,14 +1212,7 @@ class Evaluator:
             lengths.append(n)
         nan = float("nan")
         if not lengths:
-            return {
-                "q_bias": nan,
-                "q_bias_min": nan,
-                "kendall_tau": nan,
-                "q_true": nan,
-                "q_std_policy": nan,
-                "q_std_random": nan,
-            }
+            return dict.fromkeys(("q_bias", "q_bias_min", "kendall_tau", "q_true", "q_std_policy", "q_std_random"), nan)
         obs_t = torch.as_tensor(np.concatenate(obs), device=self.device)
         act_t = torch.as_tensor(np.concatenate(act), device=self.device)
         q_members = agent.critic(obs_t, act_t)
@@ -1257,22 +1244,9 @@ class Evaluator:
 EXIT_DIVERGED = 3
 # Keys of every metrics.jsonl record, in this order, in every algorithm file (None where a value
 # does not exist yet); an algorithm's own losses follow them.
-RECORD_KEYS = (
-    "phase",
-    "step",
-    "env_steps",
-    "return",
-    "return_std",
-    "normalized_score",
-    "q_true",
-    "q_bias",
-    "q_bias_min",
-    "kendall_tau",
-    "q_std_policy",
-    "q_std_random",
-    "alpha",
-    "critic_loss",
-    "actor_loss",
+RECORD_KEYS = tuple(
+    "phase step env_steps return return_std normalized_score q_true q_bias q_bias_min kendall_tau q_std_policy "
+    "q_std_random alpha critic_loss actor_loss".split()
 )
 MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads, warm-start included
 
@@ -1422,12 +1396,16 @@ def tensors(tree) -> list[torch.Tensor]:
     return [t for value in values for t in tensors(value)]
 
 
+def time_limit(env: gym.Env) -> gym.wrappers.TimeLimit:
+    while not isinstance(env, gym.wrappers.TimeLimit):
+        env = env.env
+    return env
+
+
 def env_state(env: gym.Env) -> dict:
     """The running episode exactly: MuJoCo integration state, the body poses of the model (Adroit's
     reset moves its goal there), time-limit counter, env RNG."""
-    u, limit = env.unwrapped, env
-    while not isinstance(limit, gym.wrappers.TimeLimit):
-        limit = limit.env
+    u, limit = env.unwrapped, time_limit(env)
     state = np.empty(mujoco.mj_stateSize(u.model, MJ_STATE))
     mujoco.mj_getState(u.model, u.data, state, MJ_STATE)
     model = {"body_pos": u.model.body_pos.copy(), "body_quat": u.model.body_quat.copy()}
@@ -1440,9 +1418,7 @@ def env_state(env: gym.Env) -> dict:
 
 
 def restore_env_state(env: gym.Env, saved: dict) -> None:
-    u, limit = env.unwrapped, env
-    while not isinstance(limit, gym.wrappers.TimeLimit):
-        limit = limit.env
+    u, limit = env.unwrapped, time_limit(env)
     u.model.body_pos[:], u.model.body_quat[:] = saved["model"]["body_pos"], saved["model"]["body_quat"]
     mujoco.mj_setState(u.model, u.data, saved["mujoco"], MJ_STATE)
     mujoco.mj_forward(u.model, u.data)
@@ -1541,6 +1517,14 @@ class Run:
         }
         atomic_write(self.dir / f"{kind}.pt", lambda tmp: torch.save(state, tmp))
 
+    def end_pretraining(self) -> tuple[int, None]:
+        """pretrain.pt and the pretraining's time, then the checkpoint at the start of finetuning;
+        returns that start (step 0, no loop state)."""
+        self.pretrain_time_s = self.wall_time()
+        self.export("pretrain")
+        self.save_checkpoint("finetune", 0, None)
+        return 0, None
+
     def write_summary(self, status: str, error: Optional[str] = None) -> None:
         """summary.json: status (finished / interrupted / diverged), scores, final Q diagnostics,
         wall time, device and versions; the same keys in every algorithm file."""
@@ -1609,44 +1593,43 @@ def announce_time(parts: list[tuple[str, int, float]]) -> None:
         print(f"{ALGO}.py: that is days on this device. {FIRST_RESULT}", file=sys.stderr)
 
 
-def start_run(
+@contextlib.contextmanager
+def open_run(
     cfg: Config,
     checkpoint: Optional[dict],
     agent,
     evaluate: Evaluator,
     device: torch.device,
     dataset: Optional[dict],
-    dims: tuple[int, int],
     first: tuple[str, Optional[dict]],
-) -> tuple[Run, str, int, Optional[dict]]:
-    """The run folder of a new run, with its first checkpoint (first = phase and loop state at
-    step 0), or the resumed one with its state restored into agent and RNGs. Returns the run and
-    the (phase, step, loop state) to continue from."""
+):
+    """A run's life. Opens the folder of a new run and writes its first checkpoint (first = phase and
+    loop state at step 0), or reopens a resumed one and restores its state into agent and RNGs; yields
+    (run, phase, step, loop state) to continue from. Then it writes the summary; a signal or a
+    divergence inside ends the process with its exit code."""
     stop = StopSignal()  # from here on, a signal stops the run at its next checkpoint
     if checkpoint is not None:
         agent.load_state_dict(checkpoint["agent"])
         restore_rng_state(checkpoint["rng"], device)
+    env = evaluate.envs[0]
     run_dir = new_run_dir(cfg) if checkpoint is None else Path(cfg.resume)
     lock = lock_run_dir(run_dir)
     config = {**asdict(cfg), "dataset_id": None if dataset is None else dataset["id"], "device_resolved": str(device)}
     atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
     run = Run(
-        cfg=cfg, dir=run_dir, device=device, agent=agent, evaluate=evaluate, dataset=dataset, obs_dim=dims[0], act_dim=dims[1],
+        cfg=cfg, dir=run_dir, device=device, agent=agent, evaluate=evaluate, dataset=dataset, obs_dim=env.observation_space.shape[0], act_dim=env.action_space.shape[0],
         log=RunLog(run_dir, cfg, [] if checkpoint is None else checkpoint["records"]), stop=stop, finite=FiniteCheck(agent),
         wall_before=0.0 if checkpoint is None else checkpoint["wall_time_s"], lock=lock,
         pretrain_time_s=None if checkpoint is None else checkpoint["pretrain_time_s"],
     )  # fmt: skip
+    position = (
+        (first[0], 0, first[1]) if checkpoint is None else (checkpoint["phase"], checkpoint["step"], checkpoint["loop"])
+    )
     if checkpoint is None:
-        run.save_checkpoint(first[0], 0, first[1])  # from here on, --resume works
-        return run, first[0], 0, first[1]
-    return run, checkpoint["phase"], checkpoint["step"], checkpoint["loop"]
-
-
-def run_to_end(run: Run, train_phases) -> Path:
-    """Run the phases, then write the summary; on a signal or divergence exit with its code."""
+        run.save_checkpoint(*position)  # from here on, --resume works
     status, error = "finished", None
     try:
-        train_phases(run)
+        yield (run, *position)
     except Stopped:
         status = "interrupted"
     except Diverged as exc:
@@ -1667,7 +1650,6 @@ def run_to_end(run: Run, train_phases) -> Path:
             f"{ALGO}.py: error: diverged: {error}; the last good state is {run.dir / 'checkpoint.pt'}", file=sys.stderr
         )
         sys.exit(EXIT_DIVERGED)
-    return run.dir
 
 
 if __name__ == "__main__":
