@@ -1,6 +1,7 @@
 """Curves, tables and aggregate statistics from run folders (a sweep's, or any list).
 
   python scripts/report.py runs/sweeps/so2_ablation_cpu --out results/so2_ablation_cpu --budgets 2000 5000 10000
+  python scripts/report.py runs/sweeps/so2_halfcheetah_medium_cpu --auc 3000 30000 --paired so2:sacn pvu_only:sacn
 
 Writes to --out:
   curves_env_steps.png   normalised score vs online env steps: mean over seeds with a 95% bootstrap
@@ -10,14 +11,20 @@ Writes to --out:
                          time per record, so a constant rate is assumed);
   q_diagnostics.png      q_bias, kendall_tau and q_std_policy over finetuning (the paper's Fig. 4b;
                          not written when no run logs them, as odt.py's);
-  table.md               per dataset and variant: pretrained, final, best score and the score at
-                         each budget, mean +- std over seeds with n, and the finetuning wall time;
+  table.md               per dataset and variant: pretrained, final, best score, the mean of the
+                         last --last evaluations, the --auc window mean and the score at each
+                         budget, mean +- std over seeds with n, and the finetuning wall time;
   q_table.md             per dataset and variant: each run's mean of q_bias, q_bias_min, kendall_tau
                          and q_std_policy over its evaluations at or after --q-from online env steps,
                          then mean +- std over seeds (not written when no run logs them);
   aggregate.png, aggregate.json
                          IQM of the final scores over all datasets with stratified-bootstrap 95% CIs
-                         and the probability of improvement of each variant over each other (rliable).
+                         and the probability of improvement of each variant over each other (rliable);
+  paired.md, paired.json with --paired A:B: per dataset, variant A against variant B seed by seed
+                         (runs of one seed share a pretraining in a sweep) on each metric (the --auc
+                         window mean, the mean of the last --last evaluations, the final score): the
+                         per-seed differences, wins out of n, the mean difference with a 95% bootstrap
+                         CI and rliable's probability of improvement P(A > B) with its CI.
 Runs are grouped by (env, variant): the variant is the run's --run-name (the sweep sets it), the
 seed comes from its config. A run folder is any folder holding summary.json, config.yaml and
 metrics.jsonl (the README's run-folder contract); folders are searched recursively.
@@ -56,6 +63,14 @@ class Args:
     """Online env steps at which the table also gives the score (the last evaluation at or before)."""
     reps: int = 2000
     """Bootstrap resamples of rliable's interval estimates."""
+    auc: Optional[tuple[int, int]] = None
+    """FROM TO: each run's mean normalised score over its evaluations from FROM to TO online env steps
+    (both included), a column of table.md and a metric of --paired (e.g. a study's pre-registered metric)."""
+    last: int = 3
+    """Each run's mean normalised score over its last `last` evaluations: a column of table.md and a
+    metric of --paired."""
+    paired: tuple[str, ...] = ()
+    """Variant pairs A:B compared seed by seed (paired.md, paired.json), e.g. so2:sacn pvu_only:sacn."""
     q_from: int = 0
     """q_table.md averages each run's evaluations at or after this many online env steps (e.g. the
     end of the warm-up, so that only evaluations after Q updates on online data count)."""
@@ -203,8 +218,23 @@ def mean_std(values: list[float], digits: int = 1) -> str:
     return f"{values.mean():.{digits}f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.{digits}f}"
 
 
-def table(groups, budgets: tuple[int, ...]) -> str:
-    """Mean ± sample std over seeds (n given) of the pretrained, final, best and budget scores."""
+def metric_names(auc: Optional[tuple[int, int]], last: int) -> list[str]:
+    return ([f"mean {auc[0]:,}-{auc[1]:,}"] if auc else []) + [f"last-{last} mean", "final"]
+
+
+def run_metrics(run: Run, auc: Optional[tuple[int, int]], last: int) -> dict[str, float]:
+    """A run's scalar scores, named by metric_names: the mean over the --auc window (when given; nan
+    without an evaluation in it), the mean of its last `last` evaluations and its final score."""
+    scores = np.array([r["normalized_score"] for r in run.records], dtype=float)
+    window = scores[(run.steps >= auc[0]) & (run.steps <= auc[1])] if auc else None
+    values = ([window.mean() if len(window) else np.nan] if auc else []) + [scores[-last:].mean(), scores[-1]]
+    return dict(zip(metric_names(auc, last), map(float, values)))
+
+
+def table(groups, budgets: tuple[int, ...], auc: Optional[tuple[int, int]], last: int) -> str:
+    """Mean ± sample std over seeds (n given) of the pretrained, final, best, last-k mean, window mean
+    and budget scores."""
+    windows = metric_names(auc, last)[:-1]
     head = [
         "dataset",
         "variant",
@@ -212,6 +242,7 @@ def table(groups, budgets: tuple[int, ...]) -> str:
         "pretrained",
         "final",
         "best",
+        *windows,
         *[f"at {b:,} steps" for b in budgets],
         "finetuning wall time (s)",
     ]
@@ -226,6 +257,7 @@ def table(groups, budgets: tuple[int, ...]) -> str:
                 mean_std([s[0] for s in scores]),
                 mean_std([s[-1] for s in scores]),
                 mean_std([max(s) for s in scores]),
+                *[mean_std([run_metrics(run, auc, last)[w] for run in runs]) for w in windows],
             ]
             cells += [
                 mean_std(
@@ -315,7 +347,57 @@ def aggregate(groups, reps: int, path_png: Path) -> dict:
     }  # fmt: skip
 
 
+def paired(groups, pairs: list[tuple[str, str]], auc, last: int, reps: int) -> tuple[str, dict]:
+    """Variant a against variant b on each dataset, over the seeds both have: per metric, the per-seed
+    differences a - b, wins (a > b) out of n, the mean difference with a 95% percentile-bootstrap CI
+    over seeds, and rliable's probability of improvement P(a > b) with its bootstrap CI."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    rng = np.random.default_rng(0)
+    head = ["dataset", "a - b", "metric", "n", "per-seed a - b", "wins", "mean a - b [95% CI]", "P(a > b) [95% CI]"]
+    lines, out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)], {}
+    for env, variants in groups.items():
+        for a, b in pairs:
+            runs = {v: {r.seed: run_metrics(r, auc, last) for r in variants.get(v, [])} for v in (a, b)}
+            seeds = sorted(runs[a].keys() & runs[b].keys())
+            if not seeds:
+                continue
+            for metric in runs[a][seeds[0]]:
+                x, y = (np.array([runs[v][s][metric] for s in seeds]) for v in (a, b))
+                diff = x - y
+                low, high = bootstrap_ci(diff, rng)
+                poi, poi_ci = rly.get_interval_estimates(
+                    {"p": (x[:, None], y[:, None])},
+                    metrics.probability_of_improvement,
+                    reps=reps,
+                    random_state=np.random.RandomState(0),
+                )
+                entry = {
+                    "seeds": seeds, "differences": diff.tolist(), "wins": int((diff > 0).sum()), "n": len(seeds),
+                    "mean_difference": float(diff.mean()), "ci95": [low, high],
+                    "probability_of_improvement": estimate(poi["p"], poi_ci["p"]),
+                }  # fmt: skip
+                out.setdefault(env, {}).setdefault(f"{a} - {b}", {})[metric] = entry
+                p = entry["probability_of_improvement"]
+                cells = [
+                    env, f"{a} - {b}", metric, str(len(seeds)),
+                    ", ".join(f"{s}: {d:+.1f}" for s, d in zip(seeds, diff)), f"{entry['wins']}/{len(seeds)}",
+                    f"{diff.mean():+.2f} [{low:+.2f}, {high:+.2f}]",
+                    f"{p['value']:.2f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]",
+                ]  # fmt: skip
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n", out
+
+
 def main(args: Args) -> None:
+    pairs = [tuple(p.split(":")) for p in args.paired]
+    problems = [f"--paired {p} is not A:B" for p, pair in zip(args.paired, pairs) if len(pair) != 2 or "" in pair]
+    problems += ["--auc FROM TO needs 0 <= FROM <= TO"] if args.auc and not 0 <= args.auc[0] <= args.auc[1] else []
+    problems += ["--last must be >= 1"] if args.last < 1 else []
+    if problems:
+        print(f"report.py: error: {problems[0]}", file=sys.stderr)
+        sys.exit(2)
     runs = find_runs(args.runs)
     if not runs:
         print(
@@ -338,7 +420,11 @@ def main(args: Args) -> None:
         print(
             "report.py: no Q diagnostics in these runs (no Q function, e.g. odt.py): no q_diagnostics.png, q_table.md"
         )
-    (out / "table.md").write_text(table(groups, args.budgets))
+    (out / "table.md").write_text(table(groups, args.budgets, args.auc, args.last))
+    if pairs:
+        text, result = paired(groups, pairs, args.auc, args.last, args.reps)
+        (out / "paired.md").write_text(text)
+        (out / "paired.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "aggregate.json").write_text(
         json.dumps(aggregate(groups, args.reps, out / "aggregate.png"), indent=2) + "\n"
     )

@@ -17,8 +17,10 @@ def score(variant: str, seed: int, step: int) -> float:
     return {"so2": 10.0, "sacn": 5.0, "odt": 2.0}[variant] + seed + step / 1000
 
 
-def write_run(folder, env: str, variant: str, seed: int, q_value=0.1) -> None:
-    """q_value None: the Q-diagnostic keys are null, as in the records of a method without a Q function."""
+def write_run(folder, env: str, variant: str, seed: int, q_value=0.1, scores=None) -> None:
+    """q_value None: the Q-diagnostic keys are null, as in the records of a method without a Q function.
+    scores: {online env step: normalised score} of the finetuning records (default: score() at 0, 1,000, 2,000)."""
+    scores = scores or {step: score(variant, seed, step) for step in (0, 1000, 2000)}
     folder.mkdir(parents=True)
     records = [
         {
@@ -31,7 +33,7 @@ def write_run(folder, env: str, variant: str, seed: int, q_value=0.1) -> None:
             **dict.fromkeys(KEYS, q_value),
         }
     ]
-    for step in (0, 1000, 2000):
+    for step, value in scores.items():
         records.append(
             {
                 "phase": "finetune",
@@ -39,7 +41,7 @@ def write_run(folder, env: str, variant: str, seed: int, q_value=0.1) -> None:
                 "env_steps": step,
                 "return": 0.0,
                 "return_std": 0.0,
-                "normalized_score": score(variant, seed, step),
+                "normalized_score": value,
                 **dict.fromkeys(KEYS, None if q_value is None else q_value * seed),
             }
         )
@@ -90,6 +92,7 @@ def test_report_figures_table_and_aggregate(sweep, datasets_root):
         "11.0 ± 1.0",
         f"{finals.mean():.1f} ± {finals.std(ddof=1):.1f}",
         "13.0 ± 1.0",
+        "12.0 ± 1.0",  # the mean of the last 3 evaluations (11 + seed)
         "12.0 ± 1.0",
         "61",
     ]
@@ -210,3 +213,57 @@ def test_summarize_runs_reports_a_damaged_run_and_lists_the_rest(tmp_path, datas
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("skipped damaged run") == 1 and "seed2" in result.stderr
     assert [line.split("|")[1].strip() for line in result.stdout.splitlines()[2:]] == ["seed0", "seed1"]
+
+
+# Scores at online env steps 0, 1,000, 2,000 and 3,000 of two variants and three seeds, for the paired
+# statistics by hand (--auc 1000 2000 --last 2).
+PAIRED = {
+    "a": {0: [1.0, 2.0, 3.0, 4.0], 1: [1.0, 5.0, 5.0, 5.0], 2: [0.0, 0.0, 1.0, 2.0]},
+    "b": {0: [1.0, 1.0, 1.0, 1.0], 1: [1.0, 6.0, 6.0, 6.0], 2: [0.0, 0.0, 0.0, 0.0]},
+}
+
+
+def test_window_means_and_paired_comparison_by_hand(tmp_path, datasets_root):
+    for variant, seeds in PAIRED.items():
+        for seed, scores in seeds.items():
+            steps = dict(zip((0, 1000, 2000, 3000), scores))
+            write_run(tmp_path / "runs" / variant / f"seed{seed}", "hopper-random", variant, seed, scores=steps)
+    result = run_script(
+        "scripts/report.py",
+        [str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--auc", "1000", "2000", "--last", "2",
+         "--paired", "a:b", "--reps", "200"],
+        datasets_root,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    # window means a: 2.5, 5.0, 0.5 and b: 1, 6, 0; last-2 means a: 3.5, 5, 1.5 and b: 1, 6, 0; finals a: 4, 5, 2.
+    lines = (tmp_path / "report" / "table.md").read_text().splitlines()
+    assert lines[0].split("|")[7:9] == [" mean 1,000-2,000 ", " last-2 mean "]
+    row_a = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert row_a[6:8] == [f"{np.mean([2.5, 5, 0.5]):.1f} ± {np.std([2.5, 5, 0.5], ddof=1):.1f}", "3.3 ± 1.8"]
+    paired = json.loads((tmp_path / "report" / "paired.json").read_text())["hopper-random"]["a - b"]
+    window, last, final = paired["mean 1,000-2,000"], paired["last-2 mean"], paired["final"]
+    assert window["seeds"] == [0, 1, 2] and window["differences"] == [1.5, -1.0, 0.5] and window["wins"] == 2
+    assert (
+        window["mean_difference"] == pytest.approx(1 / 3)
+        and -1.0 <= window["ci95"][0] <= 1 / 3 <= window["ci95"][1] <= 1.5
+    )
+    # P(a > b) over all pairs of runs: 2.5 beats 1 and 0, 5 beats 1 and 0, 0.5 beats 0: 5 of 9.
+    assert window["probability_of_improvement"]["value"] == pytest.approx(5 / 9)
+    assert last["differences"] == [2.5, -1.0, 1.5] and final["differences"] == [3.0, -1.0, 2.0] and final["wins"] == 2
+    assert (
+        "| hopper-random | a - b | final | 3 | 0: +3.0, 1: -1.0, 2: +2.0 | 2/3 |"
+        in (tmp_path / "report" / "paired.md").read_text()
+    )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--paired", "so2"], "--paired so2 is not A:B"),
+        (["--auc", "5", "1"], "--auc FROM TO"),
+        (["--last", "0"], "--last"),
+    ],
+)
+def test_bad_statistics_arguments_are_one_line_errors(args, message, tmp_path, datasets_root):
+    result = run_script("scripts/report.py", [str(tmp_path), *args], datasets_root)
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
