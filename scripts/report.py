@@ -421,13 +421,13 @@ def main(args: Args) -> None:
             "report.py: no Q diagnostics in these runs (no Q function, e.g. odt.py): no q_diagnostics.png, q_table.md"
         )
     (out / "table.md").write_text(table(groups, args.budgets, args.auc, args.last))
-    if pairs:
-        text, result = paired(groups, pairs, args.auc, args.last, args.reps)
-        (out / "paired.md").write_text(text)
-        (out / "paired.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "aggregate.json").write_text(
         json.dumps(aggregate(groups, args.reps, out / "aggregate.png"), indent=2) + "\n"
     )
+    if pairs:  # after the aggregate, whose bootstrap draws do not depend on --paired
+        text, result = paired(groups, pairs, args.auc, args.last, args.reps)
+        (out / "paired.md").write_text(text)
+        (out / "paired.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"report of {len(runs)} runs ({', '.join(f'{e}: {len(v)} variants' for e, v in groups.items())}) in {out}")
 
 
