@@ -530,23 +530,27 @@ def read_config_file(path: str) -> Config:
         raise ConfigError(f"cannot use config file '{path}': {first_line(exc)}")
 
 
-def read_checkpoint(run_dir: str) -> dict:
-    """RUN_DIR/checkpoint.pt of this algorithm; ConfigError otherwise."""
-    path = Path(run_dir) / "checkpoint.pt"
-    if not path.is_file():
-        raise ConfigError(
-            f"--resume: no checkpoint.pt in '{run_dir}' (a run folder of this project's algorithm files, after its first checkpoint)"
-        )
+def read_saved(path: Path, kind: str) -> dict:
+    """A file this algorithm saved: kind "checkpoint" (checkpoint.pt, the training state that --resume
+    continues) or "pretrain" / "final" (an export, the agent that --pretrained starts from);
+    ConfigError naming what the file is otherwise."""
+    flag = "--resume" if kind == "checkpoint" else "--pretrained"
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        fmt, algo = checkpoint["format"], checkpoint["algo"]
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        fmt, algo, saved_kind = saved["format"], saved["algo"], saved.get("kind", "checkpoint")
+        saved["agent"]["actor"]
     except Exception as exc:
-        raise ConfigError(f"--resume: cannot read '{path}': {first_line(exc)}")
-    if fmt != CHECKPOINT_FORMAT or algo != ALGO:
+        raise ConfigError(f"{flag}: cannot read checkpoint '{path}': {first_line(exc)}")
+    if saved_kind == "checkpoint" != kind:
         raise ConfigError(
-            f"--resume: '{path}' is a checkpoint of algorithms/{algo}.py (format {fmt}), not of algorithms/{ALGO}.py (format {CHECKPOINT_FORMAT})"
+            f"{flag}: '{path}' is the training state of a run, not a finished {kind}; continue that run with --resume {path.parent}"
         )
-    return checkpoint
+    if (fmt, algo, saved_kind) != (CHECKPOINT_FORMAT, ALGO, kind):
+        what = "checkpoint" if saved_kind == "checkpoint" else f"{saved_kind} export"
+        raise ConfigError(
+            f"{flag}: '{path}' is a {what} of algorithms/{algo}.py (format {fmt}), not a {kind} of algorithms/{ALGO}.py (format {CHECKPOINT_FORMAT})"
+        )
+    return saved
 
 
 def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
@@ -557,7 +561,12 @@ def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
     if cfg.resume is not None:
         if cfg.config is not None:
             raise ConfigError("--resume continues with the run's saved config; leave out --config")
-        checkpoint = read_checkpoint(cfg.resume)
+        path = Path(cfg.resume) / "checkpoint.pt"
+        if not path.is_file():
+            raise ConfigError(
+                f"--resume: no checkpoint.pt in '{cfg.resume}' (a run folder of this project's algorithm files, after its first checkpoint)"
+            )
+        checkpoint = read_saved(path, "checkpoint")
         saved = replace(Config(**checkpoint["config"]), resume=cfg.resume)
         cfg = tyro.cli(Config, args=argv, default=saved)
         changed = [name for name in RESUME_FIXED if getattr(cfg, name) != getattr(saved, name)]
@@ -990,25 +999,6 @@ def restore_rng_state(state: dict, device: torch.device) -> None:
     if device.type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
     np.random.set_state(state["numpy"])
-
-
-def read_export(path: str, kind: str) -> dict:
-    """An exported agent (pretrain.pt or final.pt) of this algorithm; ConfigError otherwise."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        fmt, algo, saved_kind = saved["format"], saved["algo"], saved.get("kind")
-        saved["agent"]["actor"]
-    except Exception as exc:
-        raise ConfigError(f"cannot read checkpoint '{path}': {first_line(exc)}")
-    if saved_kind is None:
-        raise ConfigError(
-            f"'{path}' is the training state of a run, not a finished {kind}; continue that run with --resume {Path(path).parent}"
-        )
-    if (fmt, algo, saved_kind) != (CHECKPOINT_FORMAT, ALGO, kind):
-        raise ConfigError(
-            f"'{path}' is a {saved_kind} export of algorithms/{algo}.py (format {fmt}), not a {kind} of algorithms/{ALGO}.py"
-        )
-    return saved
 
 
 @dataclass
