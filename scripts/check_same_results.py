@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,7 +141,9 @@ def main(args: Args) -> int:
             except RuntimeError as exc:
                 diff = [f"run failed: {exc}"]
             failed += bool(diff)
-            shown = ", ".join(diff[:6]) + (f", ... ({len(diff)} in all)" if len(diff) > 6 else "")
+            # the same difference in every record is one pattern: metrics.jsonl[*]/key (n)
+            patterns = Counter(re.sub(r"\[\d+\]", "[*]", d) for d in diff)
+            shown = ", ".join(f"{k} ({n})" if n > 1 else k for k, n in patterns.items())
             print(f"{name:18} {'identical' if not diff else 'DIFFERS: ' + shown}", flush=True)
     finally:
         shutil.rmtree(REPO / "check_runs", ignore_errors=True)

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_script
 
 FILES = sorted((REPO / "algorithms").glob("*.py"))
 BANNER = "identical in every algorithm file"
@@ -128,3 +128,13 @@ def test_method_first_then_plumbing(path):
     assert below == [s for s in PART2 if s in below] and {"Config parsing and checks", "Run folder"} <= set(below)
     assert source.rstrip().endswith('if __name__ == "__main__":\n    main()')
     assert "def main(" in source[:banner]  # main stands with the method, above the helpers it calls
+
+
+def test_file_layout_counts_the_two_parts():
+    """scripts/file_layout.py (the README's table): the method is every line above the banner line,
+    the plumbing the rest, and the learning rule and train loop start at their section titles."""
+    row = load_script("scripts/file_layout.py").layout(REPO / "algorithms" / "so2.py")
+    lines = (REPO / "algorithms" / "so2.py").read_text().splitlines()
+    assert row["lines"] == len(lines) and row["method"] + row["plumbing"] == len(lines)
+    assert BANNER in lines[row["method"]] and not any(BANNER in line for line in lines[: row["method"]])
+    assert lines[row["rule"] - 1].startswith("# Losses and updates") and lines[row["loop"] - 1] == "# Train loop"
