@@ -1203,6 +1203,8 @@ class Evaluator:
         result = {
             "return": float(returns.mean()),
             "return_std": float(returns.std()),
+            # a hopper or walker2d standing still shows as full-length episodes with a near-constant return
+            "episode_length": float(np.mean([len(ep["rew"]) for ep in episodes])),
             "normalized_score": float(normalized_score(self.base, returns).mean()),
         }
         result.update(self.q_diagnostics(agent, episodes))
@@ -1254,8 +1256,8 @@ EXIT_DIVERGED = 3
 # Keys of every metrics.jsonl record, in this order, in every algorithm file (None where a value
 # does not exist yet); an algorithm's own losses follow them.
 RECORD_KEYS = tuple(
-    "phase step env_steps return return_std normalized_score q_true q_bias q_bias_min kendall_tau q_std_policy "
-    "q_std_random alpha critic_loss actor_loss".split()
+    "phase step env_steps return return_std episode_length normalized_score q_true q_bias q_bias_min kendall_tau "
+    "q_std_policy q_std_random alpha critic_loss actor_loss".split()
 )
 MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads, warm-start included
 

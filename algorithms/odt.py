@@ -407,7 +407,7 @@ class Evaluator:
         obs = np.stack([env.reset(seed=s)[0] for env, s in zip(self.envs, self.seeds)]).astype(np.float32)
         act_dim = self.envs[0].action_space.shape[0]
         window = Window(len(self.envs), obs.shape[1], act_dim, self.cfg, self.stats, self.cfg.eval_rtg, self.device)
-        returns = np.zeros(len(self.envs))
+        returns, lengths = np.zeros(len(self.envs)), np.zeros(len(self.envs))
         active = list(range(len(self.envs)))
         while active:
             window.observe(obs)
@@ -416,6 +416,7 @@ class Evaluator:
             for i, action in zip(active, actions):
                 next_obs, reward, terminated, truncated, _ = self.envs[i].step(action)
                 returns[i] += reward
+                lengths[i] += 1
                 rewards.append(reward)
                 obs[i] = next_obs
                 if not (terminated or truncated):
@@ -425,6 +426,7 @@ class Evaluator:
         return {
             "return": float(returns.mean()),
             "return_std": float(returns.std()),
+            "episode_length": float(lengths.mean()),
             "normalized_score": float(normalized_score(self.base, returns).mean()),
             **NO_Q,
         }
@@ -1266,8 +1268,8 @@ EXIT_DIVERGED = 3
 # Keys of every metrics.jsonl record, in this order, in every algorithm file (None where a value
 # does not exist yet); an algorithm's own losses follow them.
 RECORD_KEYS = tuple(
-    "phase step env_steps return return_std normalized_score q_true q_bias q_bias_min kendall_tau q_std_policy "
-    "q_std_random alpha critic_loss actor_loss".split()
+    "phase step env_steps return return_std episode_length normalized_score q_true q_bias q_bias_min kendall_tau "
+    "q_std_policy q_std_random alpha critic_loss actor_loss".split()
 )
 MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads, warm-start included
 

@@ -12,8 +12,10 @@ Writes to --out:
   q_diagnostics.png      q_bias, kendall_tau and q_std_policy over finetuning (the paper's Fig. 4b;
                          not written when no run logs them, as odt.py's);
   table.md               per dataset and variant: pretrained, final, best score, the mean of the
-                         last --last evaluations, the --auc window mean and the score at each
-                         budget, mean +- std over seeds with n, and the finetuning wall time;
+                         last --last evaluations, the --auc window mean, the score at each
+                         budget and the final evaluation's mean episode length (n/a in records
+                         older than that key), mean +- std over seeds with n, and the finetuning
+                         wall time;
   q_table.md             per dataset and variant: each run's mean of q_bias, q_bias_min, kendall_tau
                          and q_std_policy over its evaluations at or after --q-from online env steps,
                          then mean +- std over seeds (not written when no run logs them);
@@ -244,6 +246,7 @@ def table(groups, budgets: tuple[int, ...], auc: Optional[tuple[int, int]], last
         "best",
         *windows,
         *[f"at {b:,} steps" for b in budgets],
+        "final episode length",
         "finetuning wall time (s)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -268,6 +271,8 @@ def table(groups, budgets: tuple[int, ...], auc: Optional[tuple[int, int]], last
                 )
                 for b in budgets
             ]
+            # full-length episodes with a near-constant return: a hopper or walker2d that stands still
+            cells.append(mean_std([run.records[-1].get("episode_length") for run in runs], digits=0))
             cells.append(f"{np.mean([r.finetune_time_s for r in runs]):.0f}")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -178,3 +178,24 @@ def test_resume_inside_pretraining_keeps_the_cosine_schedule_length(sera_run, tm
     assert_main_refuses(
         iql, ["--resume", str(tmp_path), "--pretrain-steps", "400"], capsys, "pretrain_steps cannot change"
     )
+
+
+def test_evaluation_records_the_mean_episode_length():
+    """The shared Evaluator's episode_length is the mean number of steps of its episodes: a hopper
+    whose zero action lets it fall ends early, and each episode's length equals a rollout done by hand."""
+    cfg = iql.Config(hidden_dims=(8,), kendall_windows=1, mc_tail_steps=0)
+    envs = [iql.make_env("hopper") for _ in range(2)]
+    zero = lambda obs, deterministic: (torch.zeros(len(obs), 3),)  # noqa: E731
+    agent = type(
+        "Agent", (), {"actor": staticmethod(zero), "critic": staticmethod(lambda o, a: torch.zeros(2, len(o)))}
+    )
+    result = iql.Evaluator("hopper", envs, cfg, torch.device("cpu"))(agent)
+    lengths = []
+    for seed in (cfg.seed * 1000 + 500, cfg.seed * 1000 + 501):  # the evaluator's fixed start states
+        env, steps, done = iql.make_env("hopper"), 0, False
+        env.reset(seed=seed)
+        while not done:
+            _, _, terminated, truncated, _ = env.step(np.zeros(3))
+            steps, done = steps + 1, terminated or truncated
+        lengths.append(steps)
+    assert result["episode_length"] == np.mean(lengths) and 0 < result["episode_length"] < 1000

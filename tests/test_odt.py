@@ -246,6 +246,7 @@ def test_exploration_samples_and_evaluation_is_deterministic(datasets_root):
     first = evaluate(agent)
     torch.manual_seed(2)
     assert evaluate(agent) == first
+    assert 1 <= first["episode_length"] <= 1000 and first["episode_length"] * 2 == int(first["episode_length"] * 2)
 
 
 def test_rollout_window_keeps_the_last_steps_and_the_return_to_go_left():
