@@ -14,7 +14,9 @@ Writes to --out:
   table.md               per dataset and variant: pretrained, final, best score, the mean of the
                          last --last evaluations, the --auc window mean, the score at each
                          budget and the final evaluation's mean episode length (n/a in records
-                         older than that key), mean +- std over seeds with n, and the finetuning
+                         older than that key), mean +- std over seeds with n, the seeds whose final
+                         evaluation stands still (hopper, walker2d, ant: full-length episodes with a
+                         return within 10% of the alive bonus alone, 1,000), and the finetuning
                          wall time;
   q_table.md             per dataset and variant: each run's mean of q_bias, q_bias_min, kendall_tau
                          and q_std_policy over its evaluations at or after --q-from online env steps,
@@ -247,6 +249,7 @@ def table(groups, budgets: tuple[int, ...], auc: Optional[tuple[int, int]], last
         *windows,
         *[f"at {b:,} steps" for b in budgets],
         "final episode length",
+        "seeds standing still at the end",
         "finetuning wall time (s)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -271,11 +274,24 @@ def table(groups, budgets: tuple[int, ...], auc: Optional[tuple[int, int]], last
                 )
                 for b in budgets
             ]
-            # full-length episodes with a near-constant return: a hopper or walker2d that stands still
             cells.append(mean_std([run.records[-1].get("episode_length") for run in runs], digits=0))
+            still = sorted(run.seed for run in runs if stands_still(env, run.records[-1]))
+            cells.append(", ".join(map(str, still)) or "-")
             cells.append(f"{np.mean([r.finetune_time_s for r in runs]):.0f}")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# Envs whose agent earns an alive bonus of 1 per step (gymnasium v5 Hopper, Walker2d, Ant): a policy that
+# stands still until the 1,000-step time limit returns about 1,000 (hopper: about 31 normalised).
+ALIVE_BONUS_RETURN = {"hopper": 1000.0, "walker2d": 1000.0, "ant": 1000.0}
+
+
+def stands_still(env: str, record: dict) -> bool:
+    """Full-length episodes whose return is within 10% of the alive bonus alone: standing, not moving."""
+    bonus = ALIVE_BONUS_RETURN.get(env.split("-")[0])
+    length = record.get("episode_length")
+    return bonus is not None and length == 1000 and abs(record["return"] - bonus) < 0.1 * bonus
 
 
 Q_KEYS = ("q_bias", "q_bias_min", "kendall_tau", "q_std_policy")

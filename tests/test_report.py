@@ -96,6 +96,7 @@ def test_report_figures_table_and_aggregate(sweep, datasets_root):
         "12.0 ± 1.0",  # the mean of the last 3 evaluations (11 + seed)
         "12.0 ± 1.0",
         "n/a",  # these synthetic records have no episode_length
+        "-",
         "61",
     ]
     assert rows[("walker2d-random", "sacn")][4] == "8.0 ± 1.0"
@@ -269,3 +270,28 @@ def test_window_means_and_paired_comparison_by_hand(tmp_path, datasets_root):
 def test_bad_statistics_arguments_are_one_line_errors(args, message, tmp_path, datasets_root):
     result = run_script("scripts/report.py", [str(tmp_path), *args], datasets_root)
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_a_hopper_standing_still_is_flagged():
+    """Full-length episodes returning about the alive bonus alone (1,000) stand still; a hopper that
+    runs, one that falls early, and a halfcheetah (no alive bonus) do not."""
+    report = load_script("scripts/report.py")
+    record = {"episode_length": 1000.0, "return": 1014.0}
+    assert report.stands_still("hopper-random", record)
+    assert not report.stands_still("hopper-random", {**record, "return": 3200.0})
+    assert not report.stands_still("hopper-random", {**record, "episode_length": 420.0})
+    assert not report.stands_still("halfcheetah-medium", record)
+    assert not report.stands_still("hopper-random", {"return": 1014.0})  # records without episode_length
+
+
+def test_zero_action_returns_table(datasets_root):
+    """scripts/zero_action_returns.py: a hopper given the action 0 falls before the time limit, and the
+    normalised score is D4RL's formula applied to the mean return (hopper: random -20.272305, expert 3234.3)."""
+    result = run_script("scripts/zero_action_returns.py", ["--envs", "hopper", "--episodes", "2"], datasets_root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    cells = [c.strip() for c in result.stdout.splitlines()[2].split("|")[1:-1]]
+    mean_return, length, score = float(cells[3].split(" ± ")[0].replace(",", "")), float(cells[4]), float(cells[5])
+    assert cells[:3] == ["hopper", "Hopper-v5", "2"] and 0 < length < 1000
+    assert score == pytest.approx(100 * (mean_return + 20.272305) / (3234.3 + 20.272305), abs=0.06)
+    bad = run_script("scripts/zero_action_returns.py", ["--envs", "cartpole"], datasets_root)
+    assert bad.returncode == 2 and "unknown env cartpole" in bad.stderr and bad.stderr.count("\n") == 1
