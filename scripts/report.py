@@ -276,7 +276,8 @@ def table(groups, budgets: tuple[int, ...], auc: Optional[tuple[int, int]], last
             ]
             cells.append(mean_std([run.records[-1].get("episode_length") for run in runs], digits=0))
             still = sorted(run.seed for run in runs if stands_still(env, run.records[-1]))
-            cells.append(", ".join(map(str, still)) or "-")
+            known = all("episode_length" in run.records[-1] for run in runs)  # older records lack it
+            cells.append(", ".join(map(str, still)) or ("-" if known else "n/a"))
             cells.append(f"{np.mean([r.finetune_time_s for r in runs]):.0f}")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

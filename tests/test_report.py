@@ -96,7 +96,7 @@ def test_report_figures_table_and_aggregate(sweep, datasets_root):
         "12.0 ± 1.0",  # the mean of the last 3 evaluations (11 + seed)
         "12.0 ± 1.0",
         "n/a",  # these synthetic records have no episode_length
-        "-",
+        "n/a",
         "61",
     ]
     assert rows[("walker2d-random", "sacn")][4] == "8.0 ± 1.0"
