@@ -6,6 +6,8 @@
 Writes to --out:
   curves_env_steps.png   normalised score vs online env steps: mean over seeds with a 95% bootstrap
                          CI, one panel per dataset, one line per variant;
+  curves_pretraining.png the pretraining curves (score against pretraining steps, mean over seeds with a
+                         95% bootstrap CI) of the runs that pretrained, e.g. a sweep's shared pretrainings;
   curves_wall_clock.png  the same against wall-clock seconds of finetuning (each record placed at
                          env_steps / online_steps of the run's finetuning time: the runs log no
                          time per record, so a constant rate is assumed);
@@ -86,9 +88,10 @@ class Run:
     variant: str
     seed: int
     steps: np.ndarray  # online env steps of the finetuning records
-    records: list[dict]  # the finetuning records
+    records: list[dict]  # the finetuning records (none for a pretraining-only run)
     finetune_time_s: float
     summary: dict
+    pretrain: list[dict]  # the pretraining records (none for a run that started from a pretrain.pt)
 
 
 def find_runs(paths: tuple[str, ...]) -> list[Run]:
@@ -116,21 +119,19 @@ def find_runs(paths: tuple[str, ...]) -> list[Run]:
 
 
 def read_run(folder: Path) -> Optional[Run]:
-    """A finished run with finetuning records, or None (interrupted, diverged or pretraining only: not a
-    result). A damaged or half-copied file raises."""
+    """A finished run, or None (interrupted or diverged: not a result). A damaged or half-copied file
+    raises."""
     summary = json.loads((folder / "summary.json").read_text())
     if summary.get("status") != "finished":
         return None
     config = yaml.safe_load((folder / "config.yaml").read_text())
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     online = [r for r in records if r["phase"] != "pretrain"]
-    if not online:
-        return None
+    pretrain = [r for r in records if r["phase"] == "pretrain"]
     finetune_time = summary["wall_time_s"] - (summary.get("pretrain_time_s") or 0.0)
     steps = np.array([r["env_steps"] for r in online], dtype=float)
-    return Run(
-        config["env"], config.get("run_name") or "default", config["seed"], steps, online, finetune_time, summary
-    )
+    variant = config.get("run_name") or "default"
+    return Run(config["env"], variant, config["seed"], steps, online, finetune_time, summary, pretrain)
 
 
 def bootstrap_ci(values: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
@@ -179,6 +180,28 @@ def plot_curves(groups, key: str, x: str, path: Path, ylabel: str, rng: np.rando
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_pretraining(runs: list[Run], path: Path, rng: np.random.Generator) -> None:
+    """The pretraining curves (normalised score against pretraining steps): mean over seeds with a
+    95% bootstrap CI, one panel per dataset."""
+    envs = sorted({r.env for r in runs})
+    fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.6), squeeze=False)
+    for ax, env in zip(axes[0], envs):
+        curves = [{rec["step"]: rec["normalized_score"] for rec in r.pretrain} for r in runs if r.env == env]
+        grid = sorted(set().union(*curves))
+        values = np.array([[c.get(step, np.nan) for step in grid] for c in curves], dtype=float)
+        ci = np.array([bootstrap_ci(col[~np.isnan(col)], rng) for col in values.T])
+        ax.plot(grid, np.nanmean(values, 0), marker="o", label=f"n={len(curves)}")
+        ax.fill_between(grid, ci[:, 0], ci[:, 1], alpha=0.2)
+        ax.set_title(f"{env}: pretraining")
+        ax.set_xlabel("pretraining steps")
+        ax.set_ylabel("normalised score")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -420,7 +443,8 @@ def main(args: Args) -> None:
     if problems:
         print(f"report.py: error: {problems[0]}", file=sys.stderr)
         sys.exit(2)
-    runs = find_runs(args.runs)
+    found = find_runs(args.runs)
+    runs = [r for r in found if r.records]
     if not runs:
         print(
             f"report.py: error: no finished run folders with finetuning records under {', '.join(args.runs)}",
@@ -433,6 +457,8 @@ def main(args: Args) -> None:
     rng = np.random.default_rng(0)
     plot_curves(groups, "normalized_score", "env_steps", out / "curves_env_steps.png", "normalised score", rng)
     plot_curves(groups, "normalized_score", "wall_clock", out / "curves_wall_clock.png", "normalised score", rng)
+    if any(r.pretrain for r in found):
+        plot_pretraining([r for r in found if r.pretrain], out / "curves_pretraining.png", rng)
     if any(np.isfinite(on_grid(r, "q_bias", r.steps)).any() for r in runs):
         plot_q_diagnostics(groups, out / "q_diagnostics.png", rng)
         (out / "q_table.md").write_text(q_table(groups, args.q_from))

@@ -21,7 +21,7 @@ def score(variant: str, seed: int, step: int) -> float:
 def write_run(folder, env: str, variant: str, seed: int, q_value=0.1, scores=None) -> None:
     """q_value None: the Q-diagnostic keys are null, as in the records of a method without a Q function.
     scores: {online env step: normalised score} of the finetuning records (default: score() at 0, 1,000, 2,000)."""
-    scores = scores or {step: score(variant, seed, step) for step in (0, 1000, 2000)}
+    scores = {step: score(variant, seed, step) for step in (0, 1000, 2000)} if scores is None else scores
     folder.mkdir(parents=True)
     records = [
         {
@@ -64,6 +64,8 @@ def sweep(tmp_path):
                     variant,
                     seed,
                 )
+    pretraining = tmp_path / "runs" / "hopper-random" / "pretrain" / "seed0" / "hopper-random__so2-pretrain__0__1"
+    write_run(pretraining, "hopper-random", "pretrain", 0, scores={})  # pretraining records only
     (tmp_path / "runs" / "unfinished").mkdir()
     (tmp_path / "runs" / "unfinished" / "summary.json").write_text(json.dumps({"status": "interrupted"}))
     return tmp_path
@@ -77,8 +79,14 @@ def test_report_figures_table_and_aggregate(sweep, datasets_root):
         datasets_root,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "report of 12 runs" in result.stdout
-    for name in ("curves_env_steps.png", "curves_wall_clock.png", "q_diagnostics.png", "aggregate.png"):
+    assert "report of 12 runs" in result.stdout  # the pretraining-only run is not a finetuning result
+    for name in (
+        "curves_env_steps.png",
+        "curves_wall_clock.png",
+        "q_diagnostics.png",
+        "aggregate.png",
+        "curves_pretraining.png",
+    ):
         assert (out / name).stat().st_size > 10_000, name
     rows = {
         tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[1:-1]]
