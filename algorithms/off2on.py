@@ -1803,7 +1803,8 @@ def open_run(
     config = {**asdict(cfg), "dataset_id": None if dataset is None else dataset["id"], "device_resolved": str(device)}
     atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
     run = Run(
-        cfg=cfg, dir=run_dir, device=device, agent=agent, evaluate=evaluate, dataset=dataset, obs_dim=env.observation_space.shape[0], act_dim=env.action_space.shape[0],
+        cfg=cfg, dir=run_dir, device=device, agent=agent, evaluate=evaluate, dataset=dataset,
+        obs_dim=env.observation_space.shape[0], act_dim=env.action_space.shape[0],
         log=RunLog(run_dir, cfg, [] if checkpoint is None else checkpoint["records"]), stop=stop, finite=FiniteCheck(agent),
         wall_before=0.0 if checkpoint is None else checkpoint["wall_time_s"], lock=lock,
         pretrain_time_s=None if checkpoint is None else checkpoint["pretrain_time_s"],
