@@ -82,6 +82,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -629,14 +630,14 @@ def pretrain(run: Run, data: ReplayBuffer, step: int, loop: dict) -> None:
         # CQL release: the policy is cloned while its step counter (1, 2, ...) is below policy_eval_start.
         bc = step < cfg.cql_bc_steps
         losses = agent.pretrain_update(data.rows[indices[(step - 1) % chunk]], data.split, bc)
-        run.finite.watch(losses)
+        run.watch(losses)
         if step % cfg.pretrain_eval_every == 0 or step == cfg.pretrain_steps:
-            run.finite.check("pretrain", step)
+            run.check("pretrain", step)
             record = {"phase": "pretrain", "step": step, "env_steps": 0, **run.evaluate(agent), **losses_record(losses)}
-            run.log.write(record)
+            run.write(record)
             progress.set_postfix(score=f"{record['normalized_score']:.1f}")
         if run.stop.signum is not None or step % cfg.checkpoint_every == 0:
-            run.save_checkpoint("pretrain", step, {"indices": indices})
+            run.save("checkpoint", "pretrain", step, {"indices": indices})
         if run.stop.signum is not None:
             raise Stopped
     progress.close()
@@ -676,8 +677,8 @@ def finetune(run: Run, dataset: ReplayBuffer, step: int, loop: Optional[dict]) -
             initial_max_priority(n_data, cfg.init_online_fraction, cfg.epoch_steps), dtype=torch.float64, device=device
         )
         env_steps, updates, pending, epoch_start, losses = 0, 0, 0, 0, {}
-        run.finite.check("finetune", 0)
-        run.log.write({"phase": "finetune", "step": 0, "env_steps": 0, **run.evaluate(agent)})
+        run.check("finetune", 0)
+        run.write({"phase": "finetune", "step": 0, "env_steps": 0, **run.evaluate(agent)})
     else:
         online.load_state_dict(loop["online"])
         restore_env_state(env, loop["env"])
@@ -735,11 +736,11 @@ def finetune(run: Run, dataset: ReplayBuffer, step: int, loop: Optional[dict]) -
             priority[index] = new_priorities.double()
             max_priority = torch.maximum(max_priority, new_priorities.max())
             losses["online_share"] = from_online.float().mean()
-            run.finite.watch(losses)
+            run.watch(losses)
             updates, pending = updates + 1, pending - 1
             if pending == 0:
                 if env_steps // cfg.eval_every > epoch_start // cfg.eval_every or env_steps == cfg.online_steps:
-                    run.finite.check("finetune", env_steps)
+                    run.check("finetune", env_steps)
                     record = {
                         "phase": "finetune",
                         "step": updates,
@@ -747,7 +748,7 @@ def finetune(run: Run, dataset: ReplayBuffer, step: int, loop: Optional[dict]) -
                         **run.evaluate(agent),
                         **losses_record(losses),
                     }
-                    run.log.write(record)
+                    run.write(record)
                     progress.set_postfix(score=f"{record['normalized_score']:.1f}")
                 epoch_start = env_steps
         done = env_steps == cfg.online_steps and pending == 0
@@ -763,7 +764,7 @@ def finetune(run: Run, dataset: ReplayBuffer, step: int, loop: Optional[dict]) -
                 "epoch_start": epoch_start,
                 "losses": losses,
             }
-            run.save_checkpoint("finetune", env_steps, loop)
+            run.save("checkpoint", "finetune", env_steps, loop)
         if run.stop.signum is not None:
             raise Stopped
     progress.close()
@@ -848,7 +849,7 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
             step, loop = run.end_pretraining()
         if cfg.online_steps > 0:
             finetune(run, dataset, step, loop)
-        run.export("final")
+        run.save("final")
     return run.dir
 
 
@@ -926,14 +927,11 @@ def check(checks: list[tuple[bool, str]]) -> None:
 
 def writable_dir_problem(path: Path) -> Optional[str]:
     """Why files cannot be created under path (a file in the way, no write permission), or None."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"'{existing}' is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"'{existing}' is not writable"
-    return None
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        return f"'{path}' is a file, not a folder"
+    return None if os.access(path, os.W_OK | os.X_OK) else f"'{path}' is not writable"
 
 
 def check_common(cfg: Config) -> None:
@@ -949,11 +947,7 @@ def check_common(cfg: Config) -> None:
                 "kendall_windows must be in [1, 10000] and mc_tail_steps >= 0",
             ),
             (
-                cfg.run_name is None
-                or (
-                    cfg.run_name.replace("-", "").replace(".", "").replace("_", "").isalnum()
-                    and "__" not in cfg.run_name
-                ),
+                cfg.run_name is None or (re.fullmatch(r"[\w.-]+", cfg.run_name) and "__" not in cfg.run_name),
                 "run_name may hold letters, digits, '.', '-' and single '_' only",
             ),
         ]
@@ -968,17 +962,6 @@ def check_common(cfg: Config) -> None:
             torch.empty(0, device=cfg.device)
         except (RuntimeError, AssertionError) as exc:
             raise ConfigError(f"device '{cfg.device}' is not usable: {first_line(exc)}")
-
-
-def read_config_file(path: str) -> Config:
-    """Field values from a YAML file (lists become tuples); the type checks come later."""
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(values, dict):
-            raise TypeError("expected a mapping of field names to values")
-        return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-    except (OSError, yaml.YAMLError, TypeError) as exc:
-        raise ConfigError(f"cannot use config file '{path}': {first_line(exc)}")
 
 
 def read_saved(path: Path, kind: str) -> dict:
@@ -1032,8 +1015,14 @@ def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
             )
         return cfg, checkpoint
     if cfg.config is not None:
-        defaults = read_config_file(cfg.config)
-        check_types(defaults, f"config file '{cfg.config}': ")  # before tyro sees the defaults
+        try:  # the file's values (lists become tuples), type-checked before tyro sees them
+            values = yaml.safe_load(Path(cfg.config).read_text()) or {}
+            if not isinstance(values, dict):
+                raise TypeError("expected a mapping of field names to values")
+            defaults = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        except (OSError, yaml.YAMLError, TypeError) as exc:
+            raise ConfigError(f"cannot use config file '{cfg.config}': {first_line(exc)}")
+        check_types(defaults, f"config file '{cfg.config}': ")
         cfg = tyro.cli(Config, args=argv, default=replace(defaults, config=cfg.config))
     return cfg, None
 
@@ -1113,15 +1102,13 @@ def flatten_episodes(episodes) -> dict[str, np.ndarray]:
     float32 transition arrays in D4RL's q-learning layout. terminals = terminations only: a
     time-limit truncation is not a terminal state, and observations[t + 1] is the real next state
     even at a truncation; timeouts marks truncations, so episode boundaries stay recoverable."""
-    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
-    for ep in episodes:
-        parts["observations"].append(ep["observations"][:-1])
-        parts["next_observations"].append(ep["observations"][1:])
-        parts["actions"].append(ep["actions"])
-        parts["rewards"].append(ep["rewards"])
-        parts["terminals"].append(ep["terminations"])
-        parts["timeouts"].append(ep["truncations"])
-    return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
+    columns = zip(
+        *((e["observations"], e["actions"], e["rewards"], e["terminations"], e["truncations"]) for e in episodes)
+    )
+    obs, actions, rewards, terminals, timeouts = (list(c) for c in columns)
+    arrays = {"observations": [o[:-1] for o in obs], "actions": actions, "rewards": rewards}
+    arrays |= {"next_observations": [o[1:] for o in obs], "terminals": terminals, "timeouts": timeouts}
+    return {k: np.concatenate(v).astype(np.float32) for k, v in arrays.items()}
 
 
 def dataset_path(dataset_id: str = "") -> Path:
@@ -1131,47 +1118,27 @@ def dataset_path(dataset_id: str = "") -> Path:
 
 
 def cache_key(dataset_id: str) -> str:
+    """flat_cache.npz belongs to the dataset file of this size and modification time."""
     stat = (dataset_path(dataset_id) / "data" / "main_data.hdf5").stat()
     return f"flat-v1:{dataset_id}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def save_flat_cache(dataset_id: str, arrays: dict[str, np.ndarray]) -> None:
-    path = dataset_path(dataset_id) / "flat_cache.npz"
-    tmp = path.with_name(f".flat_cache.tmp{os.getpid()}.npz")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, key=np.array(cache_key(dataset_id)), **arrays)
-        os.replace(tmp, path)
-    except OSError:  # a read-only store only costs the next load its flattening time
-        tmp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # a read-only store only costs the next load its flattening time
+        key = np.array(cache_key(dataset_id))
+        atomic_write(dataset_path(dataset_id) / "flat_cache.npz", lambda f: np.savez(f, key=key, **arrays))
 
 
 def read_flat_cache(dataset_id: str) -> Optional[dict[str, np.ndarray]]:
     """The cached arrays, or None when the cache is missing, stale or unreadable (a cache miss)."""
-    try:
-        with np.load(dataset_path(dataset_id) / "flat_cache.npz") as cache:
-            if str(cache["key"]) != cache_key(dataset_id):
-                return None
-            return {k: cache[k] for k in cache.files if k != "key"}
-    except Exception:  # missing, truncated or garbage file: flatten the dataset again
-        return None
+    with contextlib.suppress(Exception), np.load(dataset_path(dataset_id) / "flat_cache.npz") as cache:
+        return {k: cache[k] for k in cache.files if k != "key"} if str(cache["key"]) == cache_key(dataset_id) else None
 
 
 def build_flat_cache(dataset_id: str) -> dict[str, np.ndarray]:
     import minari
 
-    dataset = minari.load_dataset(dataset_id)
-    episodes = (
-        {
-            "observations": e.observations,
-            "actions": e.actions,
-            "rewards": e.rewards,
-            "terminations": e.terminations,
-            "truncations": e.truncations,
-        }
-        for e in dataset.iterate_episodes()
-    )
-    arrays = flatten_episodes(episodes)
+    arrays = flatten_episodes(vars(e) for e in minari.load_dataset(dataset_id).iterate_episodes())
     save_flat_cache(dataset_id, arrays)
     return arrays
 
@@ -1231,13 +1198,9 @@ def download_dataset(base: str, quality: str, local_id: str, hub_ids: list[str])
     import minari
 
     errors = []
-    try:
-        if hub_ids:
-            socket.getaddrinfo("huggingface.co", 443)
-    except OSError as exc:
-        errors.append(f"the Minari hub (huggingface.co) is unreachable: {first_line(exc)}")
-    for hub_id in hub_ids if not errors else []:
+    for hub_id in hub_ids:
         try:
+            socket.getaddrinfo("huggingface.co", 443)
             minari.download_dataset(hub_id)
             return hub_id
         except Exception as exc:  # no network, missing hf extra, id gone: all mean "unavailable"
@@ -1261,14 +1224,8 @@ def dataset_fingerprint(arrays: dict[str, np.ndarray]) -> str:
 def dataset_rows(arrays: dict[str, np.ndarray]) -> torch.Tensor:
     """Flat arrays -> replay rows [obs | action | reward | next_obs | done]; done = terminals only:
     a time-limit truncation keeps bootstrapping."""
-    columns = [
-        arrays["observations"],
-        arrays["actions"],
-        arrays["rewards"][:, None],
-        arrays["next_observations"],
-        arrays["terminals"][:, None],
-    ]
-    return torch.from_numpy(np.concatenate(columns, axis=1))
+    keys = ("observations", "actions", "rewards", "next_observations", "terminals")
+    return torch.from_numpy(np.concatenate([arrays[k].reshape(len(arrays["rewards"]), -1) for k in keys], axis=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1360,15 +1317,7 @@ class Evaluator:
     the discounted return of the rewards the critic learns, reward * reward_scale + reward_bias;
     scores use the raw returns."""
 
-    def __init__(
-        self,
-        base: str,
-        envs: list[gym.Env],
-        cfg: Config,
-        device: torch.device,
-        reward_scale: float = 1.0,
-        reward_bias: float = 0.0,
-    ):
+    def __init__(self, base: str, envs: list[gym.Env], cfg: Config, device, reward_scale=1.0, reward_bias=0.0):
         self.base, self.envs, self.cfg, self.device = base, envs, cfg, device
         self.reward_scale, self.reward_bias = reward_scale, reward_bias
         self.seeds = [cfg.seed * 1000 + 500 + i for i in range(len(envs))]
@@ -1465,10 +1414,12 @@ class Diverged(Exception):
 
 
 def atomic_write(path: Path, write) -> None:
-    """write(tmp) then rename tmp over path: a reader, a crash or a kill never sees half a file."""
+    """write(file) into a temporary file, then rename it over path: a reader, a crash or a kill never
+    sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        write(tmp)
+        with open(tmp, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -1479,12 +1430,10 @@ def new_run_dir(cfg: Config) -> Path:
     that folder exists (mkdir is atomic, so two runs started in the same second never share one)."""
     stem = f"{cfg.env}__{ALGO}{'-' + cfg.run_name if cfg.run_name else ''}__{cfg.seed}__{int(time.time())}"
     for k in itertools.count():
-        try:
-            path = Path(cfg.out_dir) / (stem if k == 0 else f"{stem}-{k}")
+        path = Path(cfg.out_dir) / (stem if k == 0 else f"{stem}-{k}")
+        with contextlib.suppress(FileExistsError):
             path.mkdir(parents=True)
             return path
-        except FileExistsError:
-            continue
 
 
 def lock_run_dir(run_dir: Path):
@@ -1498,57 +1447,6 @@ def lock_run_dir(run_dir: Path):
         handle.close()
         raise ConfigError(f"run folder '{run_dir}' is in use by another process; wait for it to end or stop it first")
     return handle
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    return {
-        "python": platform.python_version(),
-        **{name: version(name) for name in ("torch", "numpy", "gymnasium", "mujoco", "minari")},
-    }
-
-
-class RunLog:
-    """metrics.jsonl (one record per evaluation, the whole file rewritten atomically per record)
-    and optional wandb. A resumed run starts from its checkpoint's records, so records written
-    after that checkpoint are replaced by their identical re-run."""
-
-    def __init__(self, run_dir: Path, cfg: Config, records: list[dict]):
-        self.path = run_dir / "metrics.jsonl"
-        self.records = list(records)
-        self.text = "".join(json.dumps(r) + "\n" for r in self.records)
-        atomic_write(self.path, lambda tmp: tmp.write_text(self.text))
-        self.wandb = None
-        if cfg.track:
-            import wandb
-
-            # The id follows the folder, so a resumed run continues the same wandb run.
-            run_id = hashlib.blake2b(str(run_dir.resolve()).encode(), digest_size=8).hexdigest()
-            self.wandb = wandb.init(
-                project=cfg.wandb_project,
-                group=ALGO,
-                name=run_dir.name,
-                id=run_id,
-                resume="allow",
-                config=asdict(cfg),
-                dir=str(run_dir),
-            )
-
-    def write(self, record: dict) -> None:
-        record = {
-            **dict.fromkeys(RECORD_KEYS),
-            **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()},
-        }
-        self.records.append(record)
-        self.text += json.dumps(record) + "\n"
-        atomic_write(self.path, lambda tmp: tmp.write_text(self.text))
-        if self.wandb is not None:
-            self.wandb.log({f"{record['phase']}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
-
-    def close(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
 
 
 class StopSignal:
@@ -1569,30 +1467,6 @@ class StopSignal:
             signal.signal(s, handler)
 
 
-class FiniteCheck:
-    """Whether a loss, a parameter or an optimiser moment stopped being finite. Losses are folded
-    into one flag per name on the device (no host sync per update); check() reads the flags and
-    every tensor of the agent's state at evaluations and before checkpoints."""
-
-    def __init__(self, agent):
-        self.agent = agent
-        self.bad: dict[str, torch.Tensor] = {}
-
-    def watch(self, values: dict) -> None:
-        for name, value in values.items():
-            if isinstance(value, torch.Tensor):  # floats are config values, finite by the checks
-                flag = ~torch.isfinite(value).all()
-                self.bad[name] = flag if name not in self.bad else self.bad[name] | flag
-
-    def check(self, phase: str, step: int) -> None:
-        for name, flag in self.bad.items():
-            if bool(flag):
-                raise Diverged(f"{name} not finite in {phase} at step {step}")
-        for name, state in self.agent.state_dict().items():
-            if any(not bool(torch.isfinite(t).all()) for t in tensors(state) if t.is_floating_point()):
-                raise Diverged(f"{name} not finite in {phase} at step {step}")
-
-
 def tensors(tree) -> list[torch.Tensor]:
     """The tensors of a nested state dict."""
     if isinstance(tree, torch.Tensor):
@@ -1610,33 +1484,26 @@ def time_limit(env: gym.Env) -> gym.wrappers.TimeLimit:
 def env_state(env: gym.Env) -> dict:
     """The running episode exactly: MuJoCo integration state, the body poses of the model (Adroit's
     reset moves its goal there), time-limit counter, env RNG."""
-    u, limit = env.unwrapped, time_limit(env)
+    u = env.unwrapped
     state = np.empty(mujoco.mj_stateSize(u.model, MJ_STATE))
     mujoco.mj_getState(u.model, u.data, state, MJ_STATE)
     model = {"body_pos": u.model.body_pos.copy(), "body_quat": u.model.body_quat.copy()}
-    return {
-        "mujoco": state,
-        "model": model,
-        "elapsed_steps": limit._elapsed_steps,
-        "np_random": u.np_random.bit_generator.state,
-    }
+    steps = time_limit(env)._elapsed_steps
+    return {"mujoco": state, "model": model, "elapsed_steps": steps, "np_random": u.np_random.bit_generator.state}
 
 
 def restore_env_state(env: gym.Env, saved: dict) -> None:
-    u, limit = env.unwrapped, time_limit(env)
+    u = env.unwrapped
     u.model.body_pos[:], u.model.body_quat[:] = saved["model"]["body_pos"], saved["model"]["body_quat"]
     mujoco.mj_setState(u.model, u.data, saved["mujoco"], MJ_STATE)
     mujoco.mj_forward(u.model, u.data)
-    limit._elapsed_steps = saved["elapsed_steps"]
+    time_limit(env)._elapsed_steps = saved["elapsed_steps"]
     u.np_random.bit_generator.state = saved["np_random"]
 
 
 def rng_state(device: torch.device) -> dict:
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": np.random.get_state(),
-    }
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state()}
 
 
 def restore_rng_state(state: dict, device: torch.device) -> None:
@@ -1648,115 +1515,120 @@ def restore_rng_state(state: dict, device: torch.device) -> None:
 
 @dataclass
 class Run:
-    """Everything a train loop touches besides its own loop variables."""
+    """Everything a train loop touches besides its own loop variables, and the files of its folder:
+    metrics.jsonl (+ wandb), checkpoint.pt, pretrain.pt / final.pt and summary.json."""
 
     cfg: Config
     dir: Path
     device: torch.device
     agent: object
     evaluate: Evaluator
-    log: RunLog
     dataset: Optional[dict]  # {"id", "fingerprint"}; None for a run without a dataset
     obs_dim: int
     act_dim: int
     stop: StopSignal
-    finite: FiniteCheck
-    wall_before: float  # seconds run before this process (resumed runs)
-    lock: object  # the run folder's lock file, held until the run ends
+    records: list[dict] = field(default_factory=list)  # of metrics.jsonl; a resumed run's from its checkpoint
+    wall_before: float = 0.0  # seconds run before this process (resumed runs)
     pretrain_time_s: Optional[float] = None
+    wandb: object = None
+    bad: dict = field(default_factory=dict)  # loss name -> device flag: not finite at some update
     started: float = field(default_factory=time.time)
 
     def wall_time(self) -> float:
         return self.wall_before + time.time() - self.started
 
-    def save_checkpoint(self, phase: str, step: int, loop: dict) -> None:
-        """checkpoint.pt: the whole training state after `step` steps of `phase`. It is written only
-        after the finite check passes, so it always holds the last good state."""
-        self.finite.check(phase, step)
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "algo": ALGO,
-            "config": asdict(self.cfg),
-            "dataset": self.dataset,
-            "phase": phase,
-            "step": step,
-            "agent": self.agent.state_dict(),
-            "loop": loop,
-            "rng": rng_state(self.device),
-            "records": self.log.records,
-            "wall_time_s": self.wall_time(),
-            "pretrain_time_s": self.pretrain_time_s,
-        }
-        atomic_write(self.dir / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+    def write(self, record: Optional[dict] = None) -> None:
+        """Append a record (non-finite floats become null) and rewrite metrics.jsonl atomically."""
+        if record is not None:
+            finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+            self.records.append(record := {**dict.fromkeys(RECORD_KEYS), **finite})
+            if self.wandb is not None:
+                self.wandb.log({f"{record['phase']}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+        text = "".join(json.dumps(r) + "\n" for r in self.records)
+        atomic_write(self.dir / "metrics.jsonl", lambda f: f.write(text.encode()))
 
-    def export(self, kind: str) -> None:
-        """pretrain.pt / final.pt: the agent (networks, optimisers, temperature) and its config."""
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "algo": ALGO,
-            "kind": kind,
-            "config": asdict(self.cfg),
-            "dataset": self.dataset,
-            "obs_dim": self.obs_dim,
-            "act_dim": self.act_dim,
-            "agent": self.agent.state_dict(),
-        }
-        atomic_write(self.dir / f"{kind}.pt", lambda tmp: torch.save(state, tmp))
+    def watch(self, values: dict) -> None:
+        """Fold each loss into one "not finite" flag per name on the device: no host sync per update."""
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):  # floats are config values, finite by the checks
+                flag = ~torch.isfinite(value).all()
+                self.bad[name] = flag if name not in self.bad else self.bad[name] | flag
+
+    def check(self, phase: str, step: int) -> None:
+        """Diverged if a watched loss, a parameter or an optimiser moment is not finite; called at
+        evaluations and before checkpoints."""
+        for name, flag in self.bad.items():
+            if bool(flag):
+                raise Diverged(f"{name} not finite in {phase} at step {step}")
+        for name, state in self.agent.state_dict().items():
+            if any(not bool(torch.isfinite(t).all()) for t in tensors(state) if t.is_floating_point()):
+                raise Diverged(f"{name} not finite in {phase} at step {step}")
+
+    def save(self, kind: str, phase: str = "", step: int = 0, loop: Optional[dict] = None) -> None:
+        """checkpoint.pt (kind "checkpoint"): the whole training state after `step` steps of `phase`,
+        written only after the finite check passes, so it always holds the last good state.
+        pretrain.pt / final.pt: the agent (networks, optimisers, temperature) and its config."""
+        state = {"format": CHECKPOINT_FORMAT, "algo": ALGO, "config": asdict(self.cfg), "dataset": self.dataset}
+        if kind == "checkpoint":
+            self.check(phase, step)
+            state |= {"phase": phase, "step": step, "loop": loop, "rng": rng_state(self.device)}
+            state |= {"records": self.records, "wall_time_s": self.wall_time(), "pretrain_time_s": self.pretrain_time_s}
+        else:
+            state |= {"kind": kind, "obs_dim": self.obs_dim, "act_dim": self.act_dim}
+        state["agent"] = self.agent.state_dict()
+        atomic_write(self.dir / f"{kind}.pt", lambda f: torch.save(state, f))
 
     def end_pretraining(self) -> tuple[int, None]:
         """pretrain.pt and the pretraining's time, then the checkpoint at the start of finetuning;
         returns that start (step 0, no loop state)."""
         self.pretrain_time_s = self.wall_time()
-        self.export("pretrain")
-        self.save_checkpoint("finetune", 0, None)
+        self.save("pretrain")
+        self.save("checkpoint", "finetune", 0, None)
         return 0, None
 
     def write_summary(self, status: str, error: Optional[str] = None) -> None:
         """summary.json: status (finished / interrupted / diverged), scores, final Q diagnostics,
         wall time, device and versions; the same keys in every algorithm file."""
-        online = [r for r in self.log.records if r["phase"] != "pretrain"]
+        from importlib.metadata import version
+
+        online = [r for r in self.records if r["phase"] != "pretrain"]
         last = online[-1] if online else {}
         scores = [r["normalized_score"] for r in online if r["normalized_score"] is not None]
+        cuda = self.device.type == "cuda"
         summary = {
             "status": status,
             "error": error,
             "algo": ALGO,
-            "env": self.cfg.env,
-            "seed": self.cfg.seed,
-            "run_name": self.cfg.run_name,
+            **{k: getattr(self.cfg, k) for k in ("env", "seed", "run_name")},
             "dataset": self.dataset,
             "env_steps": last.get("env_steps", 0),
             "pretrained_score": online[0]["normalized_score"] if online and online[0]["env_steps"] == 0 else None,
             "final_score": last.get("normalized_score"),
             "best_score": max(scores) if scores else None,
-            "final_return": last.get("return"),
-            "final_q_bias": last.get("q_bias"),
-            "final_kendall_tau": last.get("kendall_tau"),
-            "final_q_std_policy": last.get("q_std_policy"),
+            **{f"final_{k}": last.get(k) for k in ("return", "q_bias", "kendall_tau", "q_std_policy")},
             "wall_time_s": round(self.wall_time(), 1),
             "pretrain_time_s": None if self.pretrain_time_s is None else round(self.pretrain_time_s, 1),
             "resume_command": None if status == "finished" else f"python algorithms/{ALGO}.py --resume {self.dir}",
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device)
-            if self.device.type == "cuda"
+            if cuda
             else platform.processor() or platform.machine(),
-            "versions": versions(),
+            "versions": {"python": platform.python_version()}
+            | {name: version(name) for name in ("torch", "numpy", "gymnasium", "mujoco", "minari")},
         }
-        atomic_write(self.dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+        atomic_write(self.dir / "summary.json", lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
 
 
 def seconds_per_call(fn, device: torch.device, calls: int) -> float:
     """Seconds per call of fn after one warm-up call. The RNG states are restored afterwards, so
     timing leaves the run exactly as it was."""
-    state = rng_state(device)
+    state, sync = rng_state(device), torch.cuda.synchronize if device.type == "cuda" else lambda device: None
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(calls):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     restore_rng_state(state, device)
     return (time.perf_counter() - start) / calls
 
@@ -1764,31 +1636,19 @@ def seconds_per_call(fn, device: torch.device, calls: int) -> float:
 def announce_time(parts: list[tuple[str, int, float]]) -> None:
     """Print the time the rest of the run will spend in updates, from (phase, steps left, seconds
     per step) measured on this device, and FIRST_RESULT when that is more than a day."""
-    if not parts:
-        return
-    hours = [steps * seconds / 3600 for _, steps, seconds in parts]
-    text = "; ".join(
-        f"{name}: {steps:,} steps x {1000 * seconds:.1f} ms = {h:.2f} h"
-        for (name, steps, seconds), h in zip(parts, hours)
-    )
-    print(
-        f"{ALGO}.py: estimated time in updates (evaluations and env steps not counted): {text}; total {sum(hours):.2f} h",
-        file=sys.stderr,
-    )
-    if sum(hours) > 24:
+    hours = sum(n * s / 3600 for _, n, s in parts)
+    text = "; ".join(f"{name}: {n:,} steps x {1000 * s:.1f} ms = {n * s / 3600:.2f} h" for name, n, s in parts)
+    if parts:
+        print(
+            f"{ALGO}.py: estimated time in updates (evaluations and env steps not counted): {text}; total {hours:.2f} h",
+            file=sys.stderr,
+        )
+    if hours > 24:
         print(f"{ALGO}.py: that is days on this device. {FIRST_RESULT}", file=sys.stderr)
 
 
 @contextlib.contextmanager
-def open_run(
-    cfg: Config,
-    checkpoint: Optional[dict],
-    agent,
-    evaluate: Evaluator,
-    device: torch.device,
-    dataset: Optional[dict],
-    first: tuple[str, Optional[dict]],
-):
+def open_run(cfg: Config, checkpoint: Optional[dict], agent, evaluate: Evaluator, device, dataset, first: tuple):
     """A run's life. Opens the folder of a new run and writes its first checkpoint (first = phase and
     loop state at step 0), or reopens a resumed one and restores its state into agent and RNGs; yields
     (run, phase, step, loop state) to continue from. Then it writes the summary; a signal or a
@@ -1797,23 +1657,37 @@ def open_run(
     if checkpoint is not None:
         agent.load_state_dict(checkpoint["agent"])
         restore_rng_state(checkpoint["rng"], device)
-    env = evaluate.envs[0]
     run_dir = new_run_dir(cfg) if checkpoint is None else Path(cfg.resume)
     lock = lock_run_dir(run_dir)
     config = {**asdict(cfg), "dataset_id": None if dataset is None else dataset["id"], "device_resolved": str(device)}
-    atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
+    atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml.safe_dump(config, sort_keys=False).encode()))
+    env = evaluate.envs[0]
     run = Run(
-        cfg=cfg, dir=run_dir, device=device, agent=agent, evaluate=evaluate, dataset=dataset,
-        obs_dim=env.observation_space.shape[0], act_dim=env.action_space.shape[0],
-        log=RunLog(run_dir, cfg, [] if checkpoint is None else checkpoint["records"]), stop=stop, finite=FiniteCheck(agent),
-        wall_before=0.0 if checkpoint is None else checkpoint["wall_time_s"], lock=lock,
-        pretrain_time_s=None if checkpoint is None else checkpoint["pretrain_time_s"],
-    )  # fmt: skip
-    position = (
-        (first[0], 0, first[1]) if checkpoint is None else (checkpoint["phase"], checkpoint["step"], checkpoint["loop"])
+        cfg, run_dir, device, agent, evaluate, dataset, env.observation_space.shape[0], env.action_space.shape[0], stop
     )
+    position = (first[0], 0, first[1])
+    if checkpoint is not None:
+        position = (checkpoint["phase"], checkpoint["step"], checkpoint["loop"])
+        run.records, run.wall_before, run.pretrain_time_s = (
+            checkpoint[k] for k in ("records", "wall_time_s", "pretrain_time_s")
+        )
+    run.write()  # a resumed run drops the records written after its checkpoint: it writes them again
+    if cfg.track:
+        import wandb
+
+        # The id follows the folder, so a resumed run continues the same wandb run.
+        run_id = hashlib.blake2b(str(run_dir.resolve()).encode(), digest_size=8).hexdigest()
+        run.wandb = wandb.init(
+            project=cfg.wandb_project,
+            group=ALGO,
+            name=run_dir.name,
+            id=run_id,
+            resume="allow",
+            config=asdict(cfg),
+            dir=str(run_dir),
+        )
     if checkpoint is None:
-        run.save_checkpoint(*position)  # from here on, --resume works
+        run.save("checkpoint", *position)  # from here on, --resume works
     status, error = "finished", None
     try:
         yield (run, *position)
@@ -1822,16 +1696,14 @@ def open_run(
     except Diverged as exc:
         status, error = "diverged", str(exc)
     run.write_summary(status, error)
-    run.log.close()
-    run.lock.close()
-    run.stop.restore()
+    if run.wandb is not None:
+        run.wandb.finish()
+    lock.close()
+    stop.restore()
     if status == "interrupted":
         resume = f"python algorithms/{ALGO}.py --resume {run.dir}"
-        print(
-            f"{ALGO}.py: stopped by signal {run.stop.signum}; checkpoint written. Resume with: {resume}",
-            file=sys.stderr,
-        )
-        sys.exit(128 + run.stop.signum)
+        print(f"{ALGO}.py: stopped by signal {stop.signum}; checkpoint written. Resume with: {resume}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
     if status == "diverged":
         print(
             f"{ALGO}.py: error: diverged: {error}; the last good state is {run.dir / 'checkpoint.pt'}", file=sys.stderr

@@ -84,26 +84,8 @@ def main(args: Args) -> None:
         for k in range(0, args.online_rows, 1000)
     ]
     run_dir = so2.new_run_dir(cfg)
-    parameters = {
-        "actor": list(agent.actor.parameters()),
-        "critic": list(agent.critic.parameters()),
-        "alpha": [agent.log_alpha],
-    }
     data_info = {"id": "synthetic", "fingerprint": "not computed"}
-    run = so2.Run(
-        cfg,
-        run_dir,
-        device,
-        agent,
-        None,
-        so2.RunLog(run_dir, cfg, records),
-        data_info,
-        obs_dim,
-        act_dim,
-        None,
-        so2.FiniteCheck(parameters),
-        0.0,
-    )
+    run = so2.Run(cfg, run_dir, device, agent, None, data_info, obs_dim, act_dim, None, records)
     loop = {
         "online": online.state_dict(),
         "env": so2.env_state(env),
@@ -117,7 +99,7 @@ def main(args: Args) -> None:
     saves = []
     for _ in range(3):
         start = time.perf_counter()
-        run.save_checkpoint("finetune", args.online_rows, loop)
+        run.save("checkpoint", "finetune", args.online_rows, loop)
         saves.append(time.perf_counter() - start)
     size_mb = (run_dir / "checkpoint.pt").stat().st_size / 2**20
     update_ms = time_updates(lambda: agent.finetune_critic_step(batch, online.split, 0.2), args.steps, device)
@@ -163,14 +145,13 @@ def main(args: Args) -> None:
         flush=True,
     )
 
-    finite = so2.FiniteCheck(parameters)
     loss = agent.finetune_critic_step(batch, online.split, 0.2)
     update_ms = min(
         time_updates(lambda: agent.finetune_critic_step(batch, online.split, 0.2), args.steps, device) for _ in range(3)
     )
-    watch_ms = min(time_updates(lambda: finite.watch({"critic_loss": loss}), 1000, device) for _ in range(3))
+    watch_ms = min(time_updates(lambda: run.watch({"critic_loss": loss}), 1000, device) for _ in range(3))
     start = time.perf_counter()
-    finite.check("finetune", 0)
+    run.check("finetune", 0)
     check_ms = 1000 * (time.perf_counter() - start)
     print(
         json.dumps(

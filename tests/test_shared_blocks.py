@@ -80,7 +80,7 @@ def parts(path) -> tuple[dict[str, str], dict[str, str]]:
 
 def test_plumbing_is_identical_in_every_file_that_has_it():
     plumbing = {path.name: parts(path)[1] for path in FILES}
-    assert {"Evaluator", "RunLog", "Run", "load_dataset", "parse_args", "ReplayBuffer"} <= {
+    assert {"Evaluator", "open_run", "Run", "load_dataset", "parse_args", "ReplayBuffer"} <= {
         name for defs in plumbing.values() for name in defs
     }  # the check looks at real blocks
     differing = []
