@@ -1144,32 +1144,25 @@ def build_flat_cache(dataset_id: str) -> dict[str, np.ndarray]:
     return arrays
 
 
-def generate_random_dataset(base: str, steps: int) -> None:
-    """*-random sets are made on the spot by scripts/make_dataset.py (D4RL random protocol), so a
-    first run needs no network. That script locks the id: concurrent first runs make it once."""
-    command = [sys.executable, str(REPO_ROOT / "scripts" / "make_dataset.py"), f"{base}-random", "--steps", str(steps)]
-    print(
-        f"{ALGO}.py: {base}-random is not on disk; generating it: python scripts/make_dataset.py {base}-random --steps {steps}",
-        file=sys.stderr,
-    )
-    code = subprocess.run(command).returncode
-    if code in (2, 130, 143):  # bad input or a signal: the script has said why in one line
-        sys.exit(code)
-    if code != 0:
-        raise ConfigError(f"generating {base}-random failed (exit code {code}); see its output above")
-
-
 def load_dataset(base: str, quality: str, random_steps: int) -> tuple[dict[str, np.ndarray], str]:
     """Flat transition arrays and the Minari id they came from. Order: local/<env>/<quality>-v0,
-    then the hub id on disk, then for *-random a set generated here, then a download (needs the
-    network). A damaged dataset is a ConfigError that says how to make it again."""
+    then the hub id on disk, then for *-random a set made here by scripts/make_dataset.py (D4RL's
+    random protocol; no network needed; the script locks the id, so concurrent first runs make it
+    once), then a download (needs the network). A damaged dataset is a ConfigError that says how to
+    make it again."""
     root = dataset_path()
     if root.exists() and not root.is_dir():
         raise ConfigError(f"MINARI_DATASETS_PATH '{root}' is a file, not a folder")
     local_id, hub_ids = dataset_ids(base, quality, random_steps)
     on_disk = [i for i in [local_id, *hub_ids] if (dataset_path(i) / "data").exists()]
     if not on_disk and quality == "random":
-        generate_random_dataset(base, random_steps)
+        make = f"scripts/make_dataset.py {base}-random --steps {random_steps}"
+        print(f"{ALGO}.py: {base}-random is not on disk; generating it: python {make}", file=sys.stderr)
+        code = subprocess.run([sys.executable, str(REPO_ROOT / make.split()[0]), *make.split()[1:]]).returncode
+        if code in (2, 130, 143):  # bad input or a signal: the script has said why in one line
+            sys.exit(code)
+        if code != 0:
+            raise ConfigError(f"generating {base}-random failed (exit code {code}); see its output above")
         on_disk = [local_id]
     if not on_disk:
         on_disk = [download_dataset(base, quality, local_id, hub_ids)]
@@ -1307,12 +1300,6 @@ def tensors(tree) -> list[torch.Tensor]:
     return [t for value in values for t in tensors(value)]
 
 
-def time_limit(env: gym.Env) -> gym.wrappers.TimeLimit:
-    while not isinstance(env, gym.wrappers.TimeLimit):
-        env = env.env
-    return env
-
-
 def env_state(env: gym.Env) -> dict:
     """The running episode exactly: MuJoCo integration state, the body poses of the model (Adroit's
     reset moves its goal there), time-limit counter, env RNG."""
@@ -1320,7 +1307,7 @@ def env_state(env: gym.Env) -> dict:
     state = np.empty(mujoco.mj_stateSize(u.model, MJ_STATE))
     mujoco.mj_getState(u.model, u.data, state, MJ_STATE)
     model = {"body_pos": u.model.body_pos.copy(), "body_quat": u.model.body_quat.copy()}
-    steps = time_limit(env)._elapsed_steps
+    steps = env.get_wrapper_attr("_elapsed_steps")  # of the TimeLimit wrapper
     return {"mujoco": state, "model": model, "elapsed_steps": steps, "np_random": u.np_random.bit_generator.state}
 
 
@@ -1329,7 +1316,7 @@ def restore_env_state(env: gym.Env, saved: dict) -> None:
     u.model.body_pos[:], u.model.body_quat[:] = saved["model"]["body_pos"], saved["model"]["body_quat"]
     mujoco.mj_setState(u.model, u.data, saved["mujoco"], MJ_STATE)
     mujoco.mj_forward(u.model, u.data)
-    time_limit(env)._elapsed_steps = saved["elapsed_steps"]
+    env.set_wrapper_attr("_elapsed_steps", saved["elapsed_steps"])
     u.np_random.bit_generator.state = saved["np_random"]
 
 

@@ -864,12 +864,6 @@ def tensors(tree) -> list[torch.Tensor]:
     return [t for value in values for t in tensors(value)]
 
 
-def time_limit(env: gym.Env) -> gym.wrappers.TimeLimit:
-    while not isinstance(env, gym.wrappers.TimeLimit):
-        env = env.env
-    return env
-
-
 def env_state(env: gym.Env) -> dict:
     """The running episode exactly: MuJoCo integration state, the body poses of the model (Adroit's
     reset moves its goal there), time-limit counter, env RNG."""
@@ -877,7 +871,7 @@ def env_state(env: gym.Env) -> dict:
     state = np.empty(mujoco.mj_stateSize(u.model, MJ_STATE))
     mujoco.mj_getState(u.model, u.data, state, MJ_STATE)
     model = {"body_pos": u.model.body_pos.copy(), "body_quat": u.model.body_quat.copy()}
-    steps = time_limit(env)._elapsed_steps
+    steps = env.get_wrapper_attr("_elapsed_steps")  # of the TimeLimit wrapper
     return {"mujoco": state, "model": model, "elapsed_steps": steps, "np_random": u.np_random.bit_generator.state}
 
 
@@ -886,7 +880,7 @@ def restore_env_state(env: gym.Env, saved: dict) -> None:
     u.model.body_pos[:], u.model.body_quat[:] = saved["model"]["body_pos"], saved["model"]["body_quat"]
     mujoco.mj_setState(u.model, u.data, saved["mujoco"], MJ_STATE)
     mujoco.mj_forward(u.model, u.data)
-    time_limit(env)._elapsed_steps = saved["elapsed_steps"]
+    env.set_wrapper_attr("_elapsed_steps", saved["elapsed_steps"])
     u.np_random.bit_generator.state = saved["np_random"]
 
 

@@ -444,14 +444,8 @@ def pretrain(run: Run, data: ReplayBuffer, step: int, loop: dict) -> None:
     cfg, agent = run.cfg, run.agent
     # Indices for many steps are drawn at once; a batch is gathered per step from the device buffer.
     chunk, indices = 1000, None if loop["indices"] is None else loop["indices"].to(run.device)
-    progress = tqdm(
-        range(step + 1, cfg.pretrain_steps + 1),
-        desc="pretrain (EDAC)",
-        unit="upd",
-        mininterval=1,
-        initial=step,
-        total=cfg.pretrain_steps,
-    )
+    steps = range(step + 1, cfg.pretrain_steps + 1)
+    progress = tqdm(steps, desc="pretrain (EDAC)", unit="upd", mininterval=1, initial=step, total=cfg.pretrain_steps)
     for step in progress:
         if (step - 1) % chunk == 0:
             indices = torch.randint(0, data.size, (chunk, cfg.batch_size), device=data.rows.device)
@@ -459,14 +453,8 @@ def pretrain(run: Run, data: ReplayBuffer, step: int, loop: dict) -> None:
         run.watch(losses)
         if step % cfg.pretrain_eval_every == 0 or step == cfg.pretrain_steps:
             run.check("pretrain", step)
-            record = {
-                "phase": "pretrain",
-                "step": step,
-                "env_steps": 0,
-                **run.evaluate(agent),
-                **{k: float(v) for k, v in losses.items()},
-            }
-            run.write(record)
+            record = {"phase": "pretrain", "step": step, "env_steps": 0, **run.evaluate(agent)}
+            run.write(record | {k: float(v) for k, v in losses.items()})
             progress.set_postfix(score=f"{record['normalized_score']:.1f}")
         if run.stop.signum is not None or step % cfg.checkpoint_every == 0:
             run.save("checkpoint", "pretrain", step, {"indices": indices})
@@ -509,14 +497,8 @@ def finetune(run: Run, dataset: torch.Tensor, step: int, loop: Optional[dict]) -
             loop[k] for k in ("obs", "alpha", "updates", "critic_loss", "actor_loss")
         )
     obs_stage = torch.zeros(run.obs_dim, pin_memory=device.type == "cuda")
-    progress = tqdm(
-        range(step + 1, cfg.online_steps + 1),
-        desc="finetune (SO2)",
-        unit="env step",
-        mininterval=1,
-        initial=step,
-        total=cfg.online_steps,
-    )
+    steps = range(step + 1, cfg.online_steps + 1)
+    progress = tqdm(steps, desc="finetune (SO2)", unit="env step", mininterval=1, initial=step, total=cfg.online_steps)
     for env_step in progress:
         obs_stage.numpy()[:] = obs
         with torch.no_grad():
@@ -545,15 +527,8 @@ def finetune(run: Run, dataset: torch.Tensor, step: int, loop: Optional[dict]) -
 
         if env_step % cfg.eval_every == 0 or env_step == cfg.online_steps:
             run.check("finetune", env_step)
-            record = {
-                "phase": "finetune",
-                "step": updates,
-                "env_steps": env_step,
-                **run.evaluate(agent),
-                "alpha": float(alpha),
-                "critic_loss": float(critic_loss),
-                "actor_loss": float(actor_loss),
-            }
+            losses = {"alpha": float(alpha), "critic_loss": float(critic_loss), "actor_loss": float(actor_loss)}
+            record = {"phase": "finetune", "step": updates, "env_steps": env_step, **run.evaluate(agent), **losses}
             run.write(record)
             progress.set_postfix(score=f"{record['normalized_score']:.1f}")
         if run.stop.signum is not None or env_step % cfg.checkpoint_every == 0 or env_step == cfg.online_steps:
@@ -563,10 +538,8 @@ def finetune(run: Run, dataset: torch.Tensor, step: int, loop: Optional[dict]) -
                 "obs": obs,
                 "alpha": alpha,
                 "updates": updates,
-                "critic_loss": critic_loss,
-                "actor_loss": actor_loss,
             }
-            run.save("checkpoint", "finetune", env_step, loop)
+            run.save("checkpoint", "finetune", env_step, loop | {"critic_loss": critic_loss, "actor_loss": actor_loss})
         if run.stop.signum is not None:
             raise Stopped
     progress.close()
@@ -582,13 +555,8 @@ def time_phases(run: Run, phase: str, step: int) -> list[tuple[str, int, float]]
     parts = []
     if phase == "pretrain" and cfg.pretrain_steps > step:
         rows = torch.rand(cfg.batch_size, width, device=run.device, generator=fixed)
-        parts.append(
-            (
-                "pretraining",
-                cfg.pretrain_steps - step,
-                seconds_per_call(lambda: agent.pretrain_step(rows, split), run.device, 3),
-            )
-        )
+        seconds = seconds_per_call(lambda: agent.pretrain_step(rows, split), run.device, 3)
+        parts.append(("pretraining", cfg.pretrain_steps - step, seconds))
     updating = cfg.online_steps - max(cfg.warmup_steps, step if phase == "finetune" else 0)
     if updating > 0:
         agent.new_optimisers(cfg.finetune_lr)
@@ -945,32 +913,25 @@ def build_flat_cache(dataset_id: str) -> dict[str, np.ndarray]:
     return arrays
 
 
-def generate_random_dataset(base: str, steps: int) -> None:
-    """*-random sets are made on the spot by scripts/make_dataset.py (D4RL random protocol), so a
-    first run needs no network. That script locks the id: concurrent first runs make it once."""
-    command = [sys.executable, str(REPO_ROOT / "scripts" / "make_dataset.py"), f"{base}-random", "--steps", str(steps)]
-    print(
-        f"{ALGO}.py: {base}-random is not on disk; generating it: python scripts/make_dataset.py {base}-random --steps {steps}",
-        file=sys.stderr,
-    )
-    code = subprocess.run(command).returncode
-    if code in (2, 130, 143):  # bad input or a signal: the script has said why in one line
-        sys.exit(code)
-    if code != 0:
-        raise ConfigError(f"generating {base}-random failed (exit code {code}); see its output above")
-
-
 def load_dataset(base: str, quality: str, random_steps: int) -> tuple[dict[str, np.ndarray], str]:
     """Flat transition arrays and the Minari id they came from. Order: local/<env>/<quality>-v0,
-    then the hub id on disk, then for *-random a set generated here, then a download (needs the
-    network). A damaged dataset is a ConfigError that says how to make it again."""
+    then the hub id on disk, then for *-random a set made here by scripts/make_dataset.py (D4RL's
+    random protocol; no network needed; the script locks the id, so concurrent first runs make it
+    once), then a download (needs the network). A damaged dataset is a ConfigError that says how to
+    make it again."""
     root = dataset_path()
     if root.exists() and not root.is_dir():
         raise ConfigError(f"MINARI_DATASETS_PATH '{root}' is a file, not a folder")
     local_id, hub_ids = dataset_ids(base, quality, random_steps)
     on_disk = [i for i in [local_id, *hub_ids] if (dataset_path(i) / "data").exists()]
     if not on_disk and quality == "random":
-        generate_random_dataset(base, random_steps)
+        make = f"scripts/make_dataset.py {base}-random --steps {random_steps}"
+        print(f"{ALGO}.py: {base}-random is not on disk; generating it: python {make}", file=sys.stderr)
+        code = subprocess.run([sys.executable, str(REPO_ROOT / make.split()[0]), *make.split()[1:]]).returncode
+        if code in (2, 130, 143):  # bad input or a signal: the script has said why in one line
+            sys.exit(code)
+        if code != 0:
+            raise ConfigError(f"generating {base}-random failed (exit code {code}); see its output above")
         on_disk = [local_id]
     if not on_disk:
         on_disk = [download_dataset(base, quality, local_id, hub_ids)]
@@ -1277,12 +1238,6 @@ def tensors(tree) -> list[torch.Tensor]:
     return [t for value in values for t in tensors(value)]
 
 
-def time_limit(env: gym.Env) -> gym.wrappers.TimeLimit:
-    while not isinstance(env, gym.wrappers.TimeLimit):
-        env = env.env
-    return env
-
-
 def env_state(env: gym.Env) -> dict:
     """The running episode exactly: MuJoCo integration state, the body poses of the model (Adroit's
     reset moves its goal there), time-limit counter, env RNG."""
@@ -1290,7 +1245,7 @@ def env_state(env: gym.Env) -> dict:
     state = np.empty(mujoco.mj_stateSize(u.model, MJ_STATE))
     mujoco.mj_getState(u.model, u.data, state, MJ_STATE)
     model = {"body_pos": u.model.body_pos.copy(), "body_quat": u.model.body_quat.copy()}
-    steps = time_limit(env)._elapsed_steps
+    steps = env.get_wrapper_attr("_elapsed_steps")  # of the TimeLimit wrapper
     return {"mujoco": state, "model": model, "elapsed_steps": steps, "np_random": u.np_random.bit_generator.state}
 
 
@@ -1299,7 +1254,7 @@ def restore_env_state(env: gym.Env, saved: dict) -> None:
     u.model.body_pos[:], u.model.body_quat[:] = saved["model"]["body_pos"], saved["model"]["body_quat"]
     mujoco.mj_setState(u.model, u.data, saved["mujoco"], MJ_STATE)
     mujoco.mj_forward(u.model, u.data)
-    time_limit(env)._elapsed_steps = saved["elapsed_steps"]
+    env.set_wrapper_attr("_elapsed_steps", saved["elapsed_steps"])
     u.np_random.bit_generator.state = saved["np_random"]
 
 

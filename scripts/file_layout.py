@@ -3,7 +3,8 @@ plumbing (below it), in lines, with where the learning rule and the train loop s
 
   python scripts/file_layout.py          # the table in the README's "How to read a file" section
 
-Counted with the file's own text, so the README's table is regenerated, never typed.
+Counted with the file's own text, so the README's table is regenerated, never typed
+(tests/test_shared_blocks.py checks that the README holds the current table).
 """
 
 import re
@@ -43,20 +44,23 @@ def layout(path: Path) -> dict:
     }
 
 
+def table(paths: list[Path]) -> str:
+    rows = ["| file | lines | the method | shared plumbing | learning rule from line | train loop from line |"]
+    rows.append("|---|---|---|---|---|---|")
+    for r in map(layout, paths):
+        share = f"{100 * r['method'] / r['lines']:.0f}%"
+        rows.append(
+            f"| `{r['file']}` | {r['lines']:,} | {r['method']:,} ({share}) | {r['plumbing']:,} | {r['rule']} | {r['loop']} |"
+        )
+    return "\n".join(rows)
+
+
 def main(args: Args) -> int:
-    paths = [Path(f) for f in args.files] or sorted((REPO / "algorithms").glob("*.py"))
     try:
-        rows = [layout(p) for p in paths]
+        print(table([Path(f) for f in args.files] or sorted((REPO / "algorithms").glob("*.py"))))
     except (OSError, ValueError) as exc:
         print(f"file_layout.py: error: {exc}", file=sys.stderr)
         return 2
-    print("| file | lines | the method | shared plumbing | learning rule from line | train loop from line |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        share = 100 * r["method"] / r["lines"]
-        print(
-            f"| `{r['file']}` | {r['lines']:,} | {r['method']:,} ({share:.0f}%) | {r['plumbing']:,} | {r['rule']} | {r['loop']} |"
-        )
     return 0
 
 

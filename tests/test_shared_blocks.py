@@ -138,3 +138,9 @@ def test_file_layout_counts_the_two_parts():
     assert row["lines"] == len(lines) and row["method"] + row["plumbing"] == len(lines)
     assert BANNER in lines[row["method"]] and not any(BANNER in line for line in lines[: row["method"]])
     assert lines[row["rule"] - 1].startswith("# Losses and updates") and lines[row["loop"] - 1] == "# Train loop"
+
+
+def test_readme_layout_table_is_current():
+    """The README's table of method and plumbing lines is what scripts/file_layout.py prints today."""
+    table = load_script("scripts/file_layout.py").table(FILES)
+    assert table in (REPO / "README.md").read_text(), "regenerate it: python scripts/file_layout.py"
