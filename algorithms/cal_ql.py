@@ -261,15 +261,16 @@ def resolve_config(cfg: Config) -> Config:
 # ----------------------------------------------------------------------------------------------
 # Method data: AntMaze names and envs, trajectories with their return-to-go (Cal-QL's bound)
 # ----------------------------------------------------------------------------------------------
-# D4RL reference returns (random, expert) that define the normalised score (AntMaze: success rate).
-REF_SCORES = {
-    "halfcheetah": (-280.178953, 12135.0),
-    "hopper": (-20.272305, 3234.3),
-    "walker2d": (1.629008, 4592.3),
-    "ant": (-325.6, 3879.7),
-    "pen": (96.262799, 3076.833),
-    "door": (-56.512833, 2880.569),
-    "antmaze": (0.0, 1.0),
+# D4RL env name -> (gymnasium id, D4RL reference returns (random, expert) of the normalised score), and
+# AntMaze (its env comes from the dataset; its score is the success rate).
+ENVS = {
+    "halfcheetah": ("HalfCheetah-v5", (-280.178953, 12135.0)),
+    "hopper": ("Hopper-v5", (-20.272305, 3234.3)),
+    "walker2d": ("Walker2d-v5", (1.629008, 4592.3)),
+    "ant": ("Ant-v5", (-325.6, 3879.7)),
+    "pen": ("AdroitHandPen-v1", (96.262799, 3076.833)),
+    "door": ("AdroitHandDoor-v1", (-56.512833, 2880.569)),
+    "antmaze": (None, (0.0, 1.0)),
 }
 
 
@@ -281,8 +282,8 @@ def parse_env_name(name: str) -> tuple[str, str]:
     """'walker2d-medium-replay' -> ('walker2d', 'medium-replay'); ConfigError if unknown."""
     base, _, quality = name.partition("-")
     qualities = ANTMAZE_QUALITIES if base == "antmaze" else ADROIT_QUALITIES if base in ADROIT else LOCOMOTION_QUALITIES
-    if (base not in GYM_IDS and base != "antmaze") or quality not in qualities:
-        locomotion = ",".join(b for b in GYM_IDS if b not in ADROIT)
+    if base not in ENVS or quality not in qualities:
+        locomotion = ",".join(b for b in ENVS if b not in ADROIT and b != "antmaze")
         raise ConfigError(
             f"unknown env '{name}'; expected {{{locomotion}}}-{{{','.join(LOCOMOTION_QUALITIES)}}}, "
             f"{{{','.join(ADROIT)}}}-{{{','.join(ADROIT_QUALITIES)}}} or antmaze-{{{','.join(ANTMAZE_QUALITIES)}}}"
@@ -343,7 +344,7 @@ def make_env(base: str, dataset_id: str) -> gym.Env:
         import minari
 
         return gym.wrappers.FlattenObservation(minari.load_dataset(dataset_id).recover_environment(eval_env=True))
-    return gym.make(GYM_IDS[base])
+    return gym.make(ENVS[base][0])
 
 
 def return_to_go(
@@ -1073,29 +1074,19 @@ def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
 # ----------------------------------------------------------------------------------------------
 # Environments and scores: D4RL names -> gymnasium envs, reference scores
 # ----------------------------------------------------------------------------------------------
-GYM_IDS = {
-    "halfcheetah": "HalfCheetah-v5",
-    "hopper": "Hopper-v5",
-    "walker2d": "Walker2d-v5",
-    "ant": "Ant-v5",
-    "pen": "AdroitHandPen-v1",
-    "door": "AdroitHandDoor-v1",
-}
-
-ADROIT = ("pen", "door")
+ADROIT = ("pen", "door")  # need gymnasium-robotics; their datasets are on the Minari hub only
+LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")  # made by make_dataset.py
+ADROIT_QUALITIES = ("human", "cloned", "expert")
 
 
 def normalized_score(base: str, returns):
-    low, high = REF_SCORES[base]
+    low, high = ENVS[base][1]
     return 100.0 * (np.asarray(returns) - low) / (high - low)
 
 
 # ----------------------------------------------------------------------------------------------
 # Datasets: D4RL names -> Minari datasets -> flat transition arrays (cached)
 # ----------------------------------------------------------------------------------------------
-GENERATED = ("halfcheetah", "hopper", "walker2d", "ant")  # scripts/make_dataset.py makes their sets
-LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
-ADROIT_QUALITIES = ("human", "cloned", "expert")
 
 
 def flatten_episodes(episodes) -> dict[str, np.ndarray]:
@@ -1192,7 +1183,7 @@ def download_dataset(base: str, quality: str, local_id: str, hub_ids: list[str])
         except Exception as exc:  # no network, missing hf extra, id gone: all mean "unavailable"
             errors.append(f"{hub_id}: {first_line(exc)}")
     tried = f"; download failed ({'; '.join(errors)})" if errors else " and the Minari hub has no such dataset"
-    make = "" if base not in GENERATED else f"; generate it with: python scripts/make_dataset.py {base}-{quality}"
+    make = "" if base in ADROIT else f"; generate it with: python scripts/make_dataset.py {base}-{quality}"
     raise ConfigError(
         f"dataset '{base}-{quality}' is not on disk (looked for {', '.join([local_id, *hub_ids])}){tried}. It is unavailable offline{make}"
     )

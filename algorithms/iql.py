@@ -826,32 +826,22 @@ def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
 # ----------------------------------------------------------------------------------------------
 # Environments and scores: D4RL names -> gymnasium envs, reference scores
 # ----------------------------------------------------------------------------------------------
-GYM_IDS = {
-    "halfcheetah": "HalfCheetah-v5",
-    "hopper": "Hopper-v5",
-    "walker2d": "Walker2d-v5",
-    "ant": "Ant-v5",
-    "pen": "AdroitHandPen-v1",
-    "door": "AdroitHandDoor-v1",
+# D4RL env name -> (gymnasium id, D4RL reference returns (random, expert) of the normalised score).
+ENVS = {
+    "halfcheetah": ("HalfCheetah-v5", (-280.178953, 12135.0)),
+    "hopper": ("Hopper-v5", (-20.272305, 3234.3)),
+    "walker2d": ("Walker2d-v5", (1.629008, 4592.3)),
+    "ant": ("Ant-v5", (-325.6, 3879.7)),
+    "pen": ("AdroitHandPen-v1", (96.262799, 3076.833)),
+    "door": ("AdroitHandDoor-v1", (-56.512833, 2880.569)),
 }
-
-
-ADROIT = ("pen", "door")
-
-
-# D4RL reference returns (random, expert) that define the normalised score.
-REF_SCORES = {
-    "halfcheetah": (-280.178953, 12135.0),
-    "hopper": (-20.272305, 3234.3),
-    "walker2d": (1.629008, 4592.3),
-    "ant": (-325.6, 3879.7),
-    "pen": (96.262799, 3076.833),
-    "door": (-56.512833, 2880.569),
-}
+ADROIT = ("pen", "door")  # need gymnasium-robotics; their datasets are on the Minari hub only
+LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")  # made by make_dataset.py
+ADROIT_QUALITIES = ("human", "cloned", "expert")
 
 
 def normalized_score(base: str, returns):
-    low, high = REF_SCORES[base]
+    low, high = ENVS[base][1]
     return 100.0 * (np.asarray(returns) - low) / (high - low)
 
 
@@ -861,22 +851,19 @@ def make_env(base: str) -> gym.Env:
             import gymnasium_robotics  # noqa: F401  (registers the Adroit environments)
         except ImportError:
             raise ConfigError(f"'{base}' needs the Adroit environments: pip install gymnasium-robotics==1.4.2")
-    return gym.make(GYM_IDS[base])
+    return gym.make(ENVS[base][0])
 
 
 # ----------------------------------------------------------------------------------------------
 # Datasets: D4RL names -> Minari datasets -> flat transition arrays (cached)
 # ----------------------------------------------------------------------------------------------
-GENERATED = ("halfcheetah", "hopper", "walker2d", "ant")  # scripts/make_dataset.py makes their sets
-LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
-ADROIT_QUALITIES = ("human", "cloned", "expert")
 
 
 def parse_env_name(name: str) -> tuple[str, str]:
     """'walker2d-medium-replay' -> ('walker2d', 'medium-replay'); ConfigError if unknown."""
     base, _, quality = name.partition("-")
-    if base not in GYM_IDS or quality not in (ADROIT_QUALITIES if base in ADROIT else LOCOMOTION_QUALITIES):
-        locomotion = ",".join(b for b in GYM_IDS if b not in ADROIT)
+    if base not in ENVS or quality not in (ADROIT_QUALITIES if base in ADROIT else LOCOMOTION_QUALITIES):
+        locomotion = ",".join(b for b in ENVS if b not in ADROIT)
         raise ConfigError(
             f"unknown env '{name}'; expected {{{locomotion}}}-{{{','.join(LOCOMOTION_QUALITIES)}}} or {{{','.join(ADROIT)}}}-{{{','.join(ADROIT_QUALITIES)}}}"
         )
@@ -995,7 +982,7 @@ def download_dataset(base: str, quality: str, local_id: str, hub_ids: list[str])
         except Exception as exc:  # no network, missing hf extra, id gone: all mean "unavailable"
             errors.append(f"{hub_id}: {first_line(exc)}")
     tried = f"; download failed ({'; '.join(errors)})" if errors else " and the Minari hub has no such dataset"
-    make = "" if base not in GENERATED else f"; generate it with: python scripts/make_dataset.py {base}-{quality}"
+    make = "" if base in ADROIT else f"; generate it with: python scripts/make_dataset.py {base}-{quality}"
     raise ConfigError(
         f"dataset '{base}-{quality}' is not on disk (looked for {', '.join([local_id, *hub_ids])}){tried}. It is unavailable offline{make}"
     )

@@ -130,7 +130,7 @@ PHASE_BUDGET = {"online": "total_steps"}
 
 def resolve_config(cfg: Config) -> Config:
     """Check every value; ConfigError if bad."""
-    check([(cfg.env in GYM_IDS, f"unknown env '{cfg.env}'; expected one of {', '.join(GYM_IDS)}")])
+    check([(cfg.env in ENVS, f"unknown env '{cfg.env}'; expected one of {', '.join(ENVS)}")])
     check_common(cfg)
     check(
         [
@@ -395,7 +395,7 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
     np.random.seed(cfg.seed)
     agent = SACAgent(obs_dim, act_dim, cfg, device)
     with open_run(cfg, checkpoint, agent, evaluate, device, None, ("online", None)) as (run, _, step, loop):
-        print(f"run {run.dir}: {GYM_IDS[cfg.env]}, device {device}, online from step {step}", file=sys.stderr)
+        print(f"run {run.dir}: {ENVS[cfg.env][0]}, device {device}, online from step {step}", file=sys.stderr)
         announce_time(time_phases(run, step))
         online(run, step, loop)
         run.save("final")
@@ -579,32 +579,20 @@ def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
 # ----------------------------------------------------------------------------------------------
 # Environments and scores: D4RL names -> gymnasium envs, reference scores
 # ----------------------------------------------------------------------------------------------
-GYM_IDS = {
-    "halfcheetah": "HalfCheetah-v5",
-    "hopper": "Hopper-v5",
-    "walker2d": "Walker2d-v5",
-    "ant": "Ant-v5",
-    "pen": "AdroitHandPen-v1",
-    "door": "AdroitHandDoor-v1",
+# D4RL env name -> (gymnasium id, D4RL reference returns (random, expert) of the normalised score).
+ENVS = {
+    "halfcheetah": ("HalfCheetah-v5", (-280.178953, 12135.0)),
+    "hopper": ("Hopper-v5", (-20.272305, 3234.3)),
+    "walker2d": ("Walker2d-v5", (1.629008, 4592.3)),
+    "ant": ("Ant-v5", (-325.6, 3879.7)),
+    "pen": ("AdroitHandPen-v1", (96.262799, 3076.833)),
+    "door": ("AdroitHandDoor-v1", (-56.512833, 2880.569)),
 }
-
-
-ADROIT = ("pen", "door")
-
-
-# D4RL reference returns (random, expert) that define the normalised score.
-REF_SCORES = {
-    "halfcheetah": (-280.178953, 12135.0),
-    "hopper": (-20.272305, 3234.3),
-    "walker2d": (1.629008, 4592.3),
-    "ant": (-325.6, 3879.7),
-    "pen": (96.262799, 3076.833),
-    "door": (-56.512833, 2880.569),
-}
+ADROIT = ("pen", "door")  # need gymnasium-robotics; their datasets are on the Minari hub only
 
 
 def normalized_score(base: str, returns):
-    low, high = REF_SCORES[base]
+    low, high = ENVS[base][1]
     return 100.0 * (np.asarray(returns) - low) / (high - low)
 
 
@@ -614,7 +602,7 @@ def make_env(base: str) -> gym.Env:
             import gymnasium_robotics  # noqa: F401  (registers the Adroit environments)
         except ImportError:
             raise ConfigError(f"'{base}' needs the Adroit environments: pip install gymnasium-robotics==1.4.2")
-    return gym.make(GYM_IDS[base])
+    return gym.make(ENVS[base][0])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -150,7 +150,7 @@ def write_minari_dataset(
             )
             for i, ep in enumerate(episodes)
         ]
-        low, high = so2.REF_SCORES[base]
+        low, high = so2.ENVS[base][1]
         minari.create_dataset_from_buffers(
             dataset_id,
             buffers,
@@ -219,7 +219,7 @@ def load_policy(policy_dir: str, env: str, quality: str) -> tuple[torch.nn.Modul
         raise so2.ConfigError(
             f"no {env}-{quality} behaviour policy ({why}); train one with algorithms/sac.py (see README)"
         )
-    gym_env = so2.gym.make(so2.GYM_IDS[env])
+    gym_env = so2.gym.make(so2.ENVS[env][0])
     hidden = entry["sac_config"]["hidden_dim"]
     actor = sac.Actor(gym_env.observation_space.shape[0], gym_env.action_space.shape[0], (hidden, hidden))
     actor.load_state_dict(torch.load(Path(policy_dir) / entry["file"], map_location="cpu"))
@@ -237,7 +237,7 @@ def collect_shard(task: tuple) -> list[dict]:
     torch.set_num_threads(1)
     actor, _ = load_policy(policy_dir, env, quality)
     torch.manual_seed(seed)
-    return collect_episodes(so2.GYM_IDS[env], actor, steps, seed)
+    return collect_episodes(so2.ENVS[env][0], actor, steps, seed)
 
 
 def policy_episodes(args: Args, env: str, quality: str, steps: int) -> list[dict]:
@@ -317,7 +317,7 @@ def replay_episodes(args: Args, env: str) -> tuple[list[dict], str]:
             if same
             else "WARNING: regenerated, but its final actor differs from the shipped medium policy (other hardware, threads or --steps)"
         )
-    gym_env = so2.gym.make(so2.GYM_IDS[env])
+    gym_env = so2.gym.make(so2.ENVS[env][0])
     return rows_to_episodes(rows, gym_env.observation_space.shape[0], gym_env.action_space.shape[0]), note
 
 
@@ -364,7 +364,7 @@ def make(args: Args) -> str:
                 f"{target} already exists under {so2.dataset_path()}; delete that folder to make it again"
             )
         episodes, algorithm, description = make_episodes(args, env, quality)
-        write_minari_dataset(target, episodes, so2.GYM_IDS[env], env, algorithm, description, "scripts/make_dataset.py")
+        write_minari_dataset(target, episodes, so2.ENVS[env][0], env, algorithm, description, "scripts/make_dataset.py")
         so2.save_flat_cache(target, so2.flatten_episodes(episodes))
     print_summary(target, env, [e["rewards"].sum() for e in episodes], sum(len(e["rewards"]) for e in episodes))
     return target
@@ -372,7 +372,7 @@ def make(args: Args) -> str:
 
 def make_episodes(args: Args, env: str, quality: str) -> tuple[list[dict], str, str]:
     """(episodes, algorithm name, description) of a dataset by its D4RL protocol."""
-    gym_id, steps = so2.GYM_IDS[env], args.steps or 1_000_000
+    gym_id, steps = so2.ENVS[env][0], args.steps or 1_000_000
     if quality == "random":
         episodes = collect_episodes(gym_id, random_policy(gym_id, RANDOM_DATASET_SEED), steps, RANDOM_DATASET_SEED)
         algorithm = "randomly initialised tanh-Gaussian policy (D4RL random protocol)"

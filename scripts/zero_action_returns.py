@@ -38,10 +38,10 @@ def zero_action_episode(env, seed: int) -> tuple[float, int]:
 
 def main(args: Args) -> int:
     so2 = load_algorithm("so2")
-    unknown = [e for e in args.envs if e not in so2.GYM_IDS]
+    unknown = [e for e in args.envs if e not in so2.ENVS]
     if unknown or args.episodes < 1:
         problem = f"unknown env {unknown[0]}" if unknown else "episodes must be >= 1"
-        print(f"zero_action_returns.py: error: {problem}; envs: {', '.join(so2.GYM_IDS)}", file=sys.stderr)
+        print(f"zero_action_returns.py: error: {problem}; envs: {', '.join(so2.ENVS)}", file=sys.stderr)
         return 2
     print("| env | gym id | episodes | zero-action return | episode length | normalised (D4RL constants) |")
     print("|---|---|---|---|---|---|")
@@ -50,7 +50,7 @@ def main(args: Args) -> int:
         returns, lengths = np.array([zero_action_episode(env, 500 + i) for i in range(args.episodes)]).T
         score = float(so2.normalized_score(name, returns.mean()))
         print(
-            f"| {name} | {so2.GYM_IDS[name]} | {args.episodes} | {returns.mean():,.1f} ± {returns.std():,.1f} "
+            f"| {name} | {so2.ENVS[name][0]} | {args.episodes} | {returns.mean():,.1f} ± {returns.std():,.1f} "
             f"| {lengths.mean():,.1f} | {score:.1f} |"
         )
     return 0

@@ -40,7 +40,7 @@ DELIBERATE = {
     "read_pretrained": "the network sizes a pretraining must match",
     "train": "the algorithm's own phases",
     # cal_ql.py's own versions of shared pieces (its "Method data" section)
-    "REF_SCORES": "cal_ql.py adds AntMaze's success rate",
+    "ENVS": "cal_ql.py adds AntMaze, whose env comes from the dataset and whose score is the success rate",
     "parse_env_name": "cal_ql.py also takes AntMaze names",
     "dataset_ids": "cal_ql.py also resolves AntMaze ids",
     "build_flat_cache": "cal_ql.py flattens AntMaze's dict observations",
