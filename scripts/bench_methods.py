@@ -37,6 +37,7 @@ PER_STEP = {
     ("off2on", "finetuning"): "1 update: 10 critics, mixture policy, temperature, density-ratio network",
     ("odt", "pretraining"): "1 update: 256 segments of 20 steps (60 tokens), 4 layers x 512, LAMB + temperature",
     ("odt", "finetuning"): "1 update, as offline (300 after each online episode)",
+    ("rlpd", "online"): "env step: 20 critic updates (N=10, LayerNorm, batch 256) + 1 actor and temperature update",
 }
 # odt.py sizes its online update count from the replay's episode lengths: a stand-in of 1,000-step ones.
 ODT_REPLAY = SimpleNamespace(trajectories=[torch.zeros(1000, 1)])
@@ -48,7 +49,7 @@ class Args:
     """Interleaved rounds; each method keeps its fastest."""
     device: str = "cpu"
     """Torch device."""
-    algos: tuple[str, ...] = ("sac", "so2", "cal_ql", "td3_bc", "iql", "awac", "pex", "off2on", "odt")
+    algos: tuple[str, ...] = ("sac", "so2", "cal_ql", "td3_bc", "iql", "awac", "pex", "off2on", "odt", "rlpd")
     """Algorithm files to time (sac first: it is the baseline)."""
 
 
@@ -70,13 +71,14 @@ def make_run(name: str, device: torch.device) -> tuple[object, SimpleNamespace]:
             "pex": lambda: module.PEXAgent(OBS_DIM, ACT_DIM, cfg, device),
             "off2on": lambda: module.Off2OnAgent(OBS_DIM, ACT_DIM, cfg, device),
             "odt": lambda: module.ODTAgent(OBS_DIM, ACT_DIM, cfg, device),
+            "rlpd": lambda: module.RLPDAgent(OBS_DIM, ACT_DIM, cfg, device),
         }[name]()
     return module, SimpleNamespace(cfg=cfg, agent=agent, device=device, obs_dim=OBS_DIM, act_dim=ACT_DIM)
 
 
 def phase_times(name: str, module, run: SimpleNamespace) -> dict[str, float]:
     """Seconds per step of each phase, from the file's own time_phases (phase names without their notes)."""
-    if name == "sac":
+    if name in ("sac", "rlpd"):  # one phase, online
         parts = module.time_phases(run, 0)
     elif name == "odt":
         parts = module.time_phases(run, "pretrain", 0, ODT_REPLAY)

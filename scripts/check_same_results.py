@@ -59,6 +59,8 @@ RUNS = {
     "off2on": ("off2on", OFF2ON),
     "off2on_so2": ("off2on", f"{OFF2ON} --so2 --so2-utd 2"),
     "odt": ("odt", ODT),
+    "rlpd": ("rlpd", f"{DATA} {Q} --hidden-dim 32 --num-critics 3 --online-steps 120 --start-training 40 --utd 2 "
+             "--batch-size 32 --eval-every 60"),
     "sac": ("sac", "--env hopper --device cpu --seed 3 --total-steps 600 --learning-starts 200 --eval-every 300 "
             "--eval-episodes 2 --hidden-dim 32 --batch-size 32"),
 }  # fmt: skip

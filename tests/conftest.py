@@ -253,6 +253,11 @@ RESUME_ARGS = {
         "--online-steps 300 --updates-per-iteration 10 --replay-size 200 --eval-every 60 --eval-episodes 2 "
         "--checkpoint-every 25"
     ).split(),
+    "rlpd": (
+        "--env walker2d-random --random-dataset-steps 1500 --hidden-dim 32 --num-critics 3 --online-steps 300 "
+        "--start-training 50 --utd 2 --batch-size 32 --eval-every 60 --eval-episodes 2 --mc-tail-steps 5 "
+        "--kendall-windows 2 --checkpoint-every 25"
+    ).split(),
     "sac": (
         "--env hopper --total-steps 1200 --learning-starts 200 --eval-every 300 --eval-episodes 2 "
         "--hidden-dim 32 --batch-size 32 --checkpoint-every 25"
@@ -267,6 +272,7 @@ PHASES = {
     "pex": ("pretrain", "finetune"),
     "off2on": ("pretrain", "finetune"),
     "odt": ("pretrain", "finetune"),
+    "rlpd": ("online",),
     "sac": ("online",),
 }
 FILES = list(RESUME_ARGS)

@@ -47,6 +47,10 @@ TINY = {
         "--env walker2d-random --random-dataset-steps 1500 --embed-dim 8 --n-layers 1 --n-heads 1 --context-length 4 "
         "--eval-context-length 2 --pretrain-steps 4 --online-steps 4 --batch-size 4 --eval-episodes 1"
     ).split(),
+    "rlpd": (
+        "--env walker2d-random --random-dataset-steps 1500 --hidden-dim 8 --num-critics 2 --online-steps 4 "
+        "--start-training 2 --utd 1 --batch-size 4 --eval-episodes 1"
+    ).split(),
     "sac": "--env hopper --total-steps 4 --learning-starts 2 --eval-episodes 1 --hidden-dim 16".split(),
 }
 # Two float fields of each file for the finite-number checks (odt.py has no discount or target rate).

@@ -35,6 +35,7 @@ from conftest import (
         ("pex", "finetune"),
         ("off2on", "finetune"),
         ("odt", "finetune"),
+        ("rlpd", "online"),
         ("sac", "online"),
     ],
 )

@@ -40,6 +40,7 @@ from conftest import (
         ("pex", "PEXAgent.update", 420, "finetune"),
         ("off2on", "Off2OnAgent.online_update", 330, "finetune"),
         ("odt", "ODTAgent.update", 330, "finetune"),
+        ("rlpd", "RLPDAgent.critic_step", 300, "online"),
         ("sac", "SACAgent.update", 100, "online"),
     ],
 )

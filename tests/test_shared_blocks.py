@@ -33,9 +33,12 @@ DELIBERATE = {
     "ALGO": "the file's name",
     "FIRST_RESULT": "the way to a first result on a CPU differs per algorithm",
     "VectorizedCritic": "each method's released init: EDAC's (so2, cal_ql), nn.Linear's (td3_bc; sac, which "
-    "trained the shipped behaviour policies), orthogonal (iql)",
+    "trained the shipped behaviour policies), orthogonal (iql), Xavier-uniform with LayerNorm (rlpd)",
     "pretrain": "the algorithm's own update",
     "finetune": "the algorithm's own online loop",
+    "online": "the online loop of a file without pretraining (sac.py, rlpd.py)",
+    "Actor": "rlpd.py's is its release's: Xavier-uniform weights, zero biases, log-std clipped to [-20, 2]",
+    "td_target": "rlpd.py's is the min over a random subset of target members",
     "time_phases": "the phases and updates of each algorithm",
     "read_pretrained": "the network sizes a pretraining must match",
     "train": "the algorithm's own phases",
