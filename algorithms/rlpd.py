@@ -83,7 +83,7 @@ import yaml
 from tqdm import tqdm
 
 ALGO = "rlpd"
-FIRST_RESULT = "A first result on a CPU in about 16 minutes: python algorithms/rlpd.py --config configs/rlpd/cpu.yaml"
+FIRST_RESULT = "A first result on a CPU in about 18 minutes: python algorithms/rlpd.py --config configs/rlpd/cpu.yaml"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
