@@ -12,6 +12,8 @@ tolerance. KEY_MAP states the entries a refactor renamed. Exit code 0 when every
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import re
@@ -127,6 +129,17 @@ def main(args: Args) -> int:
     )
     if sha.returncode != 0:
         print(f"check_same_results.py: error: '{args.ref}' is not a commit of this repository", file=sys.stderr)
+        return 2
+    # Both sides write their runs under check_runs/ of their tree: one check per working tree at a time.
+    lock = open(
+        Path(tempfile.gettempdir())
+        / f"check_same_results_{hashlib.blake2b(str(REPO).encode(), digest_size=6).hexdigest()}.lock",
+        "a",
+    )
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"check_same_results.py: error: another check is running on {REPO}; wait for it", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="check_same_results_"))
     ref_tree = work / "ref"

@@ -1,5 +1,10 @@
 """scripts/check_same_results.py's comparison: bit for bit, every kind of entry, renames only through KEY_MAP."""
 
+import fcntl
+import hashlib
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -27,3 +32,15 @@ def test_key_map_renames_a_stated_entry_only(monkeypatch):
     monkeypatch.setattr(check, "KEY_MAP", {"/agent/old": "/agent/new"})
     assert check.compare({"agent": {"old": torch.ones(1)}}, {"agent": {"new": torch.ones(1)}}) == []
     assert check.compare({"agent": {"other": torch.ones(1)}}, {"agent": {"new": torch.ones(1)}}) != []
+
+
+def test_a_second_check_on_the_same_tree_is_refused_in_one_line(capsys):
+    """Both sides write their runs under the tree's check_runs/: a check started beside a running one
+    stops at once with exit code 2, before it touches anything."""
+    key = hashlib.blake2b(str(check.REPO).encode(), digest_size=6).hexdigest()
+    with open(Path(tempfile.gettempdir()) / f"check_same_results_{key}.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running check holds it
+        assert check.main(check.Args(ref="HEAD")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "another check is running" in err
+    assert not (check.REPO / "check_runs").exists()
