@@ -283,6 +283,9 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
 class RLPDAgent:
     """Actor, critic ensemble, its target, temperature and their Adam optimisers."""
 
+    # The modules and optimisers a checkpoint holds, besides log_alpha.
+    PARTS = ("actor", "critic", "target_critic", "actor_optim", "critic_optim", "alpha_optim")
+
     def __init__(self, obs_dim: int, act_dim: int, cfg: Config, device: torch.device):
         self.cfg = cfg
         self.actor = Actor(obs_dim, act_dim, cfg.hidden_dim).to(device)
@@ -296,14 +299,13 @@ class RLPDAgent:
         self.alpha_optim = torch.optim.Adam([self.log_alpha], lr=cfg.lr)
 
     def state_dict(self) -> dict:
-        names = ("actor", "critic", "target_critic", "actor_optim", "critic_optim", "alpha_optim")
         return {
-            **{name: getattr(self, name).state_dict() for name in names},
+            **{name: getattr(self, name).state_dict() for name in self.PARTS},
             "log_alpha": self.log_alpha.detach().cpu(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for name in ("actor", "critic", "target_critic", "actor_optim", "critic_optim", "alpha_optim"):
+        for name in self.PARTS:
             getattr(self, name).load_state_dict(state[name])
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
