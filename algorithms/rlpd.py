@@ -840,8 +840,12 @@ class ReplayBuffer:
         self.rows[self.ptr].copy_(self.stage)  # blocking: the staging row is rewritten next step
         self.ptr, self.size = (self.ptr + 1) % self.capacity, min(self.size + 1, self.capacity)
 
+    def slots(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Row indices of the given shape, uniform over the stored rows."""
+        return torch.randint(0, self.size, shape, device=self.rows.device)
+
     def sample(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.rows[torch.randint(0, self.size, shape, device=self.rows.device)]
+        return self.rows[self.slots(shape)]
 
     def split(self, batch: torch.Tensor):
         """Rows -> (obs, action, reward, next_obs, done), reward and done without the last dim."""

@@ -37,6 +37,10 @@ Deliberate differences from both:
     evaluated pairs (a ratio of means, robust to Q_mc near 0), not subtracted by an online SAC
     run; Q_est is the ensemble mean (`q_bias`) and minimum (`q_bias_min`); the soft Q of the
     stochastic policy is compared with the discounted return of the deterministic policy.
+SERA (--sera; not in the SO2 paper): the intrinsic reward of cal_ql.py, iql.py, td3_bc.py and
+awac.py (same sera_reward; its choices are in cal_ql.py's header), with q = min over the frozen
+pretrained ensemble. It goes to every online row of a batch, also those drawn from the mixed
+buffer, and the k-NN runs over those online rows; dataset rows keep their reward.
 """
 
 from __future__ import annotations
@@ -149,6 +153,14 @@ class Config:
     """Transitions per finetuning update from the online buffer."""
     mixed_batch_size: int = 2304
     """Transitions per finetuning update from the dataset-initialised FIFO buffer."""
+    sera: bool = False
+    """Add SERA's Q-conditioned state-entropy reward to the online rows (needs online+mixed)."""
+    sera_k: int = 10
+    """k of the k-nearest-neighbour entropy estimate (SERA: about 10 for hopper, 20 for walker2d)."""
+    sera_lambda: float = 1.0
+    """Weight of the intrinsic reward: r + sera_lambda * r_int."""
+    sera_include_self: bool = False
+    """Count j = i among the neighbours and in n_q, as the VCSE code does (default: excluded)."""
 
     eval_every: int = 1_000
     """Evaluate every this many online env steps (and at the start and end of finetuning)."""
@@ -179,7 +191,7 @@ class Config:
 # Fields a resumed run cannot change: they define the data, networks, optimisers or evaluation.
 RESUME_FIXED = (
     "env", "seed", "num_critics", "hidden_dim", "random_dataset_steps", "eval_episodes", "pretrained",
-    "pretrain_lr", "finetune_lr", "batch_size",
+    "pretrain_lr", "finetune_lr", "batch_size", "sera",
 )  # fmt: skip
 # The step budget of each phase: a resumed run cannot be given fewer steps than it has made.
 PHASE_BUDGET = {"pretrain": "pretrain_steps", "finetune": "online_steps"}
@@ -221,6 +233,11 @@ def resolve_config(cfg: Config) -> Config:
             (cfg.sigma >= 0, "sigma must be >= 0"),
             (cfg.noise_clip >= 0, "noise_clip must be >= 0"),
             (cfg.alpha > 0, "alpha must be > 0"),
+            (cfg.sera_lambda >= 0, "sera_lambda must be >= 0"),
+            (
+                not cfg.sera or (cfg.batch_mode == "online+mixed" and 1 <= cfg.sera_k < cfg.online_batch_size),
+                "--sera needs --batch-mode online+mixed and sera_k in [1, online_batch_size - 1] (the k-NN needs k online rows per batch)",
+            ),
         ]
     )
     return cfg
@@ -325,6 +342,36 @@ def td_target(reward, done, next_q, next_log_prob, alpha, gamma: float, target: 
     return reward + gamma * (1.0 - done) * (next_q - alpha * next_log_prob)
 
 
+def sera_reward(
+    states: torch.Tensor, q: torch.Tensor, k: int, include_self: bool, neighbours: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """SERA / VCSE intrinsic reward of each of B samples against the others: states [B, S], q [B]
+    (frozen pretrained Q). d_ij = max(||s_i - s_j||, |q_i - q_j|); eps_i = k-th smallest d_ij;
+    n_q(i) = #{j : |q_i - q_j| < eps_i}; r = digamma(n_q + 1) / S + log(2 eps + 1e-5). Without
+    include_self, j = i is left out of both; given a mask neighbours [B], only those j count. -> [B]."""
+    # The direct (non-matmul) distance keeps exact zeros for duplicate states, so ties stay ties.
+    d_state = torch.cdist(states, states, compute_mode="donot_use_mm_for_euclid_dist")
+    d_q = (q[:, None] - q[None, :]).abs()
+    left_out = torch.eye(len(q), dtype=torch.bool, device=q.device) & (not include_self)
+    if neighbours is not None:
+        left_out = left_out | ~neighbours
+    d_state, d_q = d_state.masked_fill(left_out, math.inf), d_q.masked_fill(left_out, math.inf)
+    eps = torch.maximum(d_state, d_q).topk(k, dim=1, largest=False).values[:, -1]
+    n_q = (d_q < eps[:, None]).sum(1).to(q.dtype)
+    return torch.digamma(n_q + 1.0) / states.shape[1] + torch.log(2.0 * eps + 1e-5)
+
+
+@torch.no_grad()
+def sera_bonus(frozen_critic: nn.Module, batch: torch.Tensor, online_rows: torch.Tensor, split, cfg: Config):
+    """SERA on a finetuning batch whose rows online_rows [B] (bool) were collected online: (reward
+    bonus [B], sera_lambda * r_int on the online rows and 0 on the dataset rows; mean r_int of the
+    online rows). The k-NN runs over the online rows; q = min over the frozen ensemble."""
+    obs, act = split(batch)[:2]
+    q = frozen_critic(obs, act).min(0).values
+    r_int = sera_reward(obs, q, cfg.sera_k, cfg.sera_include_self, online_rows).where(online_rows, 0.0)
+    return cfg.sera_lambda * r_int, r_int.sum() / online_rows.sum()
+
+
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     with torch.no_grad():
         torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
@@ -411,9 +458,11 @@ class SO2Agent:
         soft_update(self.target_critic, self.critic, self.cfg.tau)
         return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss, "alpha": torch.as_tensor(alpha)}
 
-    def finetune_critic_step(self, batch: torch.Tensor, split, alpha) -> torch.Tensor:
-        """SO2 critic update: perturbed next action, per-member (or min) targets, no diversity."""
+    def finetune_critic_step(self, batch: torch.Tensor, split, alpha, bonus=None) -> torch.Tensor:
+        """SO2 critic update: perturbed next action, per-member (or min) targets, no diversity;
+        bonus [B] (SERA) is added to the rewards."""
         obs, act, rew, next_obs, done = split(batch)
+        rew = rew if bonus is None else rew + bonus
         with torch.no_grad():
             next_action, next_log_prob = self.actor(next_obs)
             noisy_action = perturb_action(
@@ -465,7 +514,8 @@ def pretrain(run: Run, data: ReplayBuffer, step: int, loop: dict) -> None:
 
 def finetune(run: Run, dataset: torch.Tensor, step: int, loop: Optional[dict]) -> None:
     """SO2 env steps step+1 .. online_steps; loop (None at the start) holds the online rows, the
-    running episode and the counters. The mixed buffer is rebuilt from the dataset and those rows."""
+    running episode, the counters and SERA's frozen critic. The mixed buffer is rebuilt from the
+    dataset and those rows."""
     cfg, agent, device = run.cfg, run.agent, run.device
     fixed_alpha = None if cfg.auto_alpha else cfg.alpha
     online = ReplayBuffer(cfg.online_steps, run.obs_dim, run.act_dim, device)
@@ -482,6 +532,9 @@ def finetune(run: Run, dataset: torch.Tensor, step: int, loop: Optional[dict]) -
             module.compile()
     env = make_env(parse_env_name(cfg.env)[0])
     obs, _ = env.reset(seed=cfg.seed)
+    # SERA conditions on the critic as pretraining left it, frozen for the whole finetuning.
+    frozen_critic = copy.deepcopy(agent.critic).requires_grad_(False) if cfg.sera else None
+    sera = {}
     if loop is None:
         agent.new_optimisers(cfg.finetune_lr)
         # --auto-alpha (paper SAC) tunes the temperature on, starting from the pretrained one.
@@ -496,6 +549,9 @@ def finetune(run: Run, dataset: torch.Tensor, step: int, loop: Optional[dict]) -
         obs, alpha, updates, critic_loss, actor_loss = (
             loop[k] for k in ("obs", "alpha", "updates", "critic_loss", "actor_loss")
         )
+        if frozen_critic is not None:
+            frozen_critic.load_state_dict(loop["frozen_critic"])
+            sera = loop["sera"]
     obs_stage = torch.zeros(run.obs_dim, pin_memory=device.type == "cuda")
     steps = range(step + 1, cfg.online_steps + 1)
     progress = tqdm(steps, desc="finetune (SO2)", unit="env step", mininterval=1, initial=step, total=cfg.online_steps)
@@ -512,22 +568,31 @@ def finetune(run: Run, dataset: torch.Tensor, step: int, loop: Optional[dict]) -
         if env_step > cfg.warmup_steps:
             # All utd mini-batches of this env step in one gather per buffer.
             if cfg.batch_mode == "online+mixed":
-                batches = torch.cat(
-                    [online.sample((cfg.utd, cfg.online_batch_size)), mixed.sample((cfg.utd, cfg.mixed_batch_size))],
-                    dim=1,
+                online_part = online.sample((cfg.utd, cfg.online_batch_size))
+                slots = mixed.slots((cfg.utd, cfg.mixed_batch_size))
+                batches = torch.cat([online_part, mixed.rows[slots]], dim=1)
+                # Online rows overwrite the mixed buffer's slots from 0 on (see above).
+                online_rows = torch.cat(
+                    [online_part.new_ones(online_part.shape[:2], dtype=torch.bool), slots < online.size], 1
                 )
             else:
                 batches = mixed.sample((cfg.utd, cfg.online_batch_size + cfg.mixed_batch_size))
             for k in range(cfg.utd):
-                critic_loss = agent.finetune_critic_step(batches[k], online.split, alpha)
+                bonus = None
+                if frozen_critic is not None:
+                    bonus, sera["sera_reward"] = sera_bonus(
+                        frozen_critic, batches[k], online_rows[k], online.split, cfg
+                    )
+                critic_loss = agent.finetune_critic_step(batches[k], online.split, alpha, bonus)
                 updates += 1
                 if cfg.actor_update == "per-critic-step" or k == cfg.utd - 1:
                     alpha, actor_loss = agent.actor_and_alpha_step(online.split(batches[k])[0], fixed_alpha)
-            run.watch({"critic_loss": critic_loss, "actor_loss": actor_loss, "alpha": alpha})
+            run.watch({"critic_loss": critic_loss, "actor_loss": actor_loss, "alpha": alpha} | sera)
 
         if env_step % cfg.eval_every == 0 or env_step == cfg.online_steps:
             run.check("finetune", env_step)
-            losses = {"alpha": float(alpha), "critic_loss": float(critic_loss), "actor_loss": float(actor_loss)}
+            losses = {"alpha": alpha, "critic_loss": critic_loss, "actor_loss": actor_loss} | sera
+            losses = {k: float(v) for k, v in losses.items()}
             record = {"phase": "finetune", "step": updates, "env_steps": env_step, **run.evaluate(agent), **losses}
             run.write(record)
             progress.set_postfix(score=f"{record['normalized_score']:.1f}")
@@ -539,6 +604,8 @@ def finetune(run: Run, dataset: torch.Tensor, step: int, loop: Optional[dict]) -
                 "alpha": alpha,
                 "updates": updates,
             }
+            if frozen_critic is not None:
+                loop |= {"frozen_critic": frozen_critic.state_dict(), "sera": sera}
             run.save("checkpoint", "finetune", env_step, loop | {"critic_loss": critic_loss, "actor_loss": actor_loss})
         if run.stop.signum is not None:
             raise Stopped
@@ -547,7 +614,8 @@ def finetune(run: Run, dataset: torch.Tensor, step: int, loop: Optional[dict]) -
 
 def time_phases(run: Run, phase: str, step: int) -> list[tuple[str, int, float]]:
     """(phase, steps left, seconds per step) of the rest of the run, from updates timed on a copy of
-    the agent with random rows (a finetuning step: utd critic updates and one actor update)."""
+    the agent with random rows (a finetuning step: utd critic updates with SERA if on, and one
+    actor update)."""
     cfg, agent = run.cfg, copy.deepcopy(run.agent)
     fixed = torch.Generator(run.device).manual_seed(0)  # the rows must not draw from the run's RNG
     split = ReplayBuffer(1, run.obs_dim, run.act_dim, run.device).split
@@ -561,10 +629,13 @@ def time_phases(run: Run, phase: str, step: int) -> list[tuple[str, int, float]]
     if updating > 0:
         agent.new_optimisers(cfg.finetune_lr)
         rows = torch.rand(cfg.online_batch_size + cfg.mixed_batch_size, width, device=run.device, generator=fixed)
+        frozen_critic = copy.deepcopy(agent.critic) if cfg.sera else None
+        online_rows = torch.arange(len(rows), device=run.device) < cfg.online_batch_size
 
         def env_step() -> None:
             for _ in range(cfg.utd):
-                agent.finetune_critic_step(rows, split, cfg.alpha)
+                bonus = None if frozen_critic is None else sera_bonus(frozen_critic, rows, online_rows, split, cfg)[0]
+                agent.finetune_critic_step(rows, split, cfg.alpha, bonus)
             agent.actor_and_alpha_step(split(rows)[0], None if cfg.auto_alpha else cfg.alpha)
 
         parts.append(("finetuning", updating, seconds_per_call(env_step, run.device, 1)))
@@ -607,7 +678,7 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
     first = ("pretrain", {"indices": None}) if pretrained is None else ("finetune", None)
     with open_run(cfg, checkpoint, agent, evaluate, device, data_info, first) as (run, phase, step, loop):
         print(
-            f"run {run.dir}: dataset {dataset_id} ({len(dataset)} transitions), N={cfg.num_critics}, eta={cfg.eta}, device {device}, {phase} from step {step}",
+            f"run {run.dir}: dataset {dataset_id} ({len(dataset)} transitions), N={cfg.num_critics}, eta={cfg.eta}{', SERA' if cfg.sera else ''}, device {device}, {phase} from step {step}",
             file=sys.stderr,
         )
         announce_time(time_phases(run, phase, step))
@@ -1008,8 +1079,12 @@ class ReplayBuffer:
         self.rows[self.ptr].copy_(self.stage)  # blocking: the staging row is rewritten next step
         self.ptr, self.size = (self.ptr + 1) % self.capacity, min(self.size + 1, self.capacity)
 
+    def slots(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Row indices of the given shape, uniform over the stored rows."""
+        return torch.randint(0, self.size, shape, device=self.rows.device)
+
     def sample(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.rows[torch.randint(0, self.size, shape, device=self.rows.device)]
+        return self.rows[self.slots(shape)]
 
     def split(self, batch: torch.Tensor):
         """Rows -> (obs, action, reward, next_obs, done), reward and done without the last dim."""

@@ -302,17 +302,20 @@ def td3_bc_actor_loss(q1: torch.Tensor, policy_action: torch.Tensor, data_action
     return -lmbda * q1.mean() + (policy_action - data_action).pow(2).mean(), lmbda
 
 
-def sera_reward(states: torch.Tensor, q: torch.Tensor, k: int, include_self: bool) -> torch.Tensor:
+def sera_reward(
+    states: torch.Tensor, q: torch.Tensor, k: int, include_self: bool, neighbours: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """SERA / VCSE intrinsic reward of each of B samples against the others: states [B, S], q [B]
     (frozen pretrained Q). d_ij = max(||s_i - s_j||, |q_i - q_j|); eps_i = k-th smallest d_ij;
     n_q(i) = #{j : |q_i - q_j| < eps_i}; r = digamma(n_q + 1) / S + log(2 eps + 1e-5). Without
-    include_self, j = i is left out of both. -> [B]."""
+    include_self, j = i is left out of both; given a mask neighbours [B], only those j count. -> [B]."""
     # The direct (non-matmul) distance keeps exact zeros for duplicate states, so ties stay ties.
     d_state = torch.cdist(states, states, compute_mode="donot_use_mm_for_euclid_dist")
     d_q = (q[:, None] - q[None, :]).abs()
-    if not include_self:
-        self_pair = torch.eye(len(q), dtype=torch.bool, device=q.device)
-        d_state, d_q = d_state.masked_fill(self_pair, math.inf), d_q.masked_fill(self_pair, math.inf)
+    left_out = torch.eye(len(q), dtype=torch.bool, device=q.device) & (not include_self)
+    if neighbours is not None:
+        left_out = left_out | ~neighbours
+    d_state, d_q = d_state.masked_fill(left_out, math.inf), d_q.masked_fill(left_out, math.inf)
     eps = torch.maximum(d_state, d_q).topk(k, dim=1, largest=False).values[:, -1]
     n_q = (d_q < eps[:, None]).sum(1).to(q.dtype)
     return torch.digamma(n_q + 1.0) / states.shape[1] + torch.log(2.0 * eps + 1e-5)
@@ -983,8 +986,12 @@ class ReplayBuffer:
         self.rows[self.ptr].copy_(self.stage)  # blocking: the staging row is rewritten next step
         self.ptr, self.size = (self.ptr + 1) % self.capacity, min(self.size + 1, self.capacity)
 
+    def slots(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Row indices of the given shape, uniform over the stored rows."""
+        return torch.randint(0, self.size, shape, device=self.rows.device)
+
     def sample(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.rows[torch.randint(0, self.size, shape, device=self.rows.device)]
+        return self.rows[self.slots(shape)]
 
     def split(self, batch: torch.Tensor):
         """Rows -> (obs, action, reward, next_obs, done), reward and done without the last dim."""

@@ -48,6 +48,7 @@ RUNS = {
     "so2_sigma0_utd1": ("so2", f"{SO2} --sigma 0 --utd 1"),
     "so2_target_min": ("so2", f"{SO2} --target min"),
     "so2_union": ("so2", f"{SO2} --batch-mode union"),
+    "so2_sera": ("so2", f"{SO2} --sera --sera-k 3"),
     "cal_ql": ("cal_ql", CAL_QL),
     "cal_ql_cql": ("cal_ql", f"{CAL_QL} --no-calibrate"),
     "cal_ql_loose": ("cal_ql", f"{CAL_QL} --loose"),

@@ -213,7 +213,7 @@ RESUME_ARGS = {
         "--env walker2d-random --random-dataset-steps 1500 --num-critics 2 --hidden-dim 32 "
         "--pretrain-steps 600 --pretrain-eval-every 150 --batch-size 32 --online-steps 300 "
         "--warmup-steps 50 --utd 2 --online-batch-size 16 --mixed-batch-size 48 --eval-every 60 "
-        "--eval-episodes 2 --mc-tail-steps 5 --kendall-windows 2 --checkpoint-every 25"
+        "--eval-episodes 2 --mc-tail-steps 5 --kendall-windows 2 --checkpoint-every 25 --sera --sera-k 3"
     ).split(),
     "cal_ql": (
         "--env walker2d-random --random-dataset-steps 1500 --actor-hidden-dims 32 32 "

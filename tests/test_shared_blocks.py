@@ -39,6 +39,7 @@ DELIBERATE = {
     "online": "the online loop of a file without pretraining (sac.py, rlpd.py)",
     "Actor": "rlpd.py's is its release's: Xavier-uniform weights, zero biases, log-std clipped to [-20, 2]",
     "td_target": "rlpd.py's is the min over a random subset of target members",
+    "sera_bonus": "so2.py's mixed buffer holds online rows too: it takes a mask of the online rows",
     "time_phases": "the phases and updates of each algorithm",
     "read_pretrained": "the network sizes a pretraining must match",
     "train": "the algorithm's own phases",

@@ -1,5 +1,6 @@
 """The update equations of algorithms/so2.py on small hand-checkable inputs."""
 
+import copy
 import math
 from dataclasses import replace
 
@@ -185,3 +186,28 @@ def test_actor_step_leaves_no_gradient_in_the_critic(so2):
     assert all(p.grad is None for p in agent.critic.parameters())
     assert all(torch.equal(a, b) for a, b in zip(critic_before, agent.critic.parameters()))
     assert agent.actor.mu.weight.grad is not None and agent.actor.mu.weight.grad.abs().sum() > 0
+
+
+def test_sera_bonus_on_the_online_rows_only(so2):
+    """SERA in so2.py: the online rows of a batch (from either buffer) get sera_lambda times the
+    shared sera_reward computed over those rows alone; dataset rows get none; the critic step
+    takes the bonus as reward."""
+    cfg = replace(so2.Config(), num_critics=3, hidden_dim=16, sera=True, sera_k=2, sera_lambda=0.5)
+    torch.manual_seed(0)
+    agent = so2.SO2Agent(4, 2, cfg, torch.device("cpu"))
+    buffer = so2.ReplayBuffer(10, 4, 2, torch.device("cpu"))
+    buffer.extend(torch.rand(10, sum(buffer.sizes)))
+    online_rows = torch.tensor([1, 1, 1, 0, 1, 0, 0, 1, 0, 1], dtype=torch.bool)
+    bonus, mean_r_int = so2.sera_bonus(agent.critic, buffer.rows, online_rows, buffer.split, cfg)
+    obs, act = buffer.split(buffer.rows[online_rows])[:2]
+    expected = so2.sera_reward(obs, agent.critic(obs, act).min(0).values, 2, False)
+    assert bonus[~online_rows].tolist() == [0.0] * 4
+    assert torch.allclose(bonus[online_rows], 0.5 * expected) and mean_r_int == pytest.approx(expected.mean().item())
+
+    def loss(rows, bonus=None):
+        torch.manual_seed(1)
+        return copy.deepcopy(agent).finetune_critic_step(rows, buffer.split, 0.2, bonus).item()
+
+    shifted = buffer.rows.clone()
+    shifted[:, 6] += bonus  # the reward column (obs 4 + action 2)
+    assert loss(buffer.rows, bonus) == pytest.approx(loss(shifted)) and loss(buffer.rows, bonus) != loss(buffer.rows)
