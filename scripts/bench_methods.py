@@ -38,6 +38,11 @@ PER_STEP = {
     ("odt", "pretraining"): "1 update: 256 segments of 20 steps (60 tokens), 4 layers x 512, LAMB + temperature",
     ("odt", "finetuning"): "1 update, as offline (300 after each online episode)",
     ("rlpd", "online"): "env step: 20 critic updates (N=10, LayerNorm, batch 256) + 1 actor and temperature update",
+    ("wsrl", "pretraining"): "1 CQL update: N=10 LayerNorm critics, penalty on 2 of them, 10+10+10 CQL actions",
+    (
+        "wsrl",
+        "finetuning",
+    ): "env step: 4 critic updates (N=10, batch 256) + 1 actor and temperature update on 1,024 rows",
 }
 # odt.py sizes its online update count from the replay's episode lengths: a stand-in of 1,000-step ones.
 ODT_REPLAY = SimpleNamespace(trajectories=[torch.zeros(1000, 1)])
@@ -49,7 +54,7 @@ class Args:
     """Interleaved rounds; each method keeps its fastest."""
     device: str = "cpu"
     """Torch device."""
-    algos: tuple[str, ...] = ("sac", "so2", "cal_ql", "td3_bc", "iql", "awac", "pex", "off2on", "odt", "rlpd")
+    algos: tuple[str, ...] = ("sac", "so2", "cal_ql", "td3_bc", "iql", "awac", "pex", "off2on", "odt", "rlpd", "wsrl")
     """Algorithm files to time (sac first: it is the baseline)."""
 
 
@@ -72,6 +77,7 @@ def make_run(name: str, device: torch.device) -> tuple[object, SimpleNamespace]:
             "off2on": lambda: module.Off2OnAgent(OBS_DIM, ACT_DIM, cfg, device),
             "odt": lambda: module.ODTAgent(OBS_DIM, ACT_DIM, cfg, device),
             "rlpd": lambda: module.RLPDAgent(OBS_DIM, ACT_DIM, cfg, device),
+            "wsrl": lambda: module.WSRLAgent(OBS_DIM, ACT_DIM, cfg, device),
         }[name]()
     return module, SimpleNamespace(cfg=cfg, agent=agent, device=device, obs_dim=OBS_DIM, act_dim=ACT_DIM)
 

@@ -64,6 +64,8 @@ RUNS = {
     "odt": ("odt", ODT),
     "rlpd": ("rlpd", f"{DATA} {Q} --hidden-dim 32 --num-critics 3 --online-steps 120 --start-training 40 --utd 2 "
              "--batch-size 32 --eval-every 60"),
+    "wsrl": ("wsrl", f"{SMALL} --num-critics 3 --hidden-dim 32 --cql-n-actions 2 --warmup-steps 20 --utd 2 "
+             "--online-batch-size 32"),
     "sac": ("sac", "--env hopper --device cpu --seed 3 --total-steps 600 --learning-starts 200 --eval-every 300 "
             "--eval-episodes 2 --hidden-dim 32 --batch-size 32"),
 }  # fmt: skip

@@ -258,6 +258,12 @@ RESUME_ARGS = {
         "--start-training 50 --utd 2 --batch-size 32 --eval-every 60 --eval-episodes 2 --mc-tail-steps 5 "
         "--kendall-windows 2 --checkpoint-every 25"
     ).split(),
+    "wsrl": (
+        "--env walker2d-random --random-dataset-steps 1500 --num-critics 3 --hidden-dim 32 --cql-n-actions 2 "
+        "--pretrain-steps 300 --pretrain-eval-every 100 --batch-size 32 --online-steps 300 --warmup-steps 50 --utd 2 "
+        "--online-batch-size 32 --eval-every 50 --eval-episodes 2 --mc-tail-steps 5 --kendall-windows 2 "
+        "--checkpoint-every 25"
+    ).split(),
     "sac": (
         "--env hopper --total-steps 1200 --learning-starts 200 --eval-every 300 --eval-episodes 2 "
         "--hidden-dim 32 --batch-size 32 --checkpoint-every 25"
@@ -273,6 +279,7 @@ PHASES = {
     "off2on": ("pretrain", "finetune"),
     "odt": ("pretrain", "finetune"),
     "rlpd": ("online",),
+    "wsrl": ("pretrain", "finetune"),
     "sac": ("online",),
 }
 FILES = list(RESUME_ARGS)

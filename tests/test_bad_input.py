@@ -51,6 +51,11 @@ TINY = {
         "--env walker2d-random --random-dataset-steps 1500 --hidden-dim 8 --num-critics 2 --online-steps 4 "
         "--start-training 2 --utd 1 --batch-size 4 --eval-episodes 1"
     ).split(),
+    "wsrl": (
+        "--env walker2d-random --random-dataset-steps 1500 --hidden-dim 8 --num-critics 2 --cql-n-actions 2 "
+        "--pretrain-steps 4 --online-steps 4 --warmup-steps 2 --utd 1 --batch-size 4 --online-batch-size 4 "
+        "--eval-episodes 1"
+    ).split(),
     "sac": "--env hopper --total-steps 4 --learning-starts 2 --eval-episodes 1 --hidden-dim 16".split(),
 }
 # Two float fields of each file for the finite-number checks (odt.py has no discount or target rate).

@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO, load_script
 
 
-@pytest.mark.parametrize("name", ["td3_bc", "iql", "awac", "pex", "off2on", "odt", "rlpd"])
+@pytest.mark.parametrize("name", ["td3_bc", "iql", "awac", "pex", "off2on", "odt", "rlpd", "wsrl"])
 def test_locomotion_config_is_the_defaults_with_their_sources(name):
     algo = load_script(f"algorithms/{name}.py")
     cfg, _ = algo.parse_args(["--config", str(REPO / "configs" / name / "locomotion.yaml")])

@@ -36,6 +36,7 @@ from conftest import (
         ("off2on", "finetune"),
         ("odt", "finetune"),
         ("rlpd", "online"),
+        ("wsrl", "finetune"),
         ("sac", "online"),
     ],
 )

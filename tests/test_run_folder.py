@@ -41,6 +41,7 @@ from conftest import (
         ("off2on", "Off2OnAgent.online_update", 330, "finetune"),
         ("odt", "ODTAgent.update", 330, "finetune"),
         ("rlpd", "RLPDAgent.critic_step", 300, "online"),
+        ("wsrl", "WSRLAgent.critic_step", 300, "finetune"),
         ("sac", "SACAgent.update", 100, "online"),
     ],
 )

@@ -33,12 +33,14 @@ DELIBERATE = {
     "ALGO": "the file's name",
     "FIRST_RESULT": "the way to a first result on a CPU differs per algorithm",
     "VectorizedCritic": "each method's released init: EDAC's (so2, cal_ql), nn.Linear's (td3_bc; sac, which "
-    "trained the shipped behaviour policies), orthogonal (iql), Xavier-uniform with LayerNorm (rlpd)",
+    "trained the shipped behaviour policies), orthogonal (iql), Xavier-uniform with LayerNorm (rlpd), orthogonal "
+    "with LayerNorm (wsrl)",
     "pretrain": "the algorithm's own update",
     "finetune": "the algorithm's own online loop",
     "online": "the online loop of a file without pretraining (sac.py, rlpd.py)",
-    "Actor": "rlpd.py's is its release's: Xavier-uniform weights, zero biases, log-std clipped to [-20, 2]",
-    "td_target": "rlpd.py's is the min over a random subset of target members",
+    "Actor": "rlpd.py's and wsrl.py's are their releases': Xavier-uniform weights and log-std in [-20, 2] "
+    "(rlpd), LayerNorm, orthogonal weights and std in [1e-5, 10] (wsrl)",
+    "td_target": "rlpd.py's is the min over a random subset of target members, wsrl.py's adds CQL's max backup",
     "sera_bonus": "so2.py's mixed buffer holds online rows too: it takes a mask of the online rows",
     "time_phases": "the phases and updates of each algorithm",
     "read_pretrained": "the network sizes a pretraining must match",

@@ -1,0 +1,231 @@
+"""WSRL (algorithms/wsrl.py): the subset-min target, the CQL-ensemble pretraining update and the
+online SAC updates against direct computations on tiny inputs, the LayerNorm networks, and in tiny
+runs the warm-up without updates and an online buffer that never holds a dataset row."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from conftest import RESUME_ARGS, load_run_file, load_script, read_metrics
+
+
+@pytest.fixture(scope="module")
+def wsrl():
+    return load_script("algorithms/wsrl.py")
+
+
+def tiny_agent(wsrl, **overrides):
+    cfg = wsrl.Config(num_critics=4, hidden_dim=8, cql_n_actions=3, **overrides)
+    torch.manual_seed(0)
+    agent = wsrl.WSRLAgent(3, 2, cfg, torch.device("cpu"))
+    with torch.no_grad():  # distinct members and non-trivial LayerNorm parameters
+        for p in agent.critic.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        agent.target_critic.load_state_dict(agent.critic.state_dict())
+        for p in agent.target_critic.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    buffer = wsrl.ReplayBuffer(6, 3, 2, torch.device("cpu"))
+    rows = torch.rand(6, sum(buffer.sizes))
+    rows[:, 3:5] = rows[:, 3:5] * 2 - 1  # actions in [-1, 1]
+    rows[:, -1] = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 0.0])  # two terminal rows
+    buffer.extend(rows)
+    return agent, buffer
+
+
+def test_td_target_is_the_max_over_next_actions_of_the_subset_min(wsrl):
+    reward, done = torch.tensor([1.0, 0.5]), torch.tensor([0.0, 1.0])
+    # [K=2 members, n=3 next actions, B=2]
+    next_q = torch.tensor([[[3.0, 1.0], [6.0, 2.0], [0.0, 9.0]], [[4.0, 1.0], [5.0, 8.0], [7.0, 0.0]]])
+    y = wsrl.td_target(reward, done, next_q, 0.9)
+    # row 0: min over members per action = 3, 5, 0 -> max 5; row 1 is terminal: its reward only
+    assert torch.allclose(y, torch.tensor([1 + 0.9 * 5.0, 0.5]))
+    # Online (n = 1): the plain min over the subset, no entropy term.
+    assert torch.allclose(wsrl.td_target(reward, done, next_q[:, :1], 0.9), torch.tensor([1 + 0.9 * 3.0, 0.5]))
+
+
+def member_mlp(critic, k: int, obs, act):
+    """Member k of the vectorized critic, written out: Dense -> LayerNorm -> ReLU twice, Dense(1)."""
+    x = torch.cat([obs, act], -1)
+    for i in range(2):
+        x = x @ critic.weights[i][k] + critic.biases[i][k]
+        x = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-6)
+        x = torch.relu(x * critic.norm_scales[i][k] + critic.norm_shifts[i][k])
+    return (x @ critic.weights[2][k] + critic.biases[2][k]).squeeze(-1)
+
+
+def test_critic_members_are_layer_normed_mlps_and_the_actor_has_layer_norm(wsrl):
+    agent, buffer = tiny_agent(wsrl)
+    obs, act = buffer.split(buffer.rows)[:2]
+    q = agent.critic(obs, act)
+    for k in range(4):
+        assert torch.allclose(q[k], member_mlp(agent.critic, k, obs, act), atol=1e-5)
+    members = torch.tensor([2, 2])  # drawn with replacement, a member may come twice
+    assert torch.allclose(agent.critic(obs, act, members), q[[2, 2]])
+    norms = [m for m in agent.actor.trunk if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 and all(m.eps == 1e-6 for m in norms)
+
+
+def test_orthogonal_init_with_the_released_gains(wsrl):
+    """flax orthogonal kernels: W^T W = gain^2 I over the smaller side; the last hidden layer 1e-2."""
+    torch.manual_seed(0)
+    critic = wsrl.VectorizedCritic(5, 3, 16, num_critics=2)
+    actor = wsrl.Actor(5, 3, 16)
+    for w, gain in zip(critic.weights, (2**0.5, 1e-2, 2**0.5)):
+        for member in w:
+            small = member.T @ member if member.shape[0] >= member.shape[1] else member @ member.T
+            assert torch.allclose(small, gain**2 * torch.eye(len(small)), atol=1e-5 * max(gain**2, 1))
+    w = actor.trunk[3].weight
+    assert torch.allclose(w @ w.T, 1e-4 * torch.eye(16), atol=1e-9)
+    assert all(float(b.abs().max()) == 0 for b in critic.biases)
+
+
+def test_subsets_are_drawn_with_replacement(wsrl):
+    agent, _ = tiny_agent(wsrl, num_min_qs=3)
+    torch.manual_seed(0)
+    draws = [tuple(agent.subset(torch.device("cpu")).tolist()) for _ in range(200)]
+    assert any(len(set(d)) < 3 for d in draws) and {m for d in draws for m in d} == {0, 1, 2, 3}
+
+
+def test_pretrain_step_losses_against_a_direct_computation(wsrl):
+    """The CQL update's TD loss, penalty and policy losses, recomputed by hand from the same randoms
+    (the penalty on its own random members only), and all three from the pre-update parameters."""
+    agent, buffer = tiny_agent(wsrl)
+    before = copy.deepcopy(agent)
+    torch.manual_seed(1)
+    losses = agent.pretrain_step(buffer.rows, buffer.split)
+
+    a, n, gamma = before, 3, 0.99
+    obs, act, rew, next_obs, done = buffer.split(buffer.rows)
+    torch.manual_seed(1)
+    states = torch.cat([next_obs.expand(n, -1, -1), obs.expand(n, -1, -1), next_obs.expand(n, -1, -1)])
+    actions, log_pis = a.actor(states.reshape(-1, 3))
+    actions, log_pis = actions.view(3 * n, 6, 2).detach(), log_pis.view(3 * n, 6).detach()
+    target_members = torch.randint(0, 4, (2,))
+    next_q = torch.stack([a.target_critic(next_obs, actions[j])[target_members] for j in range(n)], 1)  # [2, n, B]
+    y = rew + gamma * (1 - done) * next_q.min(0).values.max(0).values
+    q_data = a.critic(obs, act)
+    td = ((q_data - y) ** 2).mean()
+    penalty_members = torch.randint(0, 4, (2,))
+    random_actions = torch.empty(n, 6, 2).uniform_(-1, 1)
+    log_density = torch.cat([torch.full((n, 6), 2 * math.log(0.5)), log_pis[2 * n :], log_pis[n : 2 * n]])
+    all_actions = torch.cat([random_actions, actions[2 * n :], actions[n : 2 * n]])  # uniform, at s', at s
+    q_ood = torch.stack([a.critic(obs, all_actions[j]) for j in range(3 * n)], 1)[penalty_members]  # [2, 3n, B]
+    ood = torch.logsumexp(q_ood - log_density, dim=1)
+    cql = (ood - q_data[penalty_members]).mean()
+    new_action, log_pi = a.actor(obs)
+    alpha = 1.0  # init_temperature, before the step
+    actor_loss = (alpha * log_pi - a.critic(obs, new_action).min(0).values).mean()
+
+    assert losses["critic_loss"].item() == pytest.approx((td + 5.0 * cql).item(), rel=1e-5)
+    assert losses["cql_loss"].item() == pytest.approx(cql.item(), rel=1e-5)
+    assert losses["actor_loss"].item() == pytest.approx(actor_loss.item(), rel=1e-5)
+    # The temperature moved against the sign of (entropy of the next actions - target entropy).
+    entropy = -log_pis[:n].mean().item()
+    assert (agent.alpha().item() < 1.0) == (entropy + 2.0 > 0)
+
+
+def test_online_critic_step_is_sac_on_the_subset_min_without_entropy(wsrl):
+    agent, buffer = tiny_agent(wsrl)
+    before = copy.deepcopy(agent)
+    torch.manual_seed(2)
+    loss = agent.critic_step(buffer.rows, buffer.split)
+    obs, act, rew, next_obs, done = buffer.split(buffer.rows)
+    torch.manual_seed(2)
+    next_action, _ = before.actor(next_obs)
+    members = torch.randint(0, 4, (2,))
+    y = rew + 0.99 * (1 - done) * before.target_critic(next_obs, next_action)[members].min(0).values
+    assert loss.item() == pytest.approx(((before.critic(obs, act) - y) ** 2).mean().item(), rel=1e-5)
+    # The critic step leaves the actor and the temperature alone; the target moved by tau.
+    assert all(torch.equal(p, q) for p, q in zip(agent.actor.parameters(), before.actor.parameters()))
+    assert torch.equal(agent.alpha_param, before.alpha_param)
+    new, old, online = agent.target_critic.weights[0], before.target_critic.weights[0], agent.critic.weights[0]
+    assert torch.allclose(new, old + 0.005 * (online - old), atol=1e-7)
+
+
+def test_actor_and_temperature_step_on_all_rows_against_the_updated_critic(wsrl):
+    agent, buffer = tiny_agent(wsrl)
+    before = copy.deepcopy(agent)
+    torch.manual_seed(3)
+    actor_loss = agent.actor_and_temperature_step(buffer.rows, buffer.split)
+    obs, next_obs = buffer.split(buffer.rows)[0], buffer.split(buffer.rows)[3]
+    torch.manual_seed(3)
+    next_log_pi = before.actor(next_obs)[1]
+    action, log_pi = before.actor(obs)
+    expected = (log_pi - before.critic(obs, action).min(0).values).mean()  # alpha 1 before the step
+    assert actor_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    critic = agent.critic.state_dict()
+    assert all(torch.equal(v, critic[k]) for k, v in before.critic.state_dict().items())
+    # d/dtheta softplus(theta) (H - T) = sigmoid(theta) (H + |A|): Adam's first step is -lr * sign.
+    entropy = -next_log_pi.mean().item()
+    theta0 = math.log(math.expm1(1.0))
+    assert agent.alpha_param.item() == pytest.approx(theta0 - 1e-4 * math.copysign(1, entropy + 2.0), abs=1e-7)
+
+
+@pytest.fixture(scope="module")
+def traced_run(wsrl, tmp_path_factory, datasets_root):
+    """The resume test's tiny run (pretraining 300, warm-up 50, utd 2), in this process, recording
+    the online buffer's size at every update and every row the updates read."""
+    seen = {"critic": [], "actor": []}
+    critic_step, actor_step = wsrl.WSRLAgent.critic_step, wsrl.WSRLAgent.actor_and_temperature_step
+    buffers = []
+    add = wsrl.ReplayBuffer.add
+
+    def record_add(buffer, *args):
+        if not buffers or buffers[-1] is not buffer:
+            buffers.append(buffer)
+        return add(buffer, *args)
+
+    def record(name, step):
+        def wrapped(agent, batch, split):
+            if buffers:  # the run's updates, not the start-of-run time estimate's (before any env step)
+                seen[name].append((buffers[-1].size, batch.clone()))
+            return step(agent, batch, split)
+
+        return wrapped
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(wsrl.ReplayBuffer, "add", record_add)
+    mp.setattr(wsrl.WSRLAgent, "critic_step", record("critic", critic_step))
+    mp.setattr(wsrl.WSRLAgent, "actor_and_temperature_step", record("actor", actor_step))
+    out = tmp_path_factory.mktemp("wsrl_traced")
+    mp.setenv("MINARI_DATASETS_PATH", str(datasets_root))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        wsrl.main([*RESUME_ARGS["wsrl"], "--out-dir", str(out), "--checkpoint-every", "1000"])
+    finally:
+        mp.undo()
+    (run_dir,) = out.iterdir()
+    return run_dir, seen
+
+
+def test_warm_up_makes_no_update_then_utd_critic_steps_per_env_step(traced_run):
+    run_dir, seen = traced_run
+    args = RESUME_ARGS["wsrl"]
+    warmup, online, utd = (int(args[args.index(flag) + 1]) for flag in ("--warmup-steps", "--online-steps", "--utd"))
+    sizes = [size for size, _ in seen["critic"]]
+    assert min(sizes) == warmup + 1 and len(sizes) == utd * (online - warmup)
+    assert [size for size, _ in seen["actor"]] == list(range(warmup + 1, online + 1))
+    # Each actor step reads the rows of its env step's utd critic mini-batches, all of them.
+    batch = int(args[args.index("--online-batch-size") + 1])
+    assert all(rows.shape[0] == batch for _, rows in seen["actor"])
+    assert all(rows.shape[0] == batch // utd for _, rows in seen["critic"])
+    # The policy the warm-up ran is the pretrained one: the evaluation at the end of the warm-up
+    # equals the one at the start of finetuning.
+    records = {r["env_steps"]: r for r in read_metrics(run_dir) if r["phase"] == "finetune"}
+    same = ("normalized_score", "q_bias", "kendall_tau", "q_std_policy")
+    assert all(records[0][k] == records[warmup][k] for k in same) and records[0]["step"] == records[warmup]["step"] == 0
+    assert records[online]["normalized_score"] != records[0]["normalized_score"]
+
+
+def test_the_online_buffer_never_holds_or_samples_a_dataset_row(traced_run, wsrl):
+    run_dir, seen = traced_run
+    online = load_run_file(run_dir / "checkpoint.pt")["loop"]["online"]["rows"]
+    args = RESUME_ARGS["wsrl"]
+    assert len(online) == int(args[args.index("--online-steps") + 1])
+    arrays = wsrl.load_dataset("walker2d", "random", 1500)[0]
+    dataset = wsrl.dataset_rows(arrays)
+    assert not (online[:, None, :] == dataset[None]).all(-1).any()
+    for _, rows in seen["critic"] + seen["actor"]:
+        assert (rows[:, None, :] == online[None]).all(-1).any(1).all()
