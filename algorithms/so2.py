@@ -319,15 +319,6 @@ class VectorizedCritic(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Losses and updates: the SO2 learning rule (perturbed per-member targets, utd critic steps)
 # ----------------------------------------------------------------------------------------------
-def diversity_loss(action_grads: torch.Tensor) -> torch.Tensor:
-    """EDAC ensemble-similarity loss from per-member gradients dQ_i/da [N, B, A]: mean over the
-    batch of the summed pairwise cosine similarity of the gradients (i != j), divided by N - 1.
-    The off-diagonal sum of the Gram matrix of unit vectors is |sum_i g_i|^2 - sum_i |g_i|^2."""
-    unit = action_grads / (action_grads.norm(dim=-1, keepdim=True) + 1e-10)
-    off_diagonal = unit.sum(0).pow(2).sum(-1) - unit.pow(2).sum((0, 2))
-    return off_diagonal.mean() / (action_grads.shape[0] - 1)
-
-
 def perturb_action(action: torch.Tensor, noise: torch.Tensor, sigma: float, noise_clip: float) -> torch.Tensor:
     """Perturbed Value Update: a~ = clip(a + clip(sigma * noise, -c, c), -1, 1), noise ~ N(0, 1)."""
     return (action + (sigma * noise).clamp(-noise_clip, noise_clip)).clamp(-1.0, 1.0)
@@ -340,6 +331,15 @@ def td_target(reward, done, next_q, next_log_prob, alpha, gamma: float, target: 
     if target == "min":
         next_q = next_q.min(0).values
     return reward + gamma * (1.0 - done) * (next_q - alpha * next_log_prob)
+
+
+def diversity_loss(action_grads: torch.Tensor) -> torch.Tensor:
+    """EDAC ensemble-similarity loss from per-member gradients dQ_i/da [N, B, A]: mean over the
+    batch of the summed pairwise cosine similarity of the gradients (i != j), divided by N - 1.
+    The off-diagonal sum of the Gram matrix of unit vectors is |sum_i g_i|^2 - sum_i |g_i|^2."""
+    unit = action_grads / (action_grads.norm(dim=-1, keepdim=True) + 1e-10)
+    off_diagonal = unit.sum(0).pow(2).sum(-1) - unit.pow(2).sum((0, 2))
+    return off_diagonal.mean() / (action_grads.shape[0] - 1)
 
 
 def sera_reward(
