@@ -63,8 +63,9 @@ def test_critic_members_are_layer_normed_mlps_and_the_actor_has_layer_norm(wsrl)
         assert torch.allclose(q[k], member_mlp(agent.critic, k, obs, act), atol=1e-5)
     members = torch.tensor([2, 2])  # drawn with replacement, a member may come twice
     assert torch.allclose(agent.critic(obs, act, members), q[[2, 2]])
-    norms = [m for m in agent.actor.trunk if isinstance(m, torch.nn.LayerNorm)]
-    assert len(norms) == 2 and all(m.eps == 1e-6 for m in norms)
+    nn = torch.nn
+    assert [type(m) for m in agent.actor.trunk] == [nn.Linear, nn.LayerNorm, nn.ReLU] * 2  # norm before ReLU
+    assert all(m.eps == 1e-6 for m in agent.actor.trunk if isinstance(m, nn.LayerNorm))
 
 
 def test_orthogonal_init_with_the_released_gains(wsrl):
@@ -76,9 +77,11 @@ def test_orthogonal_init_with_the_released_gains(wsrl):
         for member in w:
             small = member.T @ member if member.shape[0] >= member.shape[1] else member @ member.T
             assert torch.allclose(small, gain**2 * torch.eye(len(small)), atol=1e-5 * max(gain**2, 1))
-    w = actor.trunk[3].weight
-    assert torch.allclose(w @ w.T, 1e-4 * torch.eye(16), atol=1e-9)
-    assert all(float(b.abs().max()) == 0 for b in critic.biases)
+    for layer, gain in ((actor.trunk[0], 2**0.5), (actor.trunk[3], 1e-2), (actor.mu, 2**0.5), (actor.log_std, 2**0.5)):
+        w = layer.weight.detach()  # [out, in]: orthonormal columns or rows, scaled by the gain
+        small = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+        assert torch.allclose(small, gain**2 * torch.eye(len(small)), atol=1e-5 * max(gain**2, 1))
+    assert all(float(b.detach().abs().max()) == 0 for b in critic.biases)
 
 
 def test_subsets_are_drawn_with_replacement(wsrl):
@@ -121,9 +124,18 @@ def test_pretrain_step_losses_against_a_direct_computation(wsrl):
     assert losses["critic_loss"].item() == pytest.approx((td + 5.0 * cql).item(), rel=1e-5)
     assert losses["cql_loss"].item() == pytest.approx(cql.item(), rel=1e-5)
     assert losses["actor_loss"].item() == pytest.approx(actor_loss.item(), rel=1e-5)
-    # The temperature moved against the sign of (entropy of the next actions - target entropy).
-    entropy = -log_pis[:n].mean().item()
-    assert (agent.alpha().item() < 1.0) == (entropy + 2.0 > 0)
+    # Each loss reached its own parameters only, with the gradient of the hand-computed loss; the
+    # temperature's is sigmoid(theta) (entropy at s' + |A|).
+    critic_grad = torch.autograd.grad(td + 5.0 * cql, a.critic.weights[1], retain_graph=True)[0]
+    assert torch.allclose(agent.critic.weights[1].grad, critic_grad, rtol=1e-4, atol=1e-7)
+    actor_grad = torch.autograd.grad(actor_loss, a.actor.mu.weight)[0]
+    assert torch.allclose(agent.actor.mu.weight.grad, actor_grad, rtol=1e-4, atol=1e-7)
+    theta0 = math.log(math.expm1(1.0))
+    expected = torch.sigmoid(torch.tensor(theta0)).item() * (-log_pis[:n].mean().item() + 2.0)
+    assert agent.alpha_param.grad.item() == pytest.approx(expected, rel=1e-5)
+    # ... then the target's Polyak step.
+    new, old, online = agent.target_critic.weights[0], a.target_critic.weights[0], agent.critic.weights[0]
+    assert torch.allclose(new, old + 0.005 * (online - old), atol=1e-7)
 
 
 def test_online_critic_step_is_sac_on_the_subset_min_without_entropy(wsrl):
@@ -136,15 +148,34 @@ def test_online_critic_step_is_sac_on_the_subset_min_without_entropy(wsrl):
     next_action, _ = before.actor(next_obs)
     members = torch.randint(0, 4, (2,))
     y = rew + 0.99 * (1 - done) * before.target_critic(next_obs, next_action)[members].min(0).values
-    assert loss.item() == pytest.approx(((before.critic(obs, act) - y) ** 2).mean().item(), rel=1e-5)
-    # The critic step leaves the actor and the temperature alone; the target moved by tau.
+    expected = ((before.critic(obs, act) - y) ** 2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    grad = torch.autograd.grad(expected, before.critic.weights[0])[0]
+    assert torch.allclose(agent.critic.weights[0].grad, grad, rtol=1e-4, atol=1e-7)
+    # The actor and the temperature got a zero gradient (fresh Adam moments: no move); the target
+    # moved by tau.
     assert all(torch.equal(p, q) for p, q in zip(agent.actor.parameters(), before.actor.parameters()))
-    assert torch.equal(agent.alpha_param, before.alpha_param)
+    assert torch.equal(agent.alpha_param, before.alpha_param) and agent.alpha_param.grad.item() == 0.0
     new, old, online = agent.target_critic.weights[0], before.target_critic.weights[0], agent.critic.weights[0]
     assert torch.allclose(new, old + 0.005 * (online - old), atol=1e-7)
 
 
-def test_actor_and_temperature_step_on_all_rows_against_the_updated_critic(wsrl):
+def test_a_critic_step_moves_the_actor_by_its_adam_momentum_as_optax_does(wsrl):
+    """The release steps every optimiser at every update, the ones without a loss on a zero gradient:
+    after one full update, a critic-only step moves each actor weight by -lr m_hat / (sqrt(v_hat) + eps)."""
+    agent, buffer = tiny_agent(wsrl)
+    agent.pretrain_step(buffer.rows, buffer.split)  # non-zero Adam moments everywhere
+    w = agent.actor.mu.weight
+    state = agent.actor_optim.state[w]
+    m, v, t = state["exp_avg"] * 0.9, state["exp_avg_sq"] * 0.999, state["step"].item() + 1
+    before = w.detach().clone()
+    expected = before - 1e-4 * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+    agent.critic_step(buffer.rows, buffer.split)
+    assert (w.detach() - before).abs().max() > 1e-6  # it moved, with no actor loss in this update
+    assert torch.allclose(w.detach(), expected, rtol=0, atol=1e-9)
+
+
+def test_actor_and_temperature_step_on_all_rows(wsrl):
     agent, buffer = tiny_agent(wsrl)
     before = copy.deepcopy(agent)
     torch.manual_seed(3)
@@ -155,19 +186,22 @@ def test_actor_and_temperature_step_on_all_rows_against_the_updated_critic(wsrl)
     action, log_pi = before.actor(obs)
     expected = (log_pi - before.critic(obs, action).min(0).values).mean()  # alpha 1 before the step
     assert actor_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    actor_grad = torch.autograd.grad(expected, before.actor.trunk[0].weight)[0]
+    assert torch.allclose(agent.actor.trunk[0].weight.grad, actor_grad, rtol=1e-4, atol=1e-7)
+    # The critics got a zero gradient (fresh Adam moments: no move); the temperature's gradient is
+    # d/dtheta softplus(theta) (H - T) = sigmoid(theta) (H + |A|), H the entropy at s'.
     critic = agent.critic.state_dict()
     assert all(torch.equal(v, critic[k]) for k, v in before.critic.state_dict().items())
-    # d/dtheta softplus(theta) (H - T) = sigmoid(theta) (H + |A|): Adam's first step is -lr * sign.
-    entropy = -next_log_pi.mean().item()
     theta0 = math.log(math.expm1(1.0))
-    assert agent.alpha_param.item() == pytest.approx(theta0 - 1e-4 * math.copysign(1, entropy + 2.0), abs=1e-7)
+    expected_grad = torch.sigmoid(torch.tensor(theta0)).item() * (-next_log_pi.mean().item() + 2.0)
+    assert agent.alpha_param.grad.item() == pytest.approx(expected_grad, rel=1e-5)
 
 
 @pytest.fixture(scope="module")
 def traced_run(wsrl, tmp_path_factory, datasets_root):
-    """The resume test's tiny run (pretraining 300, warm-up 50, utd 2), in this process, recording
-    the online buffer's size at every update and every row the updates read."""
-    seen = {"critic": [], "actor": []}
+    """The resume test's tiny run (pretraining 300, warm-up 50, utd 2), in this process, recording in
+    order every online update: its kind, the online buffer's size and the rows it read."""
+    seen = []
     critic_step, actor_step = wsrl.WSRLAgent.critic_step, wsrl.WSRLAgent.actor_and_temperature_step
     buffers = []
     add = wsrl.ReplayBuffer.add
@@ -180,7 +214,7 @@ def traced_run(wsrl, tmp_path_factory, datasets_root):
     def record(name, step):
         def wrapped(agent, batch, split):
             if buffers:  # the run's updates, not the start-of-run time estimate's (before any env step)
-                seen[name].append((buffers[-1].size, batch.clone()))
+                seen.append((name, buffers[-1].size, batch.clone()))
             return step(agent, batch, split)
 
         return wrapped
@@ -203,14 +237,18 @@ def traced_run(wsrl, tmp_path_factory, datasets_root):
 def test_warm_up_makes_no_update_then_utd_critic_steps_per_env_step(traced_run):
     run_dir, seen = traced_run
     args = RESUME_ARGS["wsrl"]
-    warmup, online, utd = (int(args[args.index(flag) + 1]) for flag in ("--warmup-steps", "--online-steps", "--utd"))
-    sizes = [size for size, _ in seen["critic"]]
-    assert min(sizes) == warmup + 1 and len(sizes) == utd * (online - warmup)
-    assert [size for size, _ in seen["actor"]] == list(range(warmup + 1, online + 1))
-    # Each actor step reads the rows of its env step's utd critic mini-batches, all of them.
-    batch = int(args[args.index("--online-batch-size") + 1])
-    assert all(rows.shape[0] == batch for _, rows in seen["actor"])
-    assert all(rows.shape[0] == batch // utd for _, rows in seen["critic"])
+    warmup, online, utd, batch = (
+        int(args[args.index(flag) + 1]) for flag in ("--warmup-steps", "--online-steps", "--utd", "--online-batch-size")
+    )
+    assert warmup >= batch  # so the warm-up, not the batch size, sets the first update
+    # Per env step after the warm-up: utd critic updates on batch / utd rows each, then one actor and
+    # temperature update on exactly those rows, all of them.
+    steps = [seen[i : i + utd + 1] for i in range(0, len(seen), utd + 1)]
+    assert [size for (_, size, _), *_ in steps] == list(range(warmup + 1, online + 1))
+    for step in steps:
+        assert [kind for kind, _, _ in step] == ["critic"] * utd + ["actor"]
+        assert all(rows.shape[0] == batch // utd for _, _, rows in step[:utd])
+        assert torch.equal(step[-1][2], torch.cat([rows for _, _, rows in step[:utd]]))
     # The policy the warm-up ran is the pretrained one: the evaluation at the end of the warm-up
     # equals the one at the start of finetuning.
     records = {r["env_steps"]: r for r in read_metrics(run_dir) if r["phase"] == "finetune"}
@@ -227,5 +265,25 @@ def test_the_online_buffer_never_holds_or_samples_a_dataset_row(traced_run, wsrl
     arrays = wsrl.load_dataset("walker2d", "random", 1500)[0]
     dataset = wsrl.dataset_rows(arrays)
     assert not (online[:, None, :] == dataset[None]).all(-1).any()
-    for _, rows in seen["critic"] + seen["actor"]:
+    for _, _, rows in seen:
         assert (rows[:, None, :] == online[None]).all(-1).any(1).all()
+
+
+def test_adam_states_carry_over_and_every_optimiser_steps_at_every_update(traced_run):
+    """Finetuning continues the pretraining's Adam states (the release loads its whole checkpoint),
+    and all three optimisers step at each of the pretraining updates and at each of the utd + 1
+    online updates per env step."""
+    run_dir, _ = traced_run
+    args = RESUME_ARGS["wsrl"]
+    pretrain, warmup, online, utd = (
+        int(args[args.index(flag) + 1]) for flag in ("--pretrain-steps", "--warmup-steps", "--online-steps", "--utd")
+    )
+    steps = {}
+    for name, file in (("pretrained", "pretrain.pt"), ("final", "final.pt")):
+        agent = load_run_file(run_dir / file)["agent"]
+        for optim in ("actor_optim", "critic_optim", "alpha_optim"):
+            steps[name, optim] = {int(state["step"]) for state in agent[optim]["state"].values()}
+    after = pretrain + (online - warmup) * (utd + 1)
+    assert len(steps) == 6 and steps == {
+        (name, optim): {pretrain if name == "pretrained" else after} for name, optim in steps
+    }
