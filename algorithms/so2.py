@@ -40,7 +40,9 @@ Deliberate differences from both:
 SERA (--sera; not in the SO2 paper): the intrinsic reward of cal_ql.py, iql.py, td3_bc.py and
 awac.py (same sera_reward; its choices are in cal_ql.py's header), with q = min over the frozen
 pretrained ensemble. It goes to every online row of a batch, also those drawn from the mixed
-buffer, and the k-NN runs over those online rows; dataset rows keep their reward.
+buffer, and the k-NN runs over those online rows; dataset rows keep their reward. Their number
+grows as online rows replace dataset rows in the mixed buffer (cal_ql.py's is fixed), so the k-NN
+radius, and with it r_int, tends to shrink over a run.
 """
 
 from __future__ import annotations
@@ -207,6 +209,7 @@ def resolve_config(cfg: Config) -> Config:
         eta=entry["eta"] if cfg.eta is None else cfg.eta,
     )
     check_common(cfg)
+    sera_k_max = cfg.online_batch_size - (0 if cfg.sera_include_self else 1)
     check(
         [
             (2 <= cfg.num_critics <= 1000, "num_critics must be in [2, 1000]"),
@@ -235,8 +238,12 @@ def resolve_config(cfg: Config) -> Config:
             (cfg.alpha > 0, "alpha must be > 0"),
             (cfg.sera_lambda >= 0, "sera_lambda must be >= 0"),
             (
-                not cfg.sera or (cfg.batch_mode == "online+mixed" and 1 <= cfg.sera_k < cfg.online_batch_size),
-                "--sera needs --batch-mode online+mixed and sera_k in [1, online_batch_size - 1] (the k-NN needs k online rows per batch)",
+                not cfg.sera or cfg.batch_mode == "online+mixed",
+                "--sera needs --batch-mode online+mixed (its online part gives the k-NN its online rows)",
+            ),
+            (
+                not cfg.sera or 1 <= cfg.sera_k <= sera_k_max,
+                f"sera_k must be in [1, {sera_k_max}] (the online rows of a batch{'' if cfg.sera_include_self else ', minus the sample itself'})",
             ),
         ]
     )
@@ -571,10 +578,10 @@ def finetune(run: Run, dataset: torch.Tensor, step: int, loop: Optional[dict]) -
                 online_part = online.sample((cfg.utd, cfg.online_batch_size))
                 slots = mixed.slots((cfg.utd, cfg.mixed_batch_size))
                 batches = torch.cat([online_part, mixed.rows[slots]], dim=1)
-                # Online rows overwrite the mixed buffer's slots from 0 on (see above).
-                online_rows = torch.cat(
-                    [online_part.new_ones(online_part.shape[:2], dtype=torch.bool), slots < online.size], 1
-                )
+                if frozen_critic is not None:  # online rows overwrite the mixed slots from 0 on (see above)
+                    online_rows = torch.cat(
+                        [online_part.new_ones(online_part.shape[:2], dtype=torch.bool), slots < online.size], 1
+                    )
             else:
                 batches = mixed.sample((cfg.utd, cfg.online_batch_size + cfg.mixed_batch_size))
             for k in range(cfg.utd):

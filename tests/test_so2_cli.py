@@ -1,5 +1,6 @@
 """algorithms/so2.py end to end as a user runs it: tiny runs, determinism, bad input."""
 
+import copy
 import json
 import math
 from functools import partial
@@ -124,12 +125,14 @@ def test_paper_variants_change_what_is_computed(so2, tiny_run, tmp_path, monkeyp
 
 def test_sera_rewards_the_online_rows_of_both_buffers(so2, tiny_run, tmp_path, monkeypatch):
     """With --sera, every batch row that was collected online, from the online buffer or from the
-    dataset-initialised mixed buffer, and no dataset row, is flagged for the intrinsic reward; the
-    run trains differently from one without SERA and logs the mean intrinsic reward."""
+    dataset-initialised mixed buffer, and no dataset row, is flagged for the intrinsic reward, also
+    once online rows fill the whole mixed buffer (a 40-row dataset); the critic it conditions on
+    stays the pretrained one; the run trains differently from one without SERA and logs the mean
+    intrinsic reward."""
     seen, bonus = [], so2.sera_bonus
 
     def record(frozen_critic, batch, online_rows, split, cfg):
-        seen.append((batch, online_rows))
+        seen.append((batch, online_rows, copy.deepcopy(frozen_critic.state_dict())))
         return bonus(frozen_critic, batch, online_rows, split, cfg)
 
     monkeypatch.setattr(so2, "sera_bonus", record)
@@ -140,9 +143,11 @@ def test_sera_rewards_the_online_rows_of_both_buffers(so2, tiny_run, tmp_path, m
     online = load_run_file(runs["so2-sera"] / "checkpoint.pt")["loop"]["online"]["rows"]
     batches = seen[-40 * 2 :]  # the run's 40 updating env steps x utd 2, after the time estimate's calls
     flagged_from_mixed = 0
-    for batch, online_rows in batches:
+    pretrained = load_run_file(tiny_run / "pretrain.pt")["agent"]["critic"]
+    for batch, online_rows, frozen in batches:
         collected_online = (batch[:, None, :] == online[None]).all(-1).any(1)
         assert torch.equal(online_rows, collected_online)
+        assert all(torch.equal(frozen[k], pretrained[k]) for k in pretrained)
         flagged_from_mixed += int(online_rows[16:].sum())
     assert flagged_from_mixed > 0  # online rows drawn from the mixed buffer get the reward too
     sera, plain = read_metrics(runs["so2-sera"]), read_metrics(runs["so2"])
@@ -150,6 +155,15 @@ def test_sera_rewards_the_online_rows_of_both_buffers(so2, tiny_run, tmp_path, m
     assert len(updating) == 2 and all(math.isfinite(r["sera_reward"]) for r in updating)
     assert "sera_reward" not in plain[-1]
     assert sera[-1]["critic_loss"] != plain[-1]["critic_loss"]
+    # A dataset smaller than the online budget: from step 40 on, every mixed slot holds an online row.
+    seen.clear()
+    small = ["--random-dataset-steps", "40", "--pretrain-steps", "4", "--run-name", "small"]
+    so2.main([*TINY, *small, "--out-dir", str(tmp_path), "--sera", "--sera-k", "3"])
+    (run_dir,) = [path for path in tmp_path.iterdir() if "so2-small" in path.name]
+    online = load_run_file(run_dir / "checkpoint.pt")["loop"]["online"]["rows"]
+    for batch, online_rows, _ in seen[-40 * 2 :]:
+        assert torch.equal(online_rows, (batch[:, None, :] == online[None]).all(-1).any(1))
+    assert seen[-1][1].all()  # the last env step's batch is online rows only
 
 
 def test_auto_alpha_tunes_the_temperature(tiny_run, tmp_path, datasets_root):
@@ -170,7 +184,7 @@ def test_auto_alpha_tunes_the_temperature(tiny_run, tmp_path, datasets_root):
         (["--env", "walker2d-medium"], "unavailable offline"),
         (["--config", "/nonexistent/cpu.yaml"], "cannot use config file"),
         (["--sera", "--batch-mode", "union"], "--sera needs --batch-mode online+mixed"),
-        (["--sera", "--sera-k", "16"], "sera_k in [1, online_batch_size - 1]"),
+        (["--sera", "--sera-k", "16"], "sera_k must be in [1, 15]"),
     ],
 )
 def test_bad_input_one_line_exit_2_nothing_written(args, message, tmp_path, datasets_root):

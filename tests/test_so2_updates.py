@@ -188,11 +188,14 @@ def test_actor_step_leaves_no_gradient_in_the_critic(so2):
     assert agent.actor.mu.weight.grad is not None and agent.actor.mu.weight.grad.abs().sum() > 0
 
 
-def test_sera_bonus_on_the_online_rows_only(so2):
+@pytest.mark.parametrize("include_self", [False, True])
+def test_sera_bonus_on_the_online_rows_only(so2, include_self):
     """SERA in so2.py: the online rows of a batch (from either buffer) get sera_lambda times the
     shared sera_reward computed over those rows alone; dataset rows get none; the critic step
     takes the bonus as reward."""
-    cfg = replace(so2.Config(), num_critics=3, hidden_dim=16, sera=True, sera_k=2, sera_lambda=0.5)
+    cfg = replace(
+        so2.Config(), num_critics=3, hidden_dim=16, sera=True, sera_k=2, sera_lambda=0.5, sera_include_self=include_self
+    )
     torch.manual_seed(0)
     agent = so2.SO2Agent(4, 2, cfg, torch.device("cpu"))
     buffer = so2.ReplayBuffer(10, 4, 2, torch.device("cpu"))
@@ -200,7 +203,7 @@ def test_sera_bonus_on_the_online_rows_only(so2):
     online_rows = torch.tensor([1, 1, 1, 0, 1, 0, 0, 1, 0, 1], dtype=torch.bool)
     bonus, mean_r_int = so2.sera_bonus(agent.critic, buffer.rows, online_rows, buffer.split, cfg)
     obs, act = buffer.split(buffer.rows[online_rows])[:2]
-    expected = so2.sera_reward(obs, agent.critic(obs, act).min(0).values, 2, False)
+    expected = so2.sera_reward(obs, agent.critic(obs, act).min(0).values, 2, include_self)
     assert bonus[~online_rows].tolist() == [0.0] * 4
     assert torch.allclose(bonus[online_rows], 0.5 * expected) and mean_r_int == pytest.approx(expected.mean().item())
 
