@@ -344,6 +344,8 @@ class WSRLAgent:
         self.actor_optim = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr)
         self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
         self.alpha_optim = torch.optim.Adam([self.alpha_param], lr=cfg.alpha_lr)
+        # Each loss's optimiser, by the name step() takes.
+        self.optims = {"actor": self.actor_optim, "critic": self.critic_optim, "alpha": self.alpha_optim}
 
     def state_dict(self) -> dict:
         return {
@@ -376,20 +378,15 @@ class WSRLAgent:
         """Gradients of every given loss, each for its own parameters, then a step of every optimiser:
         one without a loss steps on a zero gradient, which still moves its parameters by the Adam
         momentum (the release's optax update of all its optimisers)."""
-        own = {
-            "actor": list(self.actor.parameters()),
-            "critic": list(self.critic.parameters()),
-            "alpha": [self.alpha_param],
-        }
-        optims = {"actor": self.actor_optim, "critic": self.critic_optim, "alpha": self.alpha_optim}
-        for name, params in own.items():
+        for name, optim in self.optims.items():
+            params = optim.param_groups[0]["params"]
             if name in losses:
-                optims[name].zero_grad(set_to_none=True)
+                optim.zero_grad(set_to_none=True)
                 losses[name].backward(inputs=params)
             else:  # a zero gradient: torch's Adam skips parameters whose gradient is None
                 for p in params:
-                    p.grad = torch.zeros_like(p)
-        for optim in optims.values():
+                    p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
+        for optim in self.optims.values():
             optim.step()
 
     def pretrain_step(self, batch: torch.Tensor, split) -> dict[str, torch.Tensor]:
@@ -443,7 +440,7 @@ class WSRLAgent:
 
     def actor_and_temperature_step(self, batch: torch.Tensor, split) -> torch.Tensor:
         """One online actor and temperature update on all rows of the env step's sample."""
-        obs, next_obs = split(batch)[0], split(batch)[3]
+        obs, _, _, next_obs, _ = split(batch)
         with torch.no_grad():
             next_log_pi = self.actor(next_obs)[1]
         actor_loss, alpha_loss = self.policy_losses(obs, next_log_pi)

@@ -139,6 +139,11 @@ def load_run_file(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def rows_in(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """For each row of rows [B, W], whether it is one of the rows of table [T, W] -> [B] bool."""
+    return (rows[:, None, :] == table[None]).all(-1).any(1)
+
+
 def checkpoint_position(run_dir: Optional[Path], since: float) -> Optional[tuple[str, int]]:
     """(phase, step) of run_dir/checkpoint.pt if it was written after `since`, else None."""
     path = None if run_dir is None else run_dir / "checkpoint.pt"

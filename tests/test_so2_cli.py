@@ -15,6 +15,7 @@ from conftest import (
     load_run_file,
     load_script,
     read_metrics,
+    rows_in,
     run_script,
 )
 
@@ -145,8 +146,7 @@ def test_sera_rewards_the_online_rows_of_both_buffers(so2, tiny_run, tmp_path, m
     flagged_from_mixed = 0
     pretrained = load_run_file(tiny_run / "pretrain.pt")["agent"]["critic"]
     for batch, online_rows, frozen in batches:
-        collected_online = (batch[:, None, :] == online[None]).all(-1).any(1)
-        assert torch.equal(online_rows, collected_online)
+        assert torch.equal(online_rows, rows_in(batch, online))
         assert all(torch.equal(frozen[k], pretrained[k]) for k in pretrained)
         flagged_from_mixed += int(online_rows[16:].sum())
     assert flagged_from_mixed > 0  # online rows drawn from the mixed buffer get the reward too
@@ -162,7 +162,7 @@ def test_sera_rewards_the_online_rows_of_both_buffers(so2, tiny_run, tmp_path, m
     (run_dir,) = [path for path in tmp_path.iterdir() if "so2-small" in path.name]
     online = load_run_file(run_dir / "checkpoint.pt")["loop"]["online"]["rows"]
     for batch, online_rows, _ in seen[-40 * 2 :]:
-        assert torch.equal(online_rows, (batch[:, None, :] == online[None]).all(-1).any(1))
+        assert torch.equal(online_rows, rows_in(batch, online))
     assert seen[-1][1].all()  # the last env step's batch is online rows only
 
 
