@@ -340,6 +340,7 @@ def make_env(base: str, dataset_id: str) -> gym.Env:
             raise ConfigError(
                 f"'{base}' needs the gymnasium-robotics environments: pip install gymnasium-robotics==1.4.2"
             )
+    mujoco.set_mju_user_warning(mujoco_warning)
     if base == "antmaze":
         import minari
 
@@ -1089,6 +1090,20 @@ ADROIT_QUALITIES = ("human", "cloned", "expert")
 def normalized_score(base: str, returns):
     low, high = ENVS[base][1]
     return 100.0 * (np.asarray(returns) - low) / (high - low)
+
+
+SHOWN_ONCE: set[str] = set()  # the harmless MuJoCo warnings this process has shown
+
+
+def mujoco_warning(message: str) -> None:
+    """MuJoCo's own (C-level) warnings, each printed as MuJoCo would, to stderr; only "compiler
+    attribute 'settotalmass' is deprecated" is shown once per process, not once per HalfCheetah-v5
+    made. It is harmless: MuJoCo 4 still applies the attribute (the model's mass is 14, as in v5)."""
+    if "'settotalmass' is deprecated" in message:
+        if message in SHOWN_ONCE:
+            return
+        SHOWN_ONCE.add(message)
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,11 +2,15 @@
 
 import itertools
 import math
+import subprocess
+import sys
 from dataclasses import replace
 
 import minari
 import numpy as np
 import pytest
+
+from conftest import REPO
 
 
 def test_normalized_score_uses_d4rl_constants(so2):
@@ -15,6 +19,20 @@ def test_normalized_score_uses_d4rl_constants(so2):
     assert so2.normalized_score("hopper", [-20.272305, 3234.3]) == pytest.approx([0.0, 100.0])
     # halfcheetah: (5927.41 - (-280.18)) / 12415.18 = 50%
     assert so2.normalized_score("halfcheetah", 5927.410523) == pytest.approx(50.0, abs=1e-4)
+
+
+def test_mujoco_deprecation_warning_shows_once_and_others_pass():
+    """HalfCheetah's 'settotalmass is deprecated' prints once however many envs are made; any other
+    MuJoCo warning (here an unstable simulation) still reaches stderr."""
+    code = (
+        "import sys, numpy, mujoco; sys.path.insert(0, 'scripts'); from common import load_algorithm; "
+        "so2 = load_algorithm('so2'); envs = [so2.make_env('halfcheetah') for _ in range(3)]; "
+        "env = envs[0].unwrapped; env.data.qvel[:] = numpy.inf; mujoco.mj_step(env.model, env.data)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("'settotalmass' is deprecated") == 1
+    assert "Nan, Inf or huge value in QVEL" in result.stderr
 
 
 @pytest.mark.parametrize(
