@@ -92,7 +92,7 @@ NUM_CRITICS = 2  # twin critics: min over the twin for V's regression target and
 class Config:
     env: str = "hopper-random"
     """D4RL-style dataset name: {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,
-    medium-expert,expert} or {pen,door}-{human,cloned,expert}."""
+    medium-expert,expert} or {pen,door}-{random,human,cloned,expert}."""
     config: Optional[str] = None
     """YAML file of field values (e.g. configs/iql/locomotion.yaml); flags given on the command
     line override it."""
@@ -672,7 +672,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 # ----------------------------------------------------------------------------------------------
 # Config parsing and checks
 # ----------------------------------------------------------------------------------------------
-CHECKPOINT_FORMAT = 1  # of checkpoint.pt, pretrain.pt and final.pt
+CHECKPOINT_FORMAT = 2  # of checkpoint.pt, pretrain.pt and final.pt
 
 
 class ConfigError(Exception):
@@ -831,16 +831,16 @@ def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
 # ----------------------------------------------------------------------------------------------
 # D4RL env name -> (gymnasium id, D4RL reference returns (random, expert) of the normalised score).
 ENVS = {
-    "halfcheetah": ("HalfCheetah-v5", (-280.178953, 12135.0)),
-    "hopper": ("Hopper-v5", (-20.272305, 3234.3)),
-    "walker2d": ("Walker2d-v5", (1.629008, 4592.3)),
-    "ant": ("Ant-v5", (-325.6, 3879.7)),
-    "pen": ("AdroitHandPen-v1", (96.262799, 3076.833)),
-    "door": ("AdroitHandDoor-v1", (-56.512833, 2880.569)),
+    "halfcheetah": ("HalfCheetah-v5", (-280.178953, 12135.0), None),
+    "hopper": ("Hopper-v5", (-20.272305, 3234.3), None),
+    "walker2d": ("Walker2d-v5", (1.629008, 4592.3), None),
+    "ant": ("Ant-v5", (-325.6, 3879.7), None),
+    "pen": ("AdroitHandPen-v1", (96.262799, 3076.833), 100),
+    "door": ("AdroitHandDoor-v1", (-56.512833, 2880.569), None),
 }
-ADROIT = ("pen", "door")  # need gymnasium-robotics; their datasets are on the Minari hub only
+ADROIT = ("pen", "door")  # need gymnasium-robotics
 LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")  # made by make_dataset.py
-ADROIT_QUALITIES = ("human", "cloned", "expert")
+ADROIT_QUALITIES = ("random", "human", "cloned", "expert")  # random made here; the others on the Minari hub only
 
 
 def normalized_score(base: str, returns):
@@ -855,7 +855,27 @@ def make_env(base: str) -> gym.Env:
         except ImportError:
             raise ConfigError(f"'{base}' needs the Adroit environments: pip install gymnasium-robotics==1.4.2")
     mujoco.set_mju_user_warning(mujoco_warning)
-    return gym.make(ENVS[base][0])
+    gym_id, _, steps = ENVS[base]
+    env = gym.make(gym_id, **({} if steps is None else {"max_episode_steps": steps}))
+    return D4RLAdroit(env) if base in ADROIT else env
+
+
+class D4RLAdroit(gym.Wrapper):
+    """pen and door as D4RL (mj_envs) defines them, where gymnasium-robotics 1.4.2 differs; D4RL's
+    reference returns were measured so. A pen episode ends when the pen drops (height < 0.075; the
+    -5 penalty of that step is the same in both). Door's reward has -0.1 |palm - handle| where
+    gymnasium-robotics 1.2.1 to 1.4.2 add +0.1 |palm - handle| (a sign error; their PR #220)."""
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        env = self.unwrapped
+        if hasattr(env, "handle_site_id"):  # door
+            reward -= 0.2 * np.linalg.norm(
+                env.data.site_xpos[env.grasp_site_id] - env.data.site_xpos[env.handle_site_id]
+            )
+        else:  # pen
+            terminated = bool(env.data.xpos[env.obj_body_id][2] < 0.075)
+        return obs, reward, terminated, truncated, info
 
 
 SHOWN_ONCE: set[str] = set()  # the harmless MuJoCo warnings this process has shown
@@ -894,7 +914,7 @@ def dataset_ids(base: str, quality: str, random_steps: int) -> tuple[str, list[s
     name = quality if quality != "random" or random_steps == 1_000_000 else f"random-n{random_steps}"
     local = f"local/{base}/{name}-v0"
     if base in ADROIT:
-        return local, [f"D4RL/{base}/{quality}-v2"]
+        return local, [] if quality == "random" else [f"D4RL/{base}/{quality}-v2"]
     return local, [f"mujoco/{base}/{quality}-v0"] if quality in ("medium", "expert") else []
 
 
@@ -1285,13 +1305,15 @@ def tensors(tree) -> list[torch.Tensor]:
 
 def env_state(env: gym.Env) -> dict:
     """The running episode exactly: MuJoCo integration state, the body poses of the model (Adroit's
-    reset moves its goal there), time-limit counter, env RNG."""
+    reset moves its goal there), pen's lengths from its reset, time-limit counter, env RNG."""
     u = env.unwrapped
     state = np.empty(mujoco.mj_stateSize(u.model, MJ_STATE))
     mujoco.mj_getState(u.model, u.data, state, MJ_STATE)
     model = {"body_pos": u.model.body_pos.copy(), "body_quat": u.model.body_quat.copy()}
+    lengths = {k: getattr(u, k) for k in ("pen_length", "tar_length") if hasattr(u, k)}  # pen's reset sets them
     steps = env.get_wrapper_attr("_elapsed_steps")  # of the TimeLimit wrapper
-    return {"mujoco": state, "model": model, "elapsed_steps": steps, "np_random": u.np_random.bit_generator.state}
+    rng = u.np_random.bit_generator.state
+    return {"mujoco": state, "model": model, "attributes": lengths, "elapsed_steps": steps, "np_random": rng}
 
 
 def restore_env_state(env: gym.Env, saved: dict) -> None:
@@ -1299,6 +1321,8 @@ def restore_env_state(env: gym.Env, saved: dict) -> None:
     u.model.body_pos[:], u.model.body_quat[:] = saved["model"]["body_pos"], saved["model"]["body_quat"]
     mujoco.mj_setState(u.model, u.data, saved["mujoco"], MJ_STATE)
     mujoco.mj_forward(u.model, u.data)
+    for name, value in saved["attributes"].items():
+        setattr(u, name, value)
     env.set_wrapper_attr("_elapsed_steps", saved["elapsed_steps"])
     u.np_random.bit_generator.state = saved["np_random"]
 

@@ -39,7 +39,7 @@ class Args:
 def evaluate(args: Args) -> dict:
     env_name, quality = make_dataset.so2.parse_env_name(args.name)
     actor, entry = make_dataset.load_policy(args.policy_dir, env_name, quality)
-    envs = [make_dataset.so2.gym.make(make_dataset.so2.ENVS[env_name][0]) for _ in range(args.episodes)]
+    envs = [make_dataset.so2.make_env(env_name) for _ in range(args.episodes)]
     obs = np.stack([env.reset(seed=args.seed + i)[0] for i, env in enumerate(envs)]).astype(np.float32)
     returns, active = np.zeros(args.episodes), list(range(args.episodes))
     while active:

@@ -1,4 +1,4 @@
-"""Make D4RL-style datasets for gymnasium v5 MuJoCo, without the network, as Minari datasets.
+"""Make D4RL-style datasets for gymnasium v5 MuJoCo and Adroit, without the network, as Minari datasets.
 
   python scripts/make_dataset.py walker2d-random          # -> local/walker2d/random-v0
   python scripts/make_dataset.py hopper-medium            # needs results/policies/hopper-medium.pt
@@ -9,6 +9,8 @@
 Protocols (D4RL, Fu et al. 2020):
   random         1M steps of a randomly initialised tanh-Gaussian policy, seed 0 (the algorithm
                  files run this script when a *-random set is missing, so the id has one meaning);
+                 also for pen and door, which have no random set in D4RL (their human, cloned and
+                 expert sets are on the Minari hub only);
   medium, expert 1M steps of the shipped SAC policy (results/policies/, see manifest.json) with
                  stochastic actions;
   medium-replay  the replay buffer of the seeded SAC run that produced the medium policy, regenerated
@@ -38,7 +40,6 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Optional
 
-import gymnasium as gym
 import numpy as np
 import torch
 import tyro
@@ -60,7 +61,7 @@ sac = load_algorithm("sac")
 class Args:
     name: tyro.conf.Positional[str]
     """Dataset name <env>-<quality>: env in halfcheetah, hopper, walker2d, ant; quality in random,
-    medium, medium-replay, medium-expert, expert."""
+    medium, medium-replay, medium-expert, expert; or pen-random, door-random."""
     steps: Optional[int] = None
     """Transitions (default 1M; medium-expert: per half). medium-replay: cap on the SAC run, which
     by default runs until the medium policy's stop score, as the shipped one did (not with
@@ -81,25 +82,25 @@ def dataset_id(env: str, quality: str, steps: Optional[int]) -> str:
     return f"local/{env}/{quality}-v0" if steps in (None, 1_000_000) else f"local/{env}/{quality}-n{steps}-v0"
 
 
-def random_policy(gym_id: str, seed: int) -> torch.nn.Module:
+def random_policy(env_name: str, seed: int) -> torch.nn.Module:
     """D4RL 'random' behaviour policy: a randomly initialised tanh-Gaussian policy (so2.py's
     actor, 3x256), the same for every caller so that local/<env>/random-v0 has one meaning."""
-    env = gym.make(gym_id)
+    env = so2.make_env(env_name)
     torch.manual_seed(seed)
     return so2.Actor(env.observation_space.shape[0], env.action_space.shape[0], (256, 256, 256))
 
 
-def collect_episodes(gym_id: str, policy: torch.nn.Module, steps: int, seed: int, n_envs: int = 16):
+def collect_episodes(env_name: str, policy: torch.nn.Module, steps: int, seed: int, n_envs: int = 16):
     """D4RL protocol: roll out `policy` with stochastic actions (drawn from the global torch RNG,
-    which the caller seeds) until `steps` transitions exist. n_envs copies step in lockstep so
-    that one batched policy forward serves them all; episodes still running at the budget are
-    cut as truncated."""
-    envs = [gym.make(gym_id) for _ in range(n_envs)]
+    which the caller seeds) until `steps` transitions exist, in the algorithm files' env (pen: 100
+    steps; door: D4RL's reward). n_envs copies step in lockstep so that one batched policy forward
+    serves them all; episodes still running at the budget are cut as truncated."""
+    envs = [so2.make_env(env_name) for _ in range(n_envs)]
     keys = ("observations", "actions", "rewards", "terminations", "truncations")
     obs = np.stack([env.reset(seed=seed * 1000 + i)[0] for i, env in enumerate(envs)])
     current = [{"observations": [o], **{k: [] for k in keys[1:]}} for o in obs]
     episodes, collected = [], 0
-    progress = tqdm(total=steps, desc=f"generate {gym_id}", unit="step", mininterval=2)
+    progress = tqdm(total=steps, desc=f"generate {envs[0].spec.id}", unit="step", mininterval=2)
     with torch.no_grad():
         while collected < steps:
             actions = policy(torch.as_tensor(obs, dtype=torch.float32))[0].numpy()
@@ -127,7 +128,7 @@ def collect_episodes(gym_id: str, policy: torch.nn.Module, steps: int, seed: int
 
 
 def write_minari_dataset(
-    dataset_id: str, episodes, gym_id: str, base: str, algorithm_name: str, description: str, code: str
+    dataset_id: str, episodes, base: str, algorithm_name: str, description: str, code: str
 ) -> None:
     """Write episodes as a real Minari dataset, atomically: build it under a temporary root next to
     the datasets folder and move it into place, so an interrupted write never blocks the id."""
@@ -136,6 +137,9 @@ def write_minari_dataset(
 
     root = so2.dataset_path()
     tmp_root = root / f".tmp-{os.getpid()}"
+    env = so2.make_env(base)
+    # door: the spec without D4RLAdroit, which Minari could not import when it remakes the env
+    spec = env.env.spec if isinstance(env, so2.D4RLAdroit) else env.spec
     previous = os.environ.get("MINARI_DATASETS_PATH")
     try:
         os.environ["MINARI_DATASETS_PATH"] = str(tmp_root)
@@ -154,7 +158,7 @@ def write_minari_dataset(
         minari.create_dataset_from_buffers(
             dataset_id,
             buffers,
-            env=gym_id,
+            env=spec,
             algorithm_name=algorithm_name,
             author="offline-to-online RL reference implementations",
             author_email="n/a",
@@ -162,7 +166,7 @@ def write_minari_dataset(
             description=description,
             ref_min_score=low,
             ref_max_score=high,
-            eval_env=gym_id,
+            eval_env=spec,
         )
     finally:
         if previous is None:
@@ -219,7 +223,7 @@ def load_policy(policy_dir: str, env: str, quality: str) -> tuple[torch.nn.Modul
         raise so2.ConfigError(
             f"no {env}-{quality} behaviour policy ({why}); train one with algorithms/sac.py (see README)"
         )
-    gym_env = so2.gym.make(so2.ENVS[env][0])
+    gym_env = so2.make_env(env)
     hidden = entry["sac_config"]["hidden_dim"]
     actor = sac.Actor(gym_env.observation_space.shape[0], gym_env.action_space.shape[0], (hidden, hidden))
     actor.load_state_dict(torch.load(Path(policy_dir) / entry["file"], map_location="cpu"))
@@ -237,7 +241,7 @@ def collect_shard(task: tuple) -> list[dict]:
     torch.set_num_threads(1)
     actor, _ = load_policy(policy_dir, env, quality)
     torch.manual_seed(seed)
-    return collect_episodes(so2.ENVS[env][0], actor, steps, seed)
+    return collect_episodes(env, actor, steps, seed)
 
 
 def policy_episodes(args: Args, env: str, quality: str, steps: int) -> list[dict]:
@@ -317,7 +321,7 @@ def replay_episodes(args: Args, env: str) -> tuple[list[dict], str]:
             if same
             else "WARNING: regenerated, but its final actor differs from the shipped medium policy (other hardware, threads or --steps)"
         )
-    gym_env = so2.gym.make(so2.ENVS[env][0])
+    gym_env = so2.make_env(env)
     return rows_to_episodes(rows, gym_env.observation_space.shape[0], gym_env.action_space.shape[0]), note
 
 
@@ -339,9 +343,9 @@ def stored_episodes(dataset: str) -> list[dict]:
 def make(args: Args) -> str:
     """Write the dataset named by args (and, for medium-expert, its missing halves); its id."""
     env, quality = so2.parse_env_name(args.name)
-    if env in so2.ADROIT:
+    if env in so2.ADROIT and quality != "random":
         raise so2.ConfigError(
-            "Adroit datasets come from the Minari hub (D4RL/<env>/<quality>-v2), not from this script"
+            f"{env}-{quality} comes from the Minari hub (D4RL/{env}/{quality}-v2), not from this script; it makes {env}-random"
         )
     if args.workers not in (1, 2) or (args.steps is not None and args.steps < 1):
         raise so2.ConfigError("workers must be 1 or 2 and steps >= 1")
@@ -364,7 +368,7 @@ def make(args: Args) -> str:
                 f"{target} already exists under {so2.dataset_path()}; delete that folder to make it again"
             )
         episodes, algorithm, description = make_episodes(args, env, quality)
-        write_minari_dataset(target, episodes, so2.ENVS[env][0], env, algorithm, description, "scripts/make_dataset.py")
+        write_minari_dataset(target, episodes, env, algorithm, description, "scripts/make_dataset.py")
         so2.save_flat_cache(target, so2.flatten_episodes(episodes))
     print_summary(target, env, [e["rewards"].sum() for e in episodes], sum(len(e["rewards"]) for e in episodes))
     return target
@@ -372,9 +376,11 @@ def make(args: Args) -> str:
 
 def make_episodes(args: Args, env: str, quality: str) -> tuple[list[dict], str, str]:
     """(episodes, algorithm name, description) of a dataset by its D4RL protocol."""
-    gym_id, steps = so2.ENVS[env][0], args.steps or 1_000_000
+    steps, (gym_id, _, length) = args.steps or 1_000_000, so2.ENVS[env]
+    gym_id += "" if length is None else f" with D4RL's {length}-step episodes"
+    gym_id += " with D4RL's reward (the algorithm files' D4RLAdroit)" if env == "door" else ""
     if quality == "random":
-        episodes = collect_episodes(gym_id, random_policy(gym_id, RANDOM_DATASET_SEED), steps, RANDOM_DATASET_SEED)
+        episodes = collect_episodes(env, random_policy(env, RANDOM_DATASET_SEED), steps, RANDOM_DATASET_SEED)
         algorithm = "randomly initialised tanh-Gaussian policy (D4RL random protocol)"
         return episodes, algorithm, f"{steps} steps of a {algorithm} on {gym_id}, seed {RANDOM_DATASET_SEED}."
     if quality in ("medium", "expert"):

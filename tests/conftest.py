@@ -211,6 +211,52 @@ def same_run(a: Path, b: Path) -> None:
         assert len(tensors_a) == len(tensors_b) and all(torch.equal(x, y) for x, y in zip(tensors_a, tensors_b)), name
 
 
+# The smallest run of each algorithm file (bad input, Adroit end to end).
+TINY = {
+    "so2": (
+        "--env walker2d-random --random-dataset-steps 1500 --num-critics 2 --hidden-dim 16 "
+        "--pretrain-steps 4 --online-steps 4 --warmup-steps 2 --eval-episodes 1"
+    ).split(),
+    "cal_ql": (
+        "--env walker2d-random --random-dataset-steps 1500 --actor-hidden-dims 16 "
+        "--critic-hidden-dims 16 --pretrain-steps 4 --online-steps 4 --eval-episodes 1"
+    ).split(),
+    "td3_bc": (
+        "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 16 --pretrain-steps 4 --online-steps 4 "
+        "--batch-size 4 --eval-episodes 1"
+    ).split(),
+    "iql": (
+        "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 16 --pretrain-steps 4 --online-steps 4 "
+        "--batch-size 4 --eval-episodes 1"
+    ).split(),
+    "awac": (
+        "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 16 --pretrain-steps 4 --online-steps 4 "
+        "--batch-size 4 --eval-episodes 1"
+    ).split(),
+    "pex": (
+        "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 16 --pretrain-steps 4 --online-steps 4 "
+        "--collection-steps 2 --batch-size 4 --eval-episodes 1"
+    ).split(),
+    "off2on": (
+        "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 16 --num-agents 2 --cql-n-actions 2 "
+        "--pretrain-steps 4 --online-steps 4 --epoch-steps 2 --batch-size 4 --weight-batch-size 2 --eval-episodes 1"
+    ).split(),
+    "odt": (
+        "--env walker2d-random --random-dataset-steps 1500 --embed-dim 8 --n-layers 1 --n-heads 1 --context-length 4 "
+        "--eval-context-length 2 --pretrain-steps 4 --online-steps 4 --batch-size 4 --eval-episodes 1"
+    ).split(),
+    "rlpd": (
+        "--env walker2d-random --random-dataset-steps 1500 --hidden-dim 8 --num-critics 2 --online-steps 4 "
+        "--start-training 2 --utd 1 --batch-size 4 --eval-episodes 1"
+    ).split(),
+    "wsrl": (
+        "--env walker2d-random --random-dataset-steps 1500 --hidden-dim 8 --num-critics 2 --cql-n-actions 2 "
+        "--pretrain-steps 4 --online-steps 4 --warmup-steps 2 --utd 1 --batch-size 4 --online-batch-size 4 "
+        "--eval-episodes 1"
+    ).split(),
+    "sac": "--env hopper --total-steps 4 --learning-starts 2 --eval-episodes 1 --hidden-dim 16".split(),
+}
+
 # Tiny runs of each algorithm file with phases long enough (hundreds of steps, a checkpoint every
 # 25) for several kills and signals in each.
 RESUME_ARGS = {

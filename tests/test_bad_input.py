@@ -12,52 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_main_refuses, assert_one_line_error, load_script, run_script, script_env
+from conftest import REPO, TINY, assert_main_refuses, assert_one_line_error, load_script, run_script, script_env
 
-TINY = {
-    "so2": (
-        "--env walker2d-random --random-dataset-steps 1500 --num-critics 2 --hidden-dim 16 "
-        "--pretrain-steps 4 --online-steps 4 --warmup-steps 2 --eval-episodes 1"
-    ).split(),
-    "cal_ql": (
-        "--env walker2d-random --random-dataset-steps 1500 --actor-hidden-dims 16 "
-        "--critic-hidden-dims 16 --pretrain-steps 4 --online-steps 4 --eval-episodes 1"
-    ).split(),
-    "td3_bc": (
-        "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 16 --pretrain-steps 4 --online-steps 4 "
-        "--batch-size 4 --eval-episodes 1"
-    ).split(),
-    "iql": (
-        "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 16 --pretrain-steps 4 --online-steps 4 "
-        "--batch-size 4 --eval-episodes 1"
-    ).split(),
-    "awac": (
-        "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 16 --pretrain-steps 4 --online-steps 4 "
-        "--batch-size 4 --eval-episodes 1"
-    ).split(),
-    "pex": (
-        "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 16 --pretrain-steps 4 --online-steps 4 "
-        "--collection-steps 2 --batch-size 4 --eval-episodes 1"
-    ).split(),
-    "off2on": (
-        "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 16 --num-agents 2 --cql-n-actions 2 "
-        "--pretrain-steps 4 --online-steps 4 --epoch-steps 2 --batch-size 4 --weight-batch-size 2 --eval-episodes 1"
-    ).split(),
-    "odt": (
-        "--env walker2d-random --random-dataset-steps 1500 --embed-dim 8 --n-layers 1 --n-heads 1 --context-length 4 "
-        "--eval-context-length 2 --pretrain-steps 4 --online-steps 4 --batch-size 4 --eval-episodes 1"
-    ).split(),
-    "rlpd": (
-        "--env walker2d-random --random-dataset-steps 1500 --hidden-dim 8 --num-critics 2 --online-steps 4 "
-        "--start-training 2 --utd 1 --batch-size 4 --eval-episodes 1"
-    ).split(),
-    "wsrl": (
-        "--env walker2d-random --random-dataset-steps 1500 --hidden-dim 8 --num-critics 2 --cql-n-actions 2 "
-        "--pretrain-steps 4 --online-steps 4 --warmup-steps 2 --utd 1 --batch-size 4 --online-batch-size 4 "
-        "--eval-episodes 1"
-    ).split(),
-    "sac": "--env hopper --total-steps 4 --learning-starts 2 --eval-episodes 1 --hidden-dim 16".split(),
-}
 # Two float fields of each file for the finite-number checks (odt.py has no discount or target rate).
 FLOATS = {**dict.fromkeys(TINY, ("gamma", "tau")), "odt": ("lr", "dropout")}
 # (flags, message) that every algorithm file refuses; {0} and {1} are the file's FLOATS.

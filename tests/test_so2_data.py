@@ -41,13 +41,14 @@ def test_mujoco_deprecation_warning_shows_once_and_others_pass():
         ("walker2d-random", ("walker2d", "random")),
         ("hopper-medium-replay", ("hopper", "medium-replay")),
         ("pen-human", ("pen", "human")),
+        ("door-random", ("door", "random")),
     ],
 )
 def test_parse_env_name(so2, name, expected):
     assert so2.parse_env_name(name) == expected
 
 
-@pytest.mark.parametrize("name", ["walker-random", "walker2d-human", "pen-random", "walker2d", "hopper-medium-v2"])
+@pytest.mark.parametrize("name", ["walker-random", "walker2d-human", "pen-medium", "walker2d", "hopper-medium-v2"])
 def test_unknown_env_is_a_config_error(so2, name):
     with pytest.raises(so2.ConfigError, match="unknown env"):
         so2.parse_env_name(name)
@@ -59,6 +60,7 @@ def test_dataset_ids(so2):
     assert so2.dataset_ids("hopper", "medium", 1_000_000) == ("local/hopper/medium-v0", ["mujoco/hopper/medium-v0"])
     assert so2.dataset_ids("hopper", "medium-replay", 1_000_000) == ("local/hopper/medium-replay-v0", [])
     assert so2.dataset_ids("door", "cloned", 1_000_000) == ("local/door/cloned-v0", ["D4RL/door/cloned-v2"])
+    assert so2.dataset_ids("pen", "random", 3000) == ("local/pen/random-n3000-v0", [])  # made here, not on the hub
 
 
 def episode(obs, terminated):
