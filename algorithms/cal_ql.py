@@ -1094,6 +1094,25 @@ def normalized_score(base: str, returns):
     return 100.0 * (np.asarray(returns) - low) / (high - low)
 
 
+class D4RLAdroit(gym.Wrapper):
+    """pen and door as D4RL (mj_envs) defines them, where gymnasium-robotics 1.4.2 differs; D4RL's
+    reference returns were measured so. A pen episode ends when the pen drops (height < 0.075; the
+    -5 penalty of that step is the same in both). Door's reward has -0.1 |palm - handle| where
+    gymnasium-robotics 1.2.1 to 1.4.2 add +0.1 |palm - handle| (a sign error; their PR #220), equal up
+    to float rounding."""
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        env = self.unwrapped
+        if hasattr(env, "handle_site_id"):  # door
+            reward -= 0.2 * np.linalg.norm(
+                env.data.site_xpos[env.grasp_site_id] - env.data.site_xpos[env.handle_site_id]
+            )
+        else:  # pen
+            terminated = bool(env.data.xpos[env.obj_body_id][2] < 0.075)
+        return obs, reward, terminated, truncated, info
+
+
 SHOWN_ONCE: set[str] = set()  # the harmless MuJoCo warnings this process has shown
 
 
@@ -1106,24 +1125,6 @@ def mujoco_warning(message: str) -> None:
             return
         SHOWN_ONCE.add(message)
     print(f"WARNING: {message}", file=sys.stderr, flush=True)
-
-
-class D4RLAdroit(gym.Wrapper):
-    """pen and door as D4RL (mj_envs) defines them, where gymnasium-robotics 1.4.2 differs; D4RL's
-    reference returns were measured so. A pen episode ends when the pen drops (height < 0.075; the
-    -5 penalty of that step is the same in both). Door's reward has -0.1 |palm - handle| where
-    gymnasium-robotics 1.2.1 to 1.4.2 add +0.1 |palm - handle| (a sign error; their PR #220)."""
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        env = self.unwrapped
-        if hasattr(env, "handle_site_id"):  # door
-            reward -= 0.2 * np.linalg.norm(
-                env.data.site_xpos[env.grasp_site_id] - env.data.site_xpos[env.handle_site_id]
-            )
-        else:  # pen
-            terminated = bool(env.data.xpos[env.obj_body_id][2] < 0.075)
-        return obs, reward, terminated, truncated, info
 
 
 # ----------------------------------------------------------------------------------------------

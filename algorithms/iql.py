@@ -829,7 +829,9 @@ def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
 # ----------------------------------------------------------------------------------------------
 # Environments and scores: D4RL names -> gymnasium envs, reference scores
 # ----------------------------------------------------------------------------------------------
-# D4RL env name -> (gymnasium id, D4RL reference returns (random, expert) of the normalised score).
+# D4RL env name -> (gymnasium id, D4RL reference returns (random, expert) of the normalised score,
+# episode length where D4RL's differs from the gymnasium id's: pen has 100 steps in D4RL, 200 in
+# gymnasium-robotics).
 ENVS = {
     "halfcheetah": ("HalfCheetah-v5", (-280.178953, 12135.0), None),
     "hopper": ("Hopper-v5", (-20.272305, 3234.3), None),
@@ -864,7 +866,8 @@ class D4RLAdroit(gym.Wrapper):
     """pen and door as D4RL (mj_envs) defines them, where gymnasium-robotics 1.4.2 differs; D4RL's
     reference returns were measured so. A pen episode ends when the pen drops (height < 0.075; the
     -5 penalty of that step is the same in both). Door's reward has -0.1 |palm - handle| where
-    gymnasium-robotics 1.2.1 to 1.4.2 add +0.1 |palm - handle| (a sign error; their PR #220)."""
+    gymnasium-robotics 1.2.1 to 1.4.2 add +0.1 |palm - handle| (a sign error; their PR #220), equal up
+    to float rounding."""
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)

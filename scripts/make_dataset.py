@@ -138,8 +138,10 @@ def write_minari_dataset(
     root = so2.dataset_path()
     tmp_root = root / f".tmp-{os.getpid()}"
     env = so2.make_env(base)
-    # door: the spec without D4RLAdroit, which Minari could not import when it remakes the env
+    # pen and door: the spec without D4RLAdroit, which Minari could not import when it remakes the env
+    # (so Minari's recovered env has gymnasium-robotics' pen ends and door reward; the description says so)
     spec = env.env.spec if isinstance(env, so2.D4RLAdroit) else env.spec
+    env.close()
     previous = os.environ.get("MINARI_DATASETS_PATH")
     try:
         os.environ["MINARI_DATASETS_PATH"] = str(tmp_root)
@@ -378,7 +380,9 @@ def make_episodes(args: Args, env: str, quality: str) -> tuple[list[dict], str, 
     """(episodes, algorithm name, description) of a dataset by its D4RL protocol."""
     steps, (gym_id, _, length) = args.steps or 1_000_000, so2.ENVS[env]
     gym_id += "" if length is None else f" with D4RL's {length}-step episodes"
-    gym_id += " with D4RL's reward (the algorithm files' D4RLAdroit)" if env == "door" else ""
+    gym_id += " ending when the pen drops, as D4RL's" if env == "pen" else ""
+    gym_id += " with D4RL's reward" if env == "door" else ""
+    gym_id += " (the algorithm files' D4RLAdroit; not in the recovered env)" if env in so2.ADROIT else ""
     if quality == "random":
         episodes = collect_episodes(env, random_policy(env, RANDOM_DATASET_SEED), steps, RANDOM_DATASET_SEED)
         algorithm = "randomly initialised tanh-Gaussian policy (D4RL random protocol)"

@@ -6,7 +6,17 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from conftest import RESUME_ARGS, TINY, check_summary, finished_run, kill_and_resume, read_metrics, same_run
+from conftest import (
+    REPO,
+    RESUME_ARGS,
+    TINY,
+    check_summary,
+    finished_run,
+    kill_and_resume,
+    load_script,
+    read_metrics,
+    same_run,
+)
 
 
 def test_normalized_score_uses_d4rl_adroit_constants(so2):
@@ -96,3 +106,14 @@ def test_env_state_restores_an_adroit_episode_bit_for_bit(so2, env_name):
         action = rng.uniform(-1, 1, env.action_space.shape)
         (obs, reward, *_), (obs_fresh, reward_fresh, *_) = env.step(action), fresh.step(action)
         assert np.array_equal(obs, obs_fresh) and reward == reward_fresh
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "algorithms").glob("*.py")), ids=lambda p: p.stem)
+def test_every_file_makes_d4rls_adroit(path):
+    """make_env of every algorithm file (cal_ql.py has its own, above its banner) gives pen and door
+    with D4RL's episode ends and reward, and pen with 100 steps."""
+    algo = load_script(f"algorithms/{path.name}")
+    make = (lambda base: algo.make_env(base, "")) if path.stem == "cal_ql" else algo.make_env
+    pen, door = make("pen"), make("door")
+    assert isinstance(pen, algo.D4RLAdroit) and isinstance(door, algo.D4RLAdroit)
+    assert (pen.spec.max_episode_steps, door.spec.max_episode_steps) == (100, 200)
