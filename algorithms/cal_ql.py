@@ -43,9 +43,20 @@ Deliberate differences from the released code:
     The Adroit tasks of the paper are the *binary* (sparse) pen/door/relocate variants of mj_envs;
     here pen/door are D4RL's dense-reward human/cloned/expert sets, so configs/cal_ql/adroit.yaml
     keeps the published network and CQL values but not the binary reward transform.
-  - AntMaze (Minari D4RL/antmaze/*-v1, gymnasium-robotics environments, dict observations
-    flattened in sorted-key order) is wired but untested here: gymnasium-robotics is not installed
-    on the machine this file was written on.
+  - AntMaze (Minari D4RL/antmaze/*-v1, gymnasium-robotics AntMaze v4 envs, dict observations
+    flattened in sorted-key order), made to score as D4RL's antmaze-*-v2 envs do (tested on a tiny
+    local set in that layout; the hub's sets were not available offline):
+    - evaluation and online episodes END at the goal (continuing_task=False; D4RL's eval envs are
+      done there), so a return is 0 or 1 and the score is 100 x the success rate. Minari records
+      its data with continuing_task=True, where the reward repeats on every step the ant stays at
+      the goal and an episode never terminates;
+    - in the dataset, a step with reward 1 is a terminal (the online env ends there too); Minari's
+      own terminations are all False;
+    - the evaluation maze is the dataset's evaluation spec, except for umaze and umaze-diverse,
+      whose Minari evaluation map has mirrored walls (Minari issue #304): there it is the umaze
+      training maze with its fixed reset and goal cells, D4RL's U_MAZE_TEST;
+    - all 1M transitions are used, as the released code used D4RL's; Minari's episodes run on
+      after the goal (Minari issue #296), which here become runs of terminal transitions.
   - Q diagnostics compare Q with the discounted return of the *scaled* rewards (reward_scale,
     reward_bias), the quantity the critic learns; scores use the raw returns.
 SERA (no official code; choices, all in `sera_reward`):
@@ -303,6 +314,12 @@ def dataset_ids(base: str, quality: str, random_steps: int) -> tuple[str, list[s
     return local, [f"mujoco/{base}/{quality}-v0"] if quality in ("medium", "expert") else []
 
 
+# The umaze training maze of Minari's D4RL/antmaze/umaze-v1 (gymnasium-robotics rows), with one
+# reset cell r and one goal cell g: D4RL's U_MAZE_TEST, the maze its antmaze-umaze(-diverse)-v2
+# evaluations ran on.
+UMAZE_EVAL = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, "r", 0, 0, 1], [1, 1, 1, 1, 1]]
+
+
 def flat_observations(observations) -> np.ndarray:
     """Dict observations (AntMaze: observation, achieved_goal, desired_goal) -> one array in sorted
     key order, the order gymnasium's FlattenObservation uses for the evaluation env."""
@@ -315,13 +332,14 @@ def build_flat_cache(dataset_id: str) -> dict[str, np.ndarray]:
     import minari
 
     dataset = minari.load_dataset(dataset_id)
+    goal = isinstance(dataset.observation_space, gym.spaces.Dict)  # AntMaze: a step with reward 1 ends
     episodes = (
         {
             "observations": flat_observations(e.observations),
             "actions": e.actions,
             "rewards": e.rewards,
-            "terminations": e.terminations,
-            "truncations": e.truncations,
+            "terminations": e.terminations | (goal & (e.rewards > 0)),
+            "truncations": e.truncations & ~(goal & (e.rewards > 0)),
         }
         for e in dataset.iterate_episodes()
     )
@@ -331,8 +349,8 @@ def build_flat_cache(dataset_id: str) -> dict[str, np.ndarray]:
 
 
 def make_env(base: str, dataset_id: str) -> gym.Env:
-    """The environment of the dataset. AntMaze mazes and goals are defined by the dataset's
-    evaluation-env spec, so that env is recovered from the dataset."""
+    """The environment of the dataset. AntMaze: the dataset's evaluation env (its maze and goal), on
+    the training walls (umaze: UMAZE_EVAL), ending at the goal as D4RL's evaluation envs do."""
     if base in ADROIT or base == "antmaze":
         try:
             import gymnasium_robotics  # noqa: F401  (registers the Adroit and AntMaze environments)
@@ -344,7 +362,11 @@ def make_env(base: str, dataset_id: str) -> gym.Env:
     if base == "antmaze":
         import minari
 
-        return gym.wrappers.FlattenObservation(minari.load_dataset(dataset_id).recover_environment(eval_env=True))
+        dataset = minari.load_dataset(dataset_id)
+        spec = copy.deepcopy(dataset.recover_environment(eval_env=True).spec)
+        umaze = dataset.spec.env_spec.id.startswith("AntMaze_UMaze")  # its eval map: Minari issue #304
+        spec.kwargs |= {"continuing_task": False} | ({"maze_map": UMAZE_EVAL} if umaze else {})
+        return gym.wrappers.FlattenObservation(gym.make(spec))
     gym_id, _, steps = ENVS[base]
     env = gym.make(gym_id, **({} if steps is None else {"max_episode_steps": steps}))
     return D4RLAdroit(env) if base in ADROIT else env

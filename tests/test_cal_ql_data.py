@@ -1,5 +1,6 @@
 """Dataset names, configs and config resolution of algorithms/cal_ql.py."""
 
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -58,13 +59,8 @@ def test_random_dataset_is_the_one_so2_generates(cal_ql, so2, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("base", ["pen", "antmaze"])
-def test_robotics_envs_need_gymnasium_robotics(cal_ql, base):
-    try:
-        import gymnasium_robotics  # noqa: F401
-
-        pytest.skip("gymnasium-robotics is installed")
-    except ImportError:
-        pass
+def test_robotics_envs_need_gymnasium_robotics(cal_ql, base, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gymnasium_robotics", None)  # as if it were not installed
     with pytest.raises(cal_ql.ConfigError, match="pip install gymnasium-robotics"):
         cal_ql.make_env(base, "D4RL/antmaze/umaze-v1")
 
