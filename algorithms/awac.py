@@ -86,7 +86,8 @@ NUM_CRITICS = 2  # twin critics: min over the twin in the TD target and in the a
 class Config:
     env: str = "hopper-random"
     """D4RL-style dataset name: {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,
-    medium-expert,expert} or {pen,door}-{random,human,cloned,expert}."""
+    medium-expert,expert}, {pen,door}-{random,human,cloned,expert} or antmaze-{umaze,umaze-diverse,
+    medium-play,medium-diverse,large-play,large-diverse}."""
     config: Optional[str] = None
     """YAML file of field values (e.g. configs/awac/locomotion.yaml); flags given on the command
     line override it."""
@@ -428,7 +429,7 @@ def finetune(run: Run, dataset: ReplayBuffer, step: int, loop: Optional[dict]) -
     cfg, agent, device = run.cfg, run.agent, run.device
     online = ReplayBuffer(cfg.online_steps, run.obs_dim, run.act_dim, device)
     offline_batch = None if cfg.mixing_ratio is None else int(cfg.batch_size * cfg.mixing_ratio)
-    env = make_env(parse_env_name(cfg.env)[0])
+    env = make_env(parse_env_name(cfg.env)[0], run.dataset["id"])
     obs, _ = env.reset(seed=cfg.seed)
     # SERA conditions on the critic as pretraining left it, frozen for the whole finetuning.
     frozen_critic = copy.deepcopy(agent.critic).requires_grad_(False) if cfg.sera else None
@@ -545,7 +546,7 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    evaluate = Evaluator(base, [make_env(base) for _ in range(cfg.eval_episodes)], cfg, device)
+    evaluate = Evaluator(base, [make_env(base, dataset_id) for _ in range(cfg.eval_episodes)], cfg, device)
     agent = AWACAgent(obs_dim, act_dim, cfg, device, state_stats(arrays["observations"]))
     if pretrained is not None:
         agent.load_state_dict(pretrained["agent"])
@@ -746,7 +747,7 @@ def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
 # ----------------------------------------------------------------------------------------------
 # D4RL env name -> (gymnasium id, D4RL reference returns (random, expert) of the normalised score,
 # episode length where D4RL's differs from the gymnasium id's: pen has 100 steps in D4RL, 200 in
-# gymnasium-robotics).
+# gymnasium-robotics). AntMaze's env comes from its dataset (make_env); its score is the success rate.
 ENVS = {
     "halfcheetah": ("HalfCheetah-v5", (-280.178953, 12135.0), None),
     "hopper": ("Hopper-v5", (-20.272305, 3234.3), None),
@@ -754,10 +755,13 @@ ENVS = {
     "ant": ("Ant-v5", (-325.6, 3879.7), None),
     "pen": ("AdroitHandPen-v1", (96.262799, 3076.833), 100),
     "door": ("AdroitHandDoor-v1", (-56.512833, 2880.569), None),
+    "antmaze": (None, (0.0, 1.0), None),
 }
 ADROIT = ("pen", "door")  # need gymnasium-robotics
 LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")  # made by make_dataset.py
 ADROIT_QUALITIES = ("random", "human", "cloned", "expert")  # random made here; the others on the Minari hub only
+# AntMaze: one base, the maze and its data in the quality; the environment comes from the dataset.
+ANTMAZE_QUALITIES = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
 
 
 def normalized_score(base: str, returns):
@@ -765,13 +769,33 @@ def normalized_score(base: str, returns):
     return 100.0 * (np.asarray(returns) - low) / (high - low)
 
 
-def make_env(base: str) -> gym.Env:
-    if base in ADROIT:
+# The umaze training maze of Minari's D4RL/antmaze/umaze-v1 (gymnasium-robotics rows), with one
+# reset cell r and one goal cell g: D4RL's U_MAZE_TEST, the maze its antmaze-umaze(-diverse)-v2
+# evaluations ran on.
+UMAZE_EVAL = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, "r", 0, 0, 1], [1, 1, 1, 1, 1]]
+
+
+def make_env(base: str, dataset_id: Optional[str] = None) -> gym.Env:
+    """The environment of the dataset. AntMaze: the dataset's evaluation env (its maze and goal), on
+    the training walls (umaze: UMAZE_EVAL), ending at the goal as D4RL's evaluation envs do."""
+    if base in ADROIT or base == "antmaze":
         try:
-            import gymnasium_robotics  # noqa: F401  (registers the Adroit environments)
+            import gymnasium_robotics  # noqa: F401  (registers the Adroit and AntMaze environments)
         except ImportError:
-            raise ConfigError(f"'{base}' needs the Adroit environments: pip install gymnasium-robotics==1.4.2")
+            raise ConfigError(
+                f"'{base}' needs the gymnasium-robotics environments: pip install gymnasium-robotics==1.4.2"
+            )
     mujoco.set_mju_user_warning(mujoco_warning)
+    if base == "antmaze":
+        import minari
+
+        dataset = minari.load_dataset(dataset_id)
+        recovered = dataset.recover_environment(eval_env=True)
+        spec = copy.deepcopy(recovered.spec)
+        recovered.close()
+        umaze = dataset.spec.env_spec.id.startswith("AntMaze_UMaze")  # its eval map: Minari issue #304
+        spec.kwargs |= {"continuing_task": False} | ({"maze_map": UMAZE_EVAL} if umaze else {})
+        return gym.wrappers.FlattenObservation(gym.make(spec))
     gym_id, _, steps = ENVS[base]
     env = gym.make(gym_id, **({} if steps is None else {"max_episode_steps": steps}))
     return D4RLAdroit(env) if base in ADROIT else env
@@ -818,10 +842,12 @@ def mujoco_warning(message: str) -> None:
 def parse_env_name(name: str) -> tuple[str, str]:
     """'walker2d-medium-replay' -> ('walker2d', 'medium-replay'); ConfigError if unknown."""
     base, _, quality = name.partition("-")
-    if base not in ENVS or quality not in (ADROIT_QUALITIES if base in ADROIT else LOCOMOTION_QUALITIES):
-        locomotion = ",".join(b for b in ENVS if b not in ADROIT)
+    qualities = ANTMAZE_QUALITIES if base == "antmaze" else ADROIT_QUALITIES if base in ADROIT else LOCOMOTION_QUALITIES
+    if base not in ENVS or quality not in qualities:
+        locomotion = ",".join(b for b in ENVS if b not in ADROIT and b != "antmaze")
         raise ConfigError(
-            f"unknown env '{name}'; expected {{{locomotion}}}-{{{','.join(LOCOMOTION_QUALITIES)}}} or {{{','.join(ADROIT)}}}-{{{','.join(ADROIT_QUALITIES)}}}"
+            f"unknown env '{name}'; expected {{{locomotion}}}-{{{','.join(LOCOMOTION_QUALITIES)}}}, "
+            f"{{{','.join(ADROIT)}}}-{{{','.join(ADROIT_QUALITIES)}}} or antmaze-{{{','.join(ANTMAZE_QUALITIES)}}}"
         )
     return base, quality
 
@@ -833,6 +859,8 @@ def dataset_ids(base: str, quality: str, random_steps: int) -> tuple[str, list[s
     local = f"local/{base}/{name}-v0"
     if base in ADROIT:
         return local, [] if quality == "random" else [f"D4RL/{base}/{quality}-v2"]
+    if base == "antmaze":
+        return local, [f"D4RL/antmaze/{quality}-v1"]
     return local, [f"mujoco/{base}/{quality}-v0"] if quality in ("medium", "expert") else []
 
 
@@ -874,10 +902,30 @@ def read_flat_cache(dataset_id: str) -> Optional[dict[str, np.ndarray]]:
         return {k: cache[k] for k in cache.files if k != "key"} if str(cache["key"]) == cache_key(dataset_id) else None
 
 
+def flat_observations(observations) -> np.ndarray:
+    """Dict observations (AntMaze: observation, achieved_goal, desired_goal) -> one array in sorted
+    key order, the order gymnasium's FlattenObservation uses for the evaluation env."""
+    if isinstance(observations, dict):
+        return np.concatenate([observations[k] for k in sorted(observations)], axis=-1)
+    return observations
+
+
 def build_flat_cache(dataset_id: str) -> dict[str, np.ndarray]:
     import minari
 
-    arrays = flatten_episodes(vars(e) for e in minari.load_dataset(dataset_id).iterate_episodes())
+    dataset = minari.load_dataset(dataset_id)
+    goal = isinstance(dataset.observation_space, gym.spaces.Dict)  # AntMaze: a step with reward 1 ends
+    episodes = (
+        {
+            "observations": flat_observations(e.observations),
+            "actions": e.actions,
+            "rewards": e.rewards,
+            "terminations": e.terminations | (goal & (e.rewards > 0)),
+            "truncations": e.truncations & ~(goal & (e.rewards > 0)),
+        }
+        for e in dataset.iterate_episodes()
+    )
+    arrays = flatten_episodes(episodes)
     save_flat_cache(dataset_id, arrays)
     return arrays
 

@@ -270,108 +270,8 @@ def resolve_config(cfg: Config) -> Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# Method data: AntMaze names and envs, trajectories with their return-to-go (Cal-QL's bound)
+# Method data: trajectories with their return-to-go (Cal-QL's bound)
 # ----------------------------------------------------------------------------------------------
-# The shared ENVS table (gymnasium id, D4RL reference returns, D4RL's episode length where it
-# differs) and AntMaze (its env comes from the dataset; its score is the success rate).
-ENVS = {
-    "halfcheetah": ("HalfCheetah-v5", (-280.178953, 12135.0), None),
-    "hopper": ("Hopper-v5", (-20.272305, 3234.3), None),
-    "walker2d": ("Walker2d-v5", (1.629008, 4592.3), None),
-    "ant": ("Ant-v5", (-325.6, 3879.7), None),
-    "pen": ("AdroitHandPen-v1", (96.262799, 3076.833), 100),
-    "door": ("AdroitHandDoor-v1", (-56.512833, 2880.569), None),
-    "antmaze": (None, (0.0, 1.0), None),
-}
-
-
-# AntMaze: one base, the maze and its data in the quality; the environment comes from the dataset.
-ANTMAZE_QUALITIES = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
-
-
-def parse_env_name(name: str) -> tuple[str, str]:
-    """'walker2d-medium-replay' -> ('walker2d', 'medium-replay'); ConfigError if unknown."""
-    base, _, quality = name.partition("-")
-    qualities = ANTMAZE_QUALITIES if base == "antmaze" else ADROIT_QUALITIES if base in ADROIT else LOCOMOTION_QUALITIES
-    if base not in ENVS or quality not in qualities:
-        locomotion = ",".join(b for b in ENVS if b not in ADROIT and b != "antmaze")
-        raise ConfigError(
-            f"unknown env '{name}'; expected {{{locomotion}}}-{{{','.join(LOCOMOTION_QUALITIES)}}}, "
-            f"{{{','.join(ADROIT)}}}-{{{','.join(ADROIT_QUALITIES)}}} or antmaze-{{{','.join(ANTMAZE_QUALITIES)}}}"
-        )
-    return base, quality
-
-
-def dataset_ids(base: str, quality: str, random_steps: int) -> tuple[str, list[str]]:
-    """(local id, hub ids) tried in that order. The hub has no random, medium-replay or
-    medium-expert locomotion sets; its medium/expert sets come from other policies than D4RL's."""
-    name = quality if quality != "random" or random_steps == 1_000_000 else f"random-n{random_steps}"
-    local = f"local/{base}/{name}-v0"
-    if base in ADROIT:
-        return local, [] if quality == "random" else [f"D4RL/{base}/{quality}-v2"]
-    if base == "antmaze":
-        return local, [f"D4RL/antmaze/{quality}-v1"]
-    return local, [f"mujoco/{base}/{quality}-v0"] if quality in ("medium", "expert") else []
-
-
-# The umaze training maze of Minari's D4RL/antmaze/umaze-v1 (gymnasium-robotics rows), with one
-# reset cell r and one goal cell g: D4RL's U_MAZE_TEST, the maze its antmaze-umaze(-diverse)-v2
-# evaluations ran on.
-UMAZE_EVAL = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, "r", 0, 0, 1], [1, 1, 1, 1, 1]]
-
-
-def flat_observations(observations) -> np.ndarray:
-    """Dict observations (AntMaze: observation, achieved_goal, desired_goal) -> one array in sorted
-    key order, the order gymnasium's FlattenObservation uses for the evaluation env."""
-    if isinstance(observations, dict):
-        return np.concatenate([observations[k] for k in sorted(observations)], axis=-1)
-    return observations
-
-
-def build_flat_cache(dataset_id: str) -> dict[str, np.ndarray]:
-    import minari
-
-    dataset = minari.load_dataset(dataset_id)
-    goal = isinstance(dataset.observation_space, gym.spaces.Dict)  # AntMaze: a step with reward 1 ends
-    episodes = (
-        {
-            "observations": flat_observations(e.observations),
-            "actions": e.actions,
-            "rewards": e.rewards,
-            "terminations": e.terminations | (goal & (e.rewards > 0)),
-            "truncations": e.truncations & ~(goal & (e.rewards > 0)),
-        }
-        for e in dataset.iterate_episodes()
-    )
-    arrays = flatten_episodes(episodes)
-    save_flat_cache(dataset_id, arrays)
-    return arrays
-
-
-def make_env(base: str, dataset_id: str) -> gym.Env:
-    """The environment of the dataset. AntMaze: the dataset's evaluation env (its maze and goal), on
-    the training walls (umaze: UMAZE_EVAL), ending at the goal as D4RL's evaluation envs do."""
-    if base in ADROIT or base == "antmaze":
-        try:
-            import gymnasium_robotics  # noqa: F401  (registers the Adroit and AntMaze environments)
-        except ImportError:
-            raise ConfigError(
-                f"'{base}' needs the gymnasium-robotics environments: pip install gymnasium-robotics==1.4.2"
-            )
-    mujoco.set_mju_user_warning(mujoco_warning)
-    if base == "antmaze":
-        import minari
-
-        dataset = minari.load_dataset(dataset_id)
-        spec = copy.deepcopy(dataset.recover_environment(eval_env=True).spec)
-        umaze = dataset.spec.env_spec.id.startswith("AntMaze_UMaze")  # its eval map: Minari issue #304
-        spec.kwargs |= {"continuing_task": False} | ({"maze_map": UMAZE_EVAL} if umaze else {})
-        return gym.wrappers.FlattenObservation(gym.make(spec))
-    gym_id, _, steps = ENVS[base]
-    env = gym.make(gym_id, **({} if steps is None else {"max_episode_steps": steps}))
-    return D4RLAdroit(env) if base in ADROIT else env
-
-
 def return_to_go(
     rewards: np.ndarray, terminals: np.ndarray, timeouts: np.ndarray, gamma: float, fail_reward: Optional[float]
 ) -> np.ndarray:
@@ -1106,14 +1006,60 @@ def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
 # ----------------------------------------------------------------------------------------------
 # Environments and scores: D4RL names -> gymnasium envs, reference scores
 # ----------------------------------------------------------------------------------------------
+# D4RL env name -> (gymnasium id, D4RL reference returns (random, expert) of the normalised score,
+# episode length where D4RL's differs from the gymnasium id's: pen has 100 steps in D4RL, 200 in
+# gymnasium-robotics). AntMaze's env comes from its dataset (make_env); its score is the success rate.
+ENVS = {
+    "halfcheetah": ("HalfCheetah-v5", (-280.178953, 12135.0), None),
+    "hopper": ("Hopper-v5", (-20.272305, 3234.3), None),
+    "walker2d": ("Walker2d-v5", (1.629008, 4592.3), None),
+    "ant": ("Ant-v5", (-325.6, 3879.7), None),
+    "pen": ("AdroitHandPen-v1", (96.262799, 3076.833), 100),
+    "door": ("AdroitHandDoor-v1", (-56.512833, 2880.569), None),
+    "antmaze": (None, (0.0, 1.0), None),
+}
 ADROIT = ("pen", "door")  # need gymnasium-robotics
 LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")  # made by make_dataset.py
 ADROIT_QUALITIES = ("random", "human", "cloned", "expert")  # random made here; the others on the Minari hub only
+# AntMaze: one base, the maze and its data in the quality; the environment comes from the dataset.
+ANTMAZE_QUALITIES = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
 
 
 def normalized_score(base: str, returns):
     low, high = ENVS[base][1]
     return 100.0 * (np.asarray(returns) - low) / (high - low)
+
+
+# The umaze training maze of Minari's D4RL/antmaze/umaze-v1 (gymnasium-robotics rows), with one
+# reset cell r and one goal cell g: D4RL's U_MAZE_TEST, the maze its antmaze-umaze(-diverse)-v2
+# evaluations ran on.
+UMAZE_EVAL = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, "r", 0, 0, 1], [1, 1, 1, 1, 1]]
+
+
+def make_env(base: str, dataset_id: Optional[str] = None) -> gym.Env:
+    """The environment of the dataset. AntMaze: the dataset's evaluation env (its maze and goal), on
+    the training walls (umaze: UMAZE_EVAL), ending at the goal as D4RL's evaluation envs do."""
+    if base in ADROIT or base == "antmaze":
+        try:
+            import gymnasium_robotics  # noqa: F401  (registers the Adroit and AntMaze environments)
+        except ImportError:
+            raise ConfigError(
+                f"'{base}' needs the gymnasium-robotics environments: pip install gymnasium-robotics==1.4.2"
+            )
+    mujoco.set_mju_user_warning(mujoco_warning)
+    if base == "antmaze":
+        import minari
+
+        dataset = minari.load_dataset(dataset_id)
+        recovered = dataset.recover_environment(eval_env=True)
+        spec = copy.deepcopy(recovered.spec)
+        recovered.close()
+        umaze = dataset.spec.env_spec.id.startswith("AntMaze_UMaze")  # its eval map: Minari issue #304
+        spec.kwargs |= {"continuing_task": False} | ({"maze_map": UMAZE_EVAL} if umaze else {})
+        return gym.wrappers.FlattenObservation(gym.make(spec))
+    gym_id, _, steps = ENVS[base]
+    env = gym.make(gym_id, **({} if steps is None else {"max_episode_steps": steps}))
+    return D4RLAdroit(env) if base in ADROIT else env
 
 
 class D4RLAdroit(gym.Wrapper):
@@ -1152,6 +1098,29 @@ def mujoco_warning(message: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Datasets: D4RL names -> Minari datasets -> flat transition arrays (cached)
 # ----------------------------------------------------------------------------------------------
+def parse_env_name(name: str) -> tuple[str, str]:
+    """'walker2d-medium-replay' -> ('walker2d', 'medium-replay'); ConfigError if unknown."""
+    base, _, quality = name.partition("-")
+    qualities = ANTMAZE_QUALITIES if base == "antmaze" else ADROIT_QUALITIES if base in ADROIT else LOCOMOTION_QUALITIES
+    if base not in ENVS or quality not in qualities:
+        locomotion = ",".join(b for b in ENVS if b not in ADROIT and b != "antmaze")
+        raise ConfigError(
+            f"unknown env '{name}'; expected {{{locomotion}}}-{{{','.join(LOCOMOTION_QUALITIES)}}}, "
+            f"{{{','.join(ADROIT)}}}-{{{','.join(ADROIT_QUALITIES)}}} or antmaze-{{{','.join(ANTMAZE_QUALITIES)}}}"
+        )
+    return base, quality
+
+
+def dataset_ids(base: str, quality: str, random_steps: int) -> tuple[str, list[str]]:
+    """(local id, hub ids) tried in that order. The hub has no random, medium-replay or
+    medium-expert locomotion sets; its medium/expert sets come from other policies than D4RL's."""
+    name = quality if quality != "random" or random_steps == 1_000_000 else f"random-n{random_steps}"
+    local = f"local/{base}/{name}-v0"
+    if base in ADROIT:
+        return local, [] if quality == "random" else [f"D4RL/{base}/{quality}-v2"]
+    if base == "antmaze":
+        return local, [f"D4RL/antmaze/{quality}-v1"]
+    return local, [f"mujoco/{base}/{quality}-v0"] if quality in ("medium", "expert") else []
 
 
 def flatten_episodes(episodes) -> dict[str, np.ndarray]:
@@ -1190,6 +1159,34 @@ def read_flat_cache(dataset_id: str) -> Optional[dict[str, np.ndarray]]:
     """The cached arrays, or None when the cache is missing, stale or unreadable (a cache miss)."""
     with contextlib.suppress(Exception), np.load(dataset_path(dataset_id) / "flat_cache.npz") as cache:
         return {k: cache[k] for k in cache.files if k != "key"} if str(cache["key"]) == cache_key(dataset_id) else None
+
+
+def flat_observations(observations) -> np.ndarray:
+    """Dict observations (AntMaze: observation, achieved_goal, desired_goal) -> one array in sorted
+    key order, the order gymnasium's FlattenObservation uses for the evaluation env."""
+    if isinstance(observations, dict):
+        return np.concatenate([observations[k] for k in sorted(observations)], axis=-1)
+    return observations
+
+
+def build_flat_cache(dataset_id: str) -> dict[str, np.ndarray]:
+    import minari
+
+    dataset = minari.load_dataset(dataset_id)
+    goal = isinstance(dataset.observation_space, gym.spaces.Dict)  # AntMaze: a step with reward 1 ends
+    episodes = (
+        {
+            "observations": flat_observations(e.observations),
+            "actions": e.actions,
+            "rewards": e.rewards,
+            "terminations": e.terminations | (goal & (e.rewards > 0)),
+            "truncations": e.truncations & ~(goal & (e.rewards > 0)),
+        }
+        for e in dataset.iterate_episodes()
+    )
+    arrays = flatten_episodes(episodes)
+    save_flat_cache(dataset_id, arrays)
+    return arrays
 
 
 def load_dataset(base: str, quality: str, random_steps: int) -> tuple[dict[str, np.ndarray], str]:

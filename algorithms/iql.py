@@ -37,9 +37,11 @@ Deliberate differences from the released code, two of them fixes of known traps:
     The released finetune config (AntMaze) has no decay at all.
   - the twin critics are one vectorised module (one batched matmul per layer).
   - environments are gymnasium v5 MuJoCo and Minari datasets (the paper used D4RL on
-    gym/mujoco-py). AntMaze (the paper's finetuning domain) is not wired in this file yet; Adroit
-    names are accepted with the locomotion values (their rewards stay unscaled, as ant's: the
-    released code scales halfcheetah, hopper and walker2d rewards only).
+    gym/mujoco-py). AntMaze (the paper's finetuning domain; configs/iql/antmaze.yaml) gets the
+    released reward - 1 on dataset and online rewards, and the shared block's D4RL-style AntMaze
+    evaluation (episodes end at the goal; see README). Adroit names are accepted with the
+    locomotion values (their rewards stay unscaled, as ant's: the released code scales
+    halfcheetah, hopper and walker2d rewards only).
   - dataset actions are not clipped to +-(1 - 1e-5) (released D4RLDataset clip_to_eps); the
     Gaussian policy is not squashed, so its log-likelihood is finite at +-1 anyway.
 SERA: the same rule and choices as algorithms/cal_ql.py, on the online rows of each batch, with
@@ -92,7 +94,8 @@ NUM_CRITICS = 2  # twin critics: min over the twin for V's regression target and
 class Config:
     env: str = "hopper-random"
     """D4RL-style dataset name: {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,
-    medium-expert,expert} or {pen,door}-{random,human,cloned,expert}."""
+    medium-expert,expert}, {pen,door}-{random,human,cloned,expert} or antmaze-{umaze,umaze-diverse,
+    medium-play,medium-diverse,large-play,large-diverse}."""
     config: Optional[str] = None
     """YAML file of field values (e.g. configs/iql/locomotion.yaml); flags given on the command
     line override it."""
@@ -125,7 +128,7 @@ class Config:
     scale_rewards: Optional[bool] = None
     """Rewards x 1000 / (max - min episode return of the dataset), dataset and online alike. None:
     for halfcheetah, hopper and walker2d only (the released code's rule; ant, pen and door keep raw
-    rewards); True / False force it."""
+    rewards, AntMaze gets reward - 1 whatever this says); True / False force it."""
     actor_lr_cosine: bool = True
     """Offline, decay the policy's learning rate to 0 on a cosine over pretrain_steps (released
     train_offline.py); online it is actor_lr throughout."""
@@ -234,14 +237,18 @@ def resolve_config(cfg: Config) -> Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# Method data: IQL's reward scaling of the dataset
+# Method data: IQL's reward transform (the released rules)
 # ----------------------------------------------------------------------------------------------
-def reward_scale(arrays: dict[str, np.ndarray], base: str, scale_rewards: Optional[bool]) -> float:
-    """1000 / (max - min episode return) of the dataset, or 1: by default for halfcheetah, hopper and
-    walker2d only (released code). Episodes end where terminals or timeouts is 1, the last one at
-    the end of the data."""
+def reward_transform(arrays: dict[str, np.ndarray], base: str, scale_rewards: Optional[bool]) -> tuple[float, float]:
+    """(scale, bias) of the rewards the agent learns, reward * scale + bias, dataset and online: the
+    released rules. AntMaze: (1, -1) (train_finetune.py: rewards - 1 on every batch). Otherwise
+    scale = 1000 / (max - min episode return) of the dataset or 1, by default for halfcheetah,
+    hopper and walker2d only; episodes end where terminals or timeouts is 1, the last one at the
+    end of the data."""
+    if base == "antmaze":
+        return 1.0, -1.0
     if not (scale_rewards if scale_rewards is not None else base in ("halfcheetah", "hopper", "walker2d")):
-        return 1.0
+        return 1.0, 0.0
     ends = (arrays["terminals"] > 0) | (arrays["timeouts"] > 0)
     ends[-1] = True
     episode = np.cumsum(ends) - ends  # episode index of each transition
@@ -251,7 +258,7 @@ def reward_scale(arrays: dict[str, np.ndarray], base: str, scale_rewards: Option
         raise ConfigError(
             "every episode of the dataset has the same return, so it sets no reward scale; use --scale-rewards False"
         )
-    return float(1000.0 / spread)
+    return float(1000.0 / spread), 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -489,16 +496,16 @@ def pretrain(run: Run, data: ReplayBuffer, step: int, loop: dict) -> None:
     progress.close()
 
 
-def finetune(run: Run, dataset: ReplayBuffer, step: int, loop: Optional[dict], scale: float) -> None:
+def finetune(run: Run, dataset: ReplayBuffer, step: int, loop: Optional[dict], scale: float, bias: float) -> None:
     """Online env steps step+1 .. online_steps: sample an action from the policy, store the
-    transition with its reward x scale (the dataset's reward scale), then one update, on a batch
+    transition with its reward x scale + bias (the dataset's), then one update, on a batch
     drawn uniformly from dataset and online rows, or with mixing_ratio from each (once the online
     buffer holds an online share of a batch). loop (None at the start) holds the online rows, the
     running episode, the counters, the last losses and SERA's frozen critic."""
     cfg, agent, device = run.cfg, run.agent, run.device
     online = ReplayBuffer(cfg.online_steps, run.obs_dim, run.act_dim, device)
     offline_batch = None if cfg.mixing_ratio is None else int(cfg.batch_size * cfg.mixing_ratio)
-    env = make_env(parse_env_name(cfg.env)[0])
+    env = make_env(parse_env_name(cfg.env)[0], run.dataset["id"])
     obs, _ = env.reset(seed=cfg.seed)
     agent.set_actor_lr(cfg.actor_lr)  # a constant, non-zero learning rate online
     # SERA conditions on the critic as pretraining left it, frozen for the whole finetuning.
@@ -528,7 +535,7 @@ def finetune(run: Run, dataset: ReplayBuffer, step: int, loop: Optional[dict], s
             action = agent.actor(obs_stage.to(device)[None])[0][0].cpu().numpy()
         next_obs, reward, terminated, truncated, _ = env.step(action)
         # done = termination only; a time-limit truncation still bootstraps from next_obs.
-        online.add(obs, action, reward * scale, next_obs, float(terminated))
+        online.add(obs, action, reward * scale + bias, next_obs, float(terminated))
         obs = env.reset()[0] if terminated or truncated else next_obs
 
         bonus = r_int = batch = None
@@ -617,7 +624,7 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
         raise ConfigError(
             f"--resume: dataset {dataset_id} on disk is not the one the run started with ({checkpoint['dataset']['fingerprint']}, now {data_info['fingerprint']})"
         )
-    scale = reward_scale(arrays, base, cfg.scale_rewards)
+    scale, bias = reward_transform(arrays, base, cfg.scale_rewards)
     if pretrained is not None and pretrained["dataset"] != data_info:
         raise ConfigError(
             f"checkpoint '{cfg.pretrained}' was pretrained on dataset {pretrained['dataset']['fingerprint']}, not this {dataset_id} ({data_info['fingerprint']}): its values would not fit this reward scale"
@@ -630,24 +637,24 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    evaluate = Evaluator(base, [make_env(base) for _ in range(cfg.eval_episodes)], cfg, device, reward_scale=scale)
+    evaluate = Evaluator(base, [make_env(base, dataset_id) for _ in range(cfg.eval_episodes)], cfg, device, scale, bias)
     agent = IQLAgent(obs_dim, act_dim, cfg, device)
     if pretrained is not None:
         agent.load_state_dict(pretrained["agent"])
     first = ("pretrain", {"indices": None}) if pretrained is None else ("finetune", None)
     with open_run(cfg, checkpoint, agent, evaluate, device, data_info, first) as (run, phase, step, loop):
         print(
-            f"run {run.dir}: dataset {dataset_id} ({len(arrays['rewards'])} transitions), IQL{' + SERA' if cfg.sera else ''}, rewards x {scale:.4g}, device {device}, {phase} from step {step}",
+            f"run {run.dir}: dataset {dataset_id} ({len(arrays['rewards'])} transitions), IQL{' + SERA' if cfg.sera else ''}, rewards x {scale:.4g} + {bias:g}, device {device}, {phase} from step {step}",
             file=sys.stderr,
         )
         announce_time(time_phases(run, phase, step))
         dataset = ReplayBuffer(len(arrays["rewards"]), obs_dim, act_dim, device)
-        dataset.extend(dataset_rows({**arrays, "rewards": (arrays["rewards"] * scale).astype(np.float32)}))
+        dataset.extend(dataset_rows({**arrays, "rewards": (arrays["rewards"] * scale + bias).astype(np.float32)}))
         if phase == "pretrain":
             pretrain(run, dataset, step, loop)
             step, loop = run.end_pretraining()
         if cfg.online_steps > 0:
-            finetune(run, dataset, step, loop, scale)
+            finetune(run, dataset, step, loop, scale, bias)
         run.save("final")
     return run.dir
 
@@ -831,7 +838,7 @@ def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
 # ----------------------------------------------------------------------------------------------
 # D4RL env name -> (gymnasium id, D4RL reference returns (random, expert) of the normalised score,
 # episode length where D4RL's differs from the gymnasium id's: pen has 100 steps in D4RL, 200 in
-# gymnasium-robotics).
+# gymnasium-robotics). AntMaze's env comes from its dataset (make_env); its score is the success rate.
 ENVS = {
     "halfcheetah": ("HalfCheetah-v5", (-280.178953, 12135.0), None),
     "hopper": ("Hopper-v5", (-20.272305, 3234.3), None),
@@ -839,10 +846,13 @@ ENVS = {
     "ant": ("Ant-v5", (-325.6, 3879.7), None),
     "pen": ("AdroitHandPen-v1", (96.262799, 3076.833), 100),
     "door": ("AdroitHandDoor-v1", (-56.512833, 2880.569), None),
+    "antmaze": (None, (0.0, 1.0), None),
 }
 ADROIT = ("pen", "door")  # need gymnasium-robotics
 LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")  # made by make_dataset.py
 ADROIT_QUALITIES = ("random", "human", "cloned", "expert")  # random made here; the others on the Minari hub only
+# AntMaze: one base, the maze and its data in the quality; the environment comes from the dataset.
+ANTMAZE_QUALITIES = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
 
 
 def normalized_score(base: str, returns):
@@ -850,13 +860,33 @@ def normalized_score(base: str, returns):
     return 100.0 * (np.asarray(returns) - low) / (high - low)
 
 
-def make_env(base: str) -> gym.Env:
-    if base in ADROIT:
+# The umaze training maze of Minari's D4RL/antmaze/umaze-v1 (gymnasium-robotics rows), with one
+# reset cell r and one goal cell g: D4RL's U_MAZE_TEST, the maze its antmaze-umaze(-diverse)-v2
+# evaluations ran on.
+UMAZE_EVAL = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, "r", 0, 0, 1], [1, 1, 1, 1, 1]]
+
+
+def make_env(base: str, dataset_id: Optional[str] = None) -> gym.Env:
+    """The environment of the dataset. AntMaze: the dataset's evaluation env (its maze and goal), on
+    the training walls (umaze: UMAZE_EVAL), ending at the goal as D4RL's evaluation envs do."""
+    if base in ADROIT or base == "antmaze":
         try:
-            import gymnasium_robotics  # noqa: F401  (registers the Adroit environments)
+            import gymnasium_robotics  # noqa: F401  (registers the Adroit and AntMaze environments)
         except ImportError:
-            raise ConfigError(f"'{base}' needs the Adroit environments: pip install gymnasium-robotics==1.4.2")
+            raise ConfigError(
+                f"'{base}' needs the gymnasium-robotics environments: pip install gymnasium-robotics==1.4.2"
+            )
     mujoco.set_mju_user_warning(mujoco_warning)
+    if base == "antmaze":
+        import minari
+
+        dataset = minari.load_dataset(dataset_id)
+        recovered = dataset.recover_environment(eval_env=True)
+        spec = copy.deepcopy(recovered.spec)
+        recovered.close()
+        umaze = dataset.spec.env_spec.id.startswith("AntMaze_UMaze")  # its eval map: Minari issue #304
+        spec.kwargs |= {"continuing_task": False} | ({"maze_map": UMAZE_EVAL} if umaze else {})
+        return gym.wrappers.FlattenObservation(gym.make(spec))
     gym_id, _, steps = ENVS[base]
     env = gym.make(gym_id, **({} if steps is None else {"max_episode_steps": steps}))
     return D4RLAdroit(env) if base in ADROIT else env
@@ -903,10 +933,12 @@ def mujoco_warning(message: str) -> None:
 def parse_env_name(name: str) -> tuple[str, str]:
     """'walker2d-medium-replay' -> ('walker2d', 'medium-replay'); ConfigError if unknown."""
     base, _, quality = name.partition("-")
-    if base not in ENVS or quality not in (ADROIT_QUALITIES if base in ADROIT else LOCOMOTION_QUALITIES):
-        locomotion = ",".join(b for b in ENVS if b not in ADROIT)
+    qualities = ANTMAZE_QUALITIES if base == "antmaze" else ADROIT_QUALITIES if base in ADROIT else LOCOMOTION_QUALITIES
+    if base not in ENVS or quality not in qualities:
+        locomotion = ",".join(b for b in ENVS if b not in ADROIT and b != "antmaze")
         raise ConfigError(
-            f"unknown env '{name}'; expected {{{locomotion}}}-{{{','.join(LOCOMOTION_QUALITIES)}}} or {{{','.join(ADROIT)}}}-{{{','.join(ADROIT_QUALITIES)}}}"
+            f"unknown env '{name}'; expected {{{locomotion}}}-{{{','.join(LOCOMOTION_QUALITIES)}}}, "
+            f"{{{','.join(ADROIT)}}}-{{{','.join(ADROIT_QUALITIES)}}} or antmaze-{{{','.join(ANTMAZE_QUALITIES)}}}"
         )
     return base, quality
 
@@ -918,6 +950,8 @@ def dataset_ids(base: str, quality: str, random_steps: int) -> tuple[str, list[s
     local = f"local/{base}/{name}-v0"
     if base in ADROIT:
         return local, [] if quality == "random" else [f"D4RL/{base}/{quality}-v2"]
+    if base == "antmaze":
+        return local, [f"D4RL/antmaze/{quality}-v1"]
     return local, [f"mujoco/{base}/{quality}-v0"] if quality in ("medium", "expert") else []
 
 
@@ -959,10 +993,30 @@ def read_flat_cache(dataset_id: str) -> Optional[dict[str, np.ndarray]]:
         return {k: cache[k] for k in cache.files if k != "key"} if str(cache["key"]) == cache_key(dataset_id) else None
 
 
+def flat_observations(observations) -> np.ndarray:
+    """Dict observations (AntMaze: observation, achieved_goal, desired_goal) -> one array in sorted
+    key order, the order gymnasium's FlattenObservation uses for the evaluation env."""
+    if isinstance(observations, dict):
+        return np.concatenate([observations[k] for k in sorted(observations)], axis=-1)
+    return observations
+
+
 def build_flat_cache(dataset_id: str) -> dict[str, np.ndarray]:
     import minari
 
-    arrays = flatten_episodes(vars(e) for e in minari.load_dataset(dataset_id).iterate_episodes())
+    dataset = minari.load_dataset(dataset_id)
+    goal = isinstance(dataset.observation_space, gym.spaces.Dict)  # AntMaze: a step with reward 1 ends
+    episodes = (
+        {
+            "observations": flat_observations(e.observations),
+            "actions": e.actions,
+            "rewards": e.rewards,
+            "terminations": e.terminations | (goal & (e.rewards > 0)),
+            "truncations": e.truncations & ~(goal & (e.rewards > 0)),
+        }
+        for e in dataset.iterate_episodes()
+    )
+    arrays = flatten_episodes(episodes)
     save_flat_cache(dataset_id, arrays)
     return arrays
 

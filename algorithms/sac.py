@@ -63,7 +63,7 @@ FIRST_RESULT = "For a first result on a CPU, shrink the budget, e.g. --total-ste
 @dataclass
 class Config:
     env: str = "halfcheetah"
-    """Environment: halfcheetah, hopper, walker2d or ant (gymnasium v5 MuJoCo)."""
+    """Environment: halfcheetah, hopper, walker2d, ant (gymnasium v5 MuJoCo), pen or door (Adroit)."""
     config: Optional[str] = None
     """YAML file of field values; flags given on the command line override it."""
     resume: Optional[str] = None
@@ -130,7 +130,8 @@ PHASE_BUDGET = {"online": "total_steps"}
 
 def resolve_config(cfg: Config) -> Config:
     """Check every value; ConfigError if bad."""
-    check([(cfg.env in ENVS, f"unknown env '{cfg.env}'; expected one of {', '.join(ENVS)}")])
+    online = [base for base in ENVS if base != "antmaze"]  # AntMaze's env comes from its dataset
+    check([(cfg.env in online, f"unknown env '{cfg.env}'; expected one of {', '.join(online)}")])
     check_common(cfg)
     check(
         [
@@ -581,7 +582,7 @@ def parse_args(argv: list[str]) -> tuple[Config, Optional[dict]]:
 # ----------------------------------------------------------------------------------------------
 # D4RL env name -> (gymnasium id, D4RL reference returns (random, expert) of the normalised score,
 # episode length where D4RL's differs from the gymnasium id's: pen has 100 steps in D4RL, 200 in
-# gymnasium-robotics).
+# gymnasium-robotics). AntMaze's env comes from its dataset (make_env); its score is the success rate.
 ENVS = {
     "halfcheetah": ("HalfCheetah-v5", (-280.178953, 12135.0), None),
     "hopper": ("Hopper-v5", (-20.272305, 3234.3), None),
@@ -589,6 +590,7 @@ ENVS = {
     "ant": ("Ant-v5", (-325.6, 3879.7), None),
     "pen": ("AdroitHandPen-v1", (96.262799, 3076.833), 100),
     "door": ("AdroitHandDoor-v1", (-56.512833, 2880.569), None),
+    "antmaze": (None, (0.0, 1.0), None),
 }
 ADROIT = ("pen", "door")  # need gymnasium-robotics
 
@@ -598,13 +600,33 @@ def normalized_score(base: str, returns):
     return 100.0 * (np.asarray(returns) - low) / (high - low)
 
 
-def make_env(base: str) -> gym.Env:
-    if base in ADROIT:
+# The umaze training maze of Minari's D4RL/antmaze/umaze-v1 (gymnasium-robotics rows), with one
+# reset cell r and one goal cell g: D4RL's U_MAZE_TEST, the maze its antmaze-umaze(-diverse)-v2
+# evaluations ran on.
+UMAZE_EVAL = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, "r", 0, 0, 1], [1, 1, 1, 1, 1]]
+
+
+def make_env(base: str, dataset_id: Optional[str] = None) -> gym.Env:
+    """The environment of the dataset. AntMaze: the dataset's evaluation env (its maze and goal), on
+    the training walls (umaze: UMAZE_EVAL), ending at the goal as D4RL's evaluation envs do."""
+    if base in ADROIT or base == "antmaze":
         try:
-            import gymnasium_robotics  # noqa: F401  (registers the Adroit environments)
+            import gymnasium_robotics  # noqa: F401  (registers the Adroit and AntMaze environments)
         except ImportError:
-            raise ConfigError(f"'{base}' needs the Adroit environments: pip install gymnasium-robotics==1.4.2")
+            raise ConfigError(
+                f"'{base}' needs the gymnasium-robotics environments: pip install gymnasium-robotics==1.4.2"
+            )
     mujoco.set_mju_user_warning(mujoco_warning)
+    if base == "antmaze":
+        import minari
+
+        dataset = minari.load_dataset(dataset_id)
+        recovered = dataset.recover_environment(eval_env=True)
+        spec = copy.deepcopy(recovered.spec)
+        recovered.close()
+        umaze = dataset.spec.env_spec.id.startswith("AntMaze_UMaze")  # its eval map: Minari issue #304
+        spec.kwargs |= {"continuing_task": False} | ({"maze_map": UMAZE_EVAL} if umaze else {})
+        return gym.wrappers.FlattenObservation(gym.make(spec))
     gym_id, _, steps = ENVS[base]
     env = gym.make(gym_id, **({} if steps is None else {"max_episode_steps": steps}))
     return D4RLAdroit(env) if base in ADROIT else env

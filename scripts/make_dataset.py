@@ -345,6 +345,10 @@ def stored_episodes(dataset: str) -> list[dict]:
 def make(args: Args) -> str:
     """Write the dataset named by args (and, for medium-expert, its missing halves); its id."""
     env, quality = so2.parse_env_name(args.name)
+    if env == "antmaze":
+        raise so2.ConfigError(
+            f"{args.name} comes from the Minari hub (D4RL/antmaze/{quality}-v1), not from this script"
+        )
     if env in so2.ADROIT and quality != "random":
         raise so2.ConfigError(
             f"{env}-{quality} comes from the Minari hub (D4RL/{env}/{quality}-v2), not from this script; it makes {env}-random"

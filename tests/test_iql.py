@@ -42,19 +42,23 @@ def test_cosine_schedule_of_the_offline_policy_learning_rate():
     assert iql.cosine_lr(3e-4, 1001, 1000) < 1e-20
 
 
-def test_reward_scale_is_1000_over_the_episode_return_range():
+def test_reward_transform_is_the_released_rule():
+    """(scale, bias): 1000 / episode return range for halfcheetah, hopper, walker2d; AntMaze
+    reward - 1 (train_finetune.py); others raw."""
     arrays = {
         "rewards": np.array([1.0, 2.0, 5.0, -1.0], dtype=np.float32),
         "terminals": np.array([0, 1, 0, 0], dtype=np.float32),  # episode 1 ends by termination
         "timeouts": np.array([0, 0, 1, 0], dtype=np.float32),  # episode 2 by a time limit; 3 is cut
     }
-    assert math.isclose(iql.reward_scale(arrays, "hopper", None), 1000.0 / (5.0 - (-1.0)))
-    assert iql.reward_scale(arrays, "hopper", False) == 1.0
+    scale, bias = iql.reward_transform(arrays, "hopper", None)
+    assert math.isclose(scale, 1000.0 / (5.0 - (-1.0))) and bias == 0.0
+    assert iql.reward_transform(arrays, "hopper", False) == (1.0, 0.0)
     # the released rule scales halfcheetah, hopper and walker2d only
-    assert iql.reward_scale(arrays, "ant", None) == 1.0 and iql.reward_scale(arrays, "pen", None) == 1.0
-    assert math.isclose(iql.reward_scale(arrays, "ant", True), 1000.0 / 6.0)
+    assert iql.reward_transform(arrays, "ant", None) == iql.reward_transform(arrays, "pen", None) == (1.0, 0.0)
+    assert math.isclose(iql.reward_transform(arrays, "ant", True)[0], 1000.0 / 6.0)
+    assert iql.reward_transform(arrays, "antmaze", None) == iql.reward_transform(arrays, "antmaze", True) == (1.0, -1.0)
     with pytest.raises(iql.ConfigError, match="--scale-rewards False"):
-        iql.reward_scale({**arrays, "rewards": np.array([1, 0, 1, 1], dtype=np.float32)}, "hopper", None)
+        iql.reward_transform({**arrays, "rewards": np.array([1, 0, 1, 1], dtype=np.float32)}, "hopper", None)
 
 
 def test_q_diagnostics_compare_q_with_returns_of_the_rewards_the_critic_learns():
@@ -123,7 +127,7 @@ def test_online_rewards_are_scaled_exactly_as_the_datasets(sera_run):
     checkpoint = load_run_file(sera_run / "checkpoint.pt")
     cfg = iql.Config(**checkpoint["config"])
     arrays, _ = iql.load_dataset("walker2d", "random", cfg.random_dataset_steps)
-    scale = iql.reward_scale(arrays, "walker2d", None)
+    scale, _ = iql.reward_transform(arrays, "walker2d", None)
     assert scale > 1.5  # a scale that a missing multiplication would show
     obs_, act, rew, _, done = iql.ReplayBuffer(1, 17, 6, torch.device("cpu")).split(
         checkpoint["loop"]["online"]["rows"]

@@ -45,12 +45,7 @@ DELIBERATE = {
     "time_phases": "the phases and updates of each algorithm",
     "read_pretrained": "the network sizes a pretraining must match",
     "train": "the algorithm's own phases",
-    # cal_ql.py's own versions of shared pieces (its "Method data" section)
-    "ENVS": "cal_ql.py adds AntMaze, whose env comes from the dataset and whose score is the success rate",
-    "parse_env_name": "cal_ql.py also takes AntMaze names",
-    "dataset_ids": "cal_ql.py also resolves AntMaze ids",
-    "build_flat_cache": "cal_ql.py flattens AntMaze's dict observations",
-    "make_env": "cal_ql.py recovers AntMaze envs from the dataset",
+    # cal_ql.py's own version of a shared piece (its "Method data" section)
     "ReplayBuffer": "cal_ql.py stores the return-to-go and appends whole trajectories",
     # odt.py's own evaluator
     "Evaluator": "odt.py's policy reads a window of returns-to-go, states and actions, and has no Q to diagnose",
