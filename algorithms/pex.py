@@ -444,6 +444,13 @@ class PEXAgent:
 # ----------------------------------------------------------------------------------------------
 # Train loop
 # ----------------------------------------------------------------------------------------------
+def reward_rule(base: str) -> tuple[float, float]:
+    """(scale, bias) of the rewards the agent learns, reward * scale + bias, dataset and online: the
+    release's reward - 1 on AntMaze (pex/utils/util.py and main_online.py: the dataset's
+    and every online reward); raw rewards elsewhere."""
+    return (1.0, -1.0) if base == "antmaze" else (1.0, 0.0)
+
+
 def losses_record(losses: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v) for k, v in losses.items()}
 
@@ -492,6 +499,7 @@ def finetune(run: Run, dataset: ReplayBuffer, step: int, loop: Optional[dict]) -
     online_batch = cfg.batch_size // 2  # release: half from the online buffer, the rest from the dataset
     utd, sigma = (cfg.so2_utd, cfg.so2_sigma) if cfg.so2 else (1, 0.0)
     env = make_env(parse_env_name(cfg.env)[0], run.dataset["id"])
+    scale, bias = reward_rule(parse_env_name(cfg.env)[0])
     obs, _ = env.reset(seed=cfg.seed)
     if loop is None:
         agent.expand()
@@ -517,7 +525,7 @@ def finetune(run: Run, dataset: ReplayBuffer, step: int, loop: Optional[dict]) -
             action = agent.actor(obs_stage.to(device)[None])[0][0].cpu().numpy()
         next_obs, reward, terminated, truncated, _ = env.step(action)
         # done = termination only; a time-limit truncation still bootstraps from next_obs.
-        online.add(obs, action, reward, next_obs, float(terminated))
+        online.add(obs, action, reward * scale + bias, next_obs, float(terminated))
         obs = env.reset()[0] if terminated or truncated else next_obs
 
         if env_step > cfg.collection_steps:
@@ -622,7 +630,8 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    evaluate = Evaluator(base, [make_env(base, dataset_id) for _ in range(cfg.eval_episodes)], cfg, device)
+    scale, bias = reward_rule(base)
+    evaluate = Evaluator(base, [make_env(base, dataset_id) for _ in range(cfg.eval_episodes)], cfg, device, scale, bias)
     agent = PEXAgent(obs_dim, act_dim, cfg, device)
     if pretrained is not None:
         agent.load_state_dict(pretrained["agent"])
@@ -634,7 +643,7 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
         )
         announce_time(time_phases(run, phase, step))
         dataset = ReplayBuffer(len(arrays["rewards"]), obs_dim, act_dim, device)
-        dataset.extend(dataset_rows(arrays))
+        dataset.extend(dataset_rows({**arrays, "rewards": (arrays["rewards"] * scale + bias).astype(np.float32)}))
         if phase == "pretrain":
             pretrain(run, dataset, step, loop)
             step, loop = run.end_pretraining()
@@ -845,9 +854,9 @@ def normalized_score(base: str, returns):
     return 100.0 * (np.asarray(returns) - low) / (high - low)
 
 
-# The umaze training maze of Minari's D4RL/antmaze/umaze-v1 (gymnasium-robotics rows), with one
-# reset cell r and one goal cell g: D4RL's U_MAZE_TEST, the maze its antmaze-umaze(-diverse)-v2
-# evaluations ran on.
+# The umaze evaluation maze: the walls of Minari's umaze training maze with one reset cell r and one
+# goal cell g, D4RL's U_MAZE_TEST (its antmaze-umaze(-diverse)-v2 evaluations) with the rows in
+# gymnasium-robotics' order (it puts row 0 at the largest y, D4RL at the smallest), so r and g swap rows.
 UMAZE_EVAL = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, "r", 0, 0, 1], [1, 1, 1, 1, 1]]
 
 
@@ -865,13 +874,15 @@ def make_env(base: str, dataset_id: Optional[str] = None) -> gym.Env:
     if base == "antmaze":
         import minari
 
-        dataset = minari.load_dataset(dataset_id)
-        recovered = dataset.recover_environment(eval_env=True)
-        spec = copy.deepcopy(recovered.spec)
-        recovered.close()
-        umaze = dataset.spec.env_spec.id.startswith("AntMaze_UMaze")  # its eval map: Minari issue #304
+        metadata = minari.load_dataset(dataset_id).storage.metadata
+        if "eval_env_spec" not in metadata:  # Minari would fall back to the training env's random goals
+            raise ConfigError(f"dataset {dataset_id} has no evaluation env spec, which sets AntMaze's maze and goal")
+        spec = gym.envs.registration.EnvSpec.from_json(metadata["eval_env_spec"])
+        umaze = spec.id.startswith("AntMaze_UMaze")  # Minari's umaze eval map has mirrored walls (its issue #304)
         spec.kwargs |= {"continuing_task": False} | ({"maze_map": UMAZE_EVAL} if umaze else {})
-        return gym.wrappers.FlattenObservation(gym.make(spec))
+        env = gym.make(spec)
+        os.unlink(env.unwrapped.tmp_xml_file_path)  # gymnasium-robotics leaves the compiled maze's file in /tmp
+        return gym.wrappers.FlattenObservation(env)
     gym_id, _, steps = ENVS[base]
     env = gym.make(gym_id, **({} if steps is None else {"max_episode_steps": steps}))
     return D4RLAdroit(env) if base in ADROIT else env
@@ -961,9 +972,10 @@ def dataset_path(dataset_id: str = "") -> Path:
 
 
 def cache_key(dataset_id: str) -> str:
-    """flat_cache.npz belongs to the dataset file of this size and modification time."""
+    """flat_cache.npz belongs to the dataset file of this size and modification time (v2: AntMaze
+    goal steps are terminals)."""
     stat = (dataset_path(dataset_id) / "data" / "main_data.hdf5").stat()
-    return f"flat-v1:{dataset_id}:{stat.st_size}:{stat.st_mtime_ns}"
+    return f"flat-v2:{dataset_id}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def save_flat_cache(dataset_id: str, arrays: dict[str, np.ndarray]) -> None:
@@ -986,11 +998,11 @@ def flat_observations(observations) -> np.ndarray:
     return observations
 
 
-def build_flat_cache(dataset_id: str) -> dict[str, np.ndarray]:
+def build_flat_cache(dataset_id: str, base: str) -> dict[str, np.ndarray]:
     import minari
 
     dataset = minari.load_dataset(dataset_id)
-    goal = isinstance(dataset.observation_space, gym.spaces.Dict)  # AntMaze: a step with reward 1 ends
+    goal = base == "antmaze"  # a step with reward 1 reaches the goal, where D4RL's episodes end
     episodes = (
         {
             "observations": flat_observations(e.observations),
@@ -1039,7 +1051,7 @@ def load_dataset(base: str, quality: str, random_steps: int) -> tuple[dict[str, 
     arrays = read_flat_cache(dataset_id)
     if arrays is None:
         try:
-            arrays = build_flat_cache(dataset_id)
+            arrays = build_flat_cache(dataset_id, base)
         except Exception as exc:  # h5py / minari errors of a truncated or corrupt file
             raise ConfigError(f"dataset {dataset_id} is damaged ({first_line(exc)}); {remedy}")
     return arrays, dataset_id
@@ -1337,15 +1349,17 @@ def tensors(tree) -> list[torch.Tensor]:
 
 def env_state(env: gym.Env) -> dict:
     """The running episode exactly: MuJoCo integration state, the body poses of the model (Adroit's
-    reset moves its goal there), pen's lengths from its reset, time-limit counter, env RNG."""
+    reset moves its goal there), what pen's and AntMaze's resets set outside them, time-limit
+    counter, env RNG."""
     u = env.unwrapped
     state = np.empty(mujoco.mj_stateSize(u.model, MJ_STATE))
     mujoco.mj_getState(u.model, u.data, state, MJ_STATE)
     model = {"body_pos": u.model.body_pos.copy(), "body_quat": u.model.body_quat.copy()}
-    lengths = {k: getattr(u, k) for k in ("pen_length", "tar_length") if hasattr(u, k)}  # pen's reset sets them
+    # set by the reset of pen (its lengths) and of AntMaze (its goal), outside the MuJoCo state
+    attributes = {k: copy.deepcopy(getattr(u, k)) for k in ("pen_length", "tar_length", "goal") if hasattr(u, k)}
     steps = env.get_wrapper_attr("_elapsed_steps")  # of the TimeLimit wrapper
     rng = u.np_random.bit_generator.state
-    return {"mujoco": state, "model": model, "attributes": lengths, "elapsed_steps": steps, "np_random": rng}
+    return {"mujoco": state, "model": model, "attributes": attributes, "elapsed_steps": steps, "np_random": rng}
 
 
 def restore_env_state(env: gym.Env, saved: dict) -> None:
@@ -1354,7 +1368,7 @@ def restore_env_state(env: gym.Env, saved: dict) -> None:
     mujoco.mj_setState(u.model, u.data, saved["mujoco"], MJ_STATE)
     mujoco.mj_forward(u.model, u.data)
     for name, value in saved["attributes"].items():
-        setattr(u, name, value)
+        setattr(u, name, copy.deepcopy(value))
     env.set_wrapper_attr("_elapsed_steps", saved["elapsed_steps"])
     u.np_random.bit_generator.state = saved["np_random"]
 

@@ -7,21 +7,49 @@ the released reward transform, and a tiny end-to-end run scored as a success rat
 import numpy as np
 import pytest
 
-from conftest import TINY, TRAIN_MAP, assert_one_line_error, finished_run, read_metrics, run_script
+from conftest import (
+    TINY,
+    TRAIN_MAP,
+    assert_one_line_error,
+    finished_run,
+    load_run_file,
+    load_script,
+    read_metrics,
+    run_script,
+)
 
 
 def test_evaluation_env_is_d4rls_umaze_and_ends_at_the_goal(cal_ql, antmaze_umaze):
+    """The umaze evaluation: the training walls (not Minari's mirrored eval map), the goal in the
+    training map's goal cell and the start in its reset cell, and the episode ends at the goal."""
     env = cal_ql.make_env("antmaze", antmaze_umaze)
     maze = env.unwrapped.spec.kwargs
-    assert maze["maze_map"] == cal_ql.UMAZE_EVAL and not maze["continuing_task"]
+    assert not maze["continuing_task"]
     walls = [[cell == 1 for cell in row] for row in TRAIN_MAP]
     assert [[cell == 1 for cell in row] for row in maze["maze_map"]] == walls  # not Minari's mirrored map
     env.reset(seed=0)
     ant = env.unwrapped
-    assert np.linalg.norm(ant.goal - ant.data.qpos[:2]) > 0.45
+    cell = ant.maze.cell_rowcol_to_xy
+    assert np.linalg.norm(ant.goal - cell(np.array([1, 1]))) < 1.5  # TRAIN_MAP's g; its r is 8 away
+    assert np.linalg.norm(ant.data.qpos[:2] - cell(np.array([3, 1]))) < 1.5
     ant.data.qpos[:2] = ant.goal  # put the ant on the goal
     _, reward, terminated, truncated, info = env.step(np.zeros(8, dtype=np.float32))
     assert (reward, terminated, truncated, info["success"]) == (1.0, True, False, True)
+
+
+def test_env_state_restores_an_antmaze_episode_and_its_goal(cal_ql, antmaze_umaze):
+    """A checkpointed AntMaze episode restored into a fresh env reset to another goal goes on with
+    the same observations, and the next reset draws the same goal and start."""
+    rng = np.random.default_rng(0)
+    env, fresh = cal_ql.make_env("antmaze", antmaze_umaze), cal_ql.make_env("antmaze", antmaze_umaze)
+    env.reset(seed=1), fresh.reset(seed=2)
+    for _ in range(10):
+        env.step(rng.uniform(-1, 1, 8))
+    cal_ql.restore_env_state(fresh, cal_ql.env_state(env))
+    for _ in range(10):
+        action = rng.uniform(-1, 1, 8)
+        assert np.array_equal(env.step(action)[0], fresh.step(action)[0])
+    assert np.array_equal(env.reset()[0], fresh.reset()[0])
 
 
 def test_goal_steps_are_terminals(cal_ql, antmaze_umaze):
@@ -29,6 +57,9 @@ def test_goal_steps_are_terminals(cal_ql, antmaze_umaze):
     goal = arrays["rewards"] > 0
     assert dataset_id == antmaze_umaze and goal.any() and not goal.all()
     assert np.array_equal(arrays["terminals"] > 0, goal)
+    # sorted keys: achieved_goal, desired_goal, observation; a goal step ends within 0.45 of the goal
+    distance = np.linalg.norm(arrays["next_observations"][:, 0:2] - arrays["next_observations"][:, 2:4], axis=1)
+    assert np.array_equal(distance <= 0.45, goal)
     assert not (arrays["timeouts"][goal] > 0).any() and arrays["observations"].shape[1] == 2 + 2 + 27
 
 
@@ -51,6 +82,19 @@ def test_released_reward_transform_and_return_to_go(cal_ql):
     assert rows[:, -1] == pytest.approx([-5.0 + 0.99 * g1, g1, g2], abs=1e-5)
 
 
+# The releases' AntMaze reward transforms, (scale, bias) of reward * scale + bias: RLPD's
+# train_finetuning.py, PEX's util.py / main_online.py and CORL's finetune/awac.py subtract 1;
+# WSRL's antmaze launch scripts use 10 and -5.
+RULES = {"rlpd": (1.0, -1.0), "pex": (1.0, -1.0), "awac": (1.0, -1.0), "wsrl": (10.0, -5.0)}
+OBS, ACT = 2 + 2 + 27, 8
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_reward_rule_is_the_releases(name):
+    algo = load_script(f"algorithms/{name}.py")
+    assert algo.reward_rule("antmaze") == RULES[name] and algo.reward_rule("hopper") == (1.0, 0.0)
+
+
 @pytest.mark.parametrize("name", [name for name in TINY if name != "sac"])
 def test_every_file_end_to_end_scores_the_success_rate(name, antmaze_umaze, tmp_path, datasets_root):
     """A tiny run of every offline-to-online file on the local umaze set (cal_ql.py and iql.py with
@@ -62,6 +106,11 @@ def test_every_file_end_to_end_scores_the_success_rate(name, antmaze_umaze, tmp_
     args += "--eval-rtg 1 --online-rtg 2".split() if name == "odt" else []  # ODT publishes none for AntMaze
     args += "--eta 1".split() if name == "so2" else []  # SO2 and EDAC publish no AntMaze N and eta
     run_dir, _ = finished_run(f"algorithms/{name}.py", [*args, "--eval-episodes", "2"], tmp_path, datasets_root)
+    if name in {**RULES, "iql": None}:  # the online rows hold the release's transform of the 0/1 rewards
+        scale, bias = RULES.get(name, (1.0, -1.0))  # iql.py: reward_transform, tested in test_iql.py
+        online = load_run_file(run_dir / "checkpoint.pt")["loop"]["online"]
+        rewards = online["rows"][:, OBS + ACT]  # rows [obs | action | reward | next_obs | done]
+        assert bias in set(rewards.tolist()) <= {bias, scale + bias}  # a failed step stores the bias
     records = read_metrics(run_dir)
     assert records
     for r in records:  # a return is 0 or 1 per episode: the score is 100 x the success rate

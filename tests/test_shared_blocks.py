@@ -44,6 +44,7 @@ DELIBERATE = {
     "sera_bonus": "so2.py's mixed buffer holds online rows too: it takes a mask of the online rows",
     "time_phases": "the phases and updates of each algorithm",
     "read_pretrained": "the network sizes a pretraining must match",
+    "reward_rule": "each release's AntMaze reward and its source: r - 1 (rlpd, pex; awac as CORL's), r x 10 - 5 (wsrl)",
     "train": "the algorithm's own phases",
     # cal_ql.py's own version of a shared piece (its "Method data" section)
     "ReplayBuffer": "cal_ql.py stores the return-to-go and appends whole trajectories",
