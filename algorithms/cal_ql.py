@@ -117,8 +117,7 @@ NUM_CRITICS = 2  # twin critics, as in the released code (min over the twin in t
 class Config:
     env: str = "walker2d-random"
     """D4RL-style dataset name: {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,
-    medium-expert,expert}, {pen,door}-{random,human,cloned,expert} or antmaze-{umaze,umaze-diverse,
-    medium-play,medium-diverse,large-play,large-diverse}."""
+    medium-expert,expert}, {pen,door}-{random,human,cloned,expert} or antmaze-<maze> (README)."""
     config: Optional[str] = None
     """YAML file of field values (e.g. configs/cal_ql/antmaze.yaml); flags given on the command
     line override it."""
@@ -401,13 +400,9 @@ class VectorizedCritic(nn.Module):
             # last layer U(-3e-3, 3e-3).
             bound = 3e-3 if last else 1 / math.sqrt(fan_in)
             self.weights.append(nn.Parameter(torch.empty(num_critics, fan_in, fan_out).uniform_(-bound, bound)))
-            self.biases.append(
-                nn.Parameter(
-                    torch.empty(num_critics, 1, fan_out).uniform_(-3e-3, 3e-3)
-                    if last
-                    else torch.full((num_critics, 1, fan_out), 0.1)
-                )
-            )
+            shape = (num_critics, 1, fan_out)
+            bias = torch.empty(shape).uniform_(-3e-3, 3e-3) if last else torch.full(shape, 0.1)
+            self.biases.append(nn.Parameter(bias))
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """obs [B, S]; action [B, A] (shared by the members) or [N, B, A] (one per member) -> Q [N, B]."""

@@ -106,9 +106,8 @@ RTG_TARGETS = {"hopper": (3600.0, 7200.0), "walker2d": (5000.0, 10000.0), "halfc
 class Config:
     env: str = "hopper-random"
     """D4RL-style dataset name: {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,
-    medium-expert,expert}, {pen,door}-{random,human,cloned,expert} or antmaze-{umaze,umaze-diverse,
-    medium-play,medium-diverse,large-play,large-diverse} (ant, pen, door and antmaze need --eval-rtg
-    and --online-rtg)."""
+    medium-expert,expert}, {pen,door}-{random,human,cloned,expert} or antmaze-<maze> (README); ant,
+    pen, door and antmaze need --eval-rtg and --online-rtg."""
     config: Optional[str] = None
     """YAML file of field values (e.g. configs/odt/hopper.yaml); flags given on the command line
     override it."""

@@ -115,8 +115,7 @@ LOG_STD_BOUNDS = (-20.0, 2.0)  # rlkit's TanhGaussianPolicy, for each agent and 
 class Config:
     env: str = "hopper-random"
     """D4RL-style dataset name: {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,
-    medium-expert,expert}, {pen,door}-{random,human,cloned,expert} or antmaze-{umaze,umaze-diverse,
-    medium-play,medium-diverse,large-play,large-diverse}."""
+    medium-expert,expert}, {pen,door}-{random,human,cloned,expert} or antmaze-<maze> (README)."""
     config: Optional[str] = None
     """YAML file of field values (e.g. configs/off2on/locomotion.yaml); flags given on the command
     line override it."""

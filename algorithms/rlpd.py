@@ -94,8 +94,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 class Config:
     env: str = "walker2d-random"
     """D4RL-style dataset name: {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,
-    medium-expert,expert}, {pen,door}-{random,human,cloned,expert} or antmaze-{umaze,umaze-diverse,
-    medium-play,medium-diverse,large-play,large-diverse}."""
+    medium-expert,expert}, {pen,door}-{random,human,cloned,expert} or antmaze-<maze> (README)."""
     config: Optional[str] = None
     """YAML file of field values (e.g. configs/rlpd/locomotion.yaml); flags given on the command
     line override it."""

@@ -88,8 +88,7 @@ ENSEMBLE_TABLE = REPO_ROOT / "configs" / "so2_ensembles.yaml"
 class Config:
     env: str = "walker2d-random"
     """D4RL-style dataset name: {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,
-    medium-expert,expert}, {pen,door}-{random,human,cloned,expert} or antmaze-{umaze,umaze-diverse,
-    medium-play,medium-diverse,large-play,large-diverse}."""
+    medium-expert,expert}, {pen,door}-{random,human,cloned,expert} or antmaze-<maze> (README)."""
     config: Optional[str] = None
     """YAML file of field values (e.g. configs/so2_cpu.yaml); flags given on the command line
     override it."""
@@ -203,12 +202,9 @@ PHASE_BUDGET = {"pretrain": "pretrain_steps", "finetune": "online_steps"}
 def resolve_config(cfg: Config) -> Config:
     """Fill N and eta from the per-dataset table and check every value; ConfigError if bad."""
     parse_env_name(cfg.env)
-    entry = yaml.safe_load(ENSEMBLE_TABLE.read_text()).get(cfg.env)
-    if entry is None and (cfg.num_critics is None or cfg.eta is None):
-        raise ConfigError(
-            f"no published N and eta for {cfg.env} (configs/so2_ensembles.yaml); pass --num-critics and --eta"
-        )
-    entry = entry or {}
+    entry = yaml.safe_load(ENSEMBLE_TABLE.read_text()).get(cfg.env, {})
+    if not entry and None in (cfg.num_critics, cfg.eta):
+        raise ConfigError(f"no N and eta for {cfg.env} in configs/so2_ensembles.yaml; pass --num-critics and --eta")
     cfg = replace(
         cfg,
         num_critics=entry["num_critics"] if cfg.num_critics is None else cfg.num_critics,
@@ -309,13 +305,9 @@ class VectorizedCritic(nn.Module):
             # last layer U(-3e-3, 3e-3).
             bound = 3e-3 if last else 1 / math.sqrt(fan_in)
             self.weights.append(nn.Parameter(torch.empty(num_critics, fan_in, fan_out).uniform_(-bound, bound)))
-            self.biases.append(
-                nn.Parameter(
-                    torch.empty(num_critics, 1, fan_out).uniform_(-3e-3, 3e-3)
-                    if last
-                    else torch.full((num_critics, 1, fan_out), 0.1)
-                )
-            )
+            shape = (num_critics, 1, fan_out)
+            bias = torch.empty(shape).uniform_(-3e-3, 3e-3) if last else torch.full(shape, 0.1)
+            self.biases.append(nn.Parameter(bias))
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """obs [B, S]; action [B, A] (shared by the members) or [N, B, A] (one per member) -> Q [N, B]."""

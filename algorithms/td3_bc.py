@@ -85,8 +85,7 @@ NUM_CRITICS = 2  # TD3's twin critics (min over the twin in the target; Q1 alone
 class Config:
     env: str = "hopper-random"
     """D4RL-style dataset name: {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,
-    medium-expert,expert}, {pen,door}-{random,human,cloned,expert} or antmaze-{umaze,umaze-diverse,
-    medium-play,medium-diverse,large-play,large-diverse}."""
+    medium-expert,expert}, {pen,door}-{random,human,cloned,expert} or antmaze-<maze> (README)."""
     config: Optional[str] = None
     """YAML file of field values (e.g. configs/td3_bc/locomotion.yaml); flags given on the command
     line override it."""

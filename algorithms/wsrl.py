@@ -100,9 +100,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 class Config:
     env: str = "walker2d-random"
     """D4RL-style dataset name: {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,
-    medium-expert,expert}, {pen,door}-{random,human,cloned,expert} or antmaze-{umaze,umaze-diverse,
-    medium-play,medium-diverse,large-play,large-diverse} (the release's recipe is for
-    halfcheetah, hopper and walker2d; ant, Adroit and AntMaze run with it by extension)."""
+    medium-expert,expert}, {pen,door}-{random,human,cloned,expert} or antmaze-<maze> (README); the
+    release's recipe is for halfcheetah, hopper and walker2d, the others run with it by extension."""
     config: Optional[str] = None
     """YAML file of field values (e.g. configs/wsrl/locomotion.yaml); flags given on the command
     line override it."""

@@ -423,7 +423,7 @@ def print_summary(target: str, env: str, returns: list[float], steps: Optional[i
     returns = np.asarray(returns, dtype=np.float64)
     size = "" if steps is None else f", {steps} steps"
     print(
-        f"{target}: {len(returns)} episodes{size}, mean return {returns.mean():.1f}, normalised {float(so2.normalized_score(env, returns).mean()):.1f}"
+        f"{target}: {len(returns)} episodes{size}, mean return {returns.mean():.1f} (std {returns.std():.1f}), normalised {float(so2.normalized_score(env, returns).mean()):.1f}"
     )
 
 
