@@ -88,7 +88,7 @@ ENSEMBLE_TABLE = REPO_ROOT / "configs" / "so2_ensembles.yaml"
 class Config:
     env: str = "walker2d-random"
     """D4RL-style dataset name: {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,
-    medium-expert,expert}, {pen,door}-{random,human,cloned,expert} or antmaze-<maze> (README)."""
+    medium-expert,expert}, {pen,door}-{random,medium,human,cloned,expert} or antmaze-<maze> (README)."""
     config: Optional[str] = None
     """YAML file of field values (e.g. configs/so2_cpu.yaml); flags given on the command line
     override it."""
@@ -890,7 +890,9 @@ ENVS = {
 }
 ADROIT = ("pen", "door")  # need gymnasium-robotics
 LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")  # made by make_dataset.py
-ADROIT_QUALITIES = ("random", "human", "cloned", "expert")  # random made here; the others on the Minari hub only
+# Adroit: random and medium made here by make_dataset.py (medium: a sac.py policy of results/policies);
+# human, cloned and expert on the Minari hub only.
+ADROIT_QUALITIES = ("random", "medium", "human", "cloned", "expert")
 # AntMaze: one base, the maze and its data in the quality; the environment comes from the dataset.
 ANTMAZE_QUALITIES = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
 
@@ -989,7 +991,7 @@ def dataset_ids(base: str, quality: str, random_steps: int) -> tuple[str, list[s
     name = quality if quality != "random" or random_steps == 1_000_000 else f"random-n{random_steps}"
     local = f"local/{base}/{name}-v0"
     if base in ADROIT:
-        return local, [] if quality == "random" else [f"D4RL/{base}/{quality}-v2"]
+        return local, [] if quality in ("random", "medium") else [f"D4RL/{base}/{quality}-v2"]
     if base == "antmaze":
         return local, [f"D4RL/antmaze/{quality}-v1"]
     return local, [f"mujoco/{base}/{quality}-v0"] if quality in ("medium", "expert") else []

@@ -10,7 +10,8 @@ Protocols (D4RL, Fu et al. 2020):
   random         1M steps of a randomly initialised tanh-Gaussian policy, seed 0 (the algorithm
                  files run this script when a *-random set is missing, so the id has one meaning);
                  also for pen and door, which have no random set in D4RL (their human, cloned and
-                 expert sets are on the Minari hub only);
+                 expert sets are on the Minari hub only; pen-medium and door-medium follow the
+                 medium protocol below with a sac.py policy trained here);
   medium, expert 1M steps of the shipped SAC policy (results/policies/, see manifest.json) with
                  stochastic actions;
   medium-replay  the replay buffer of the seeded SAC run that produced the medium policy, regenerated
@@ -61,7 +62,7 @@ sac = load_algorithm("sac")
 class Args:
     name: tyro.conf.Positional[str]
     """Dataset name <env>-<quality>: env in halfcheetah, hopper, walker2d, ant; quality in random,
-    medium, medium-replay, medium-expert, expert; or pen-random, door-random."""
+    medium, medium-replay, medium-expert, expert; or {pen,door}-{random,medium}."""
     steps: Optional[int] = None
     """Transitions (default 1M; medium-expert: per half). medium-replay: cap on the SAC run, which
     by default runs until the medium policy's stop score, as the shipped one did (not with
@@ -349,9 +350,9 @@ def make(args: Args) -> str:
         raise so2.ConfigError(
             f"{args.name} comes from the Minari hub (D4RL/antmaze/{quality}-v1), not from this script"
         )
-    if env in so2.ADROIT and quality != "random":
+    if env in so2.ADROIT and quality not in ("random", "medium"):
         raise so2.ConfigError(
-            f"{env}-{quality} comes from the Minari hub (D4RL/{env}/{quality}-v2), not from this script; it makes {env}-random"
+            f"{env}-{quality} comes from the Minari hub (D4RL/{env}/{quality}-v2), not from this script; it makes {env}-random and {env}-medium"
         )
     if args.workers not in (1, 2) or (args.steps is not None and args.steps < 1):
         raise so2.ConfigError("workers must be 1 or 2 and steps >= 1")

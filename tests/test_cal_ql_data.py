@@ -24,7 +24,7 @@ def test_parse_env_name(cal_ql, name, expected):
 
 
 @pytest.mark.parametrize(
-    "name", ["walker-random", "walker2d-human", "pen-medium", "antmaze-medium", "hopper-medium-v2"]
+    "name", ["walker-random", "walker2d-human", "pen-medium-replay", "antmaze-medium", "hopper-medium-v2"]
 )
 def test_unknown_env_is_a_config_error(cal_ql, name):
     with pytest.raises(cal_ql.ConfigError, match="unknown env"):

@@ -39,6 +39,7 @@ def policy_dir(md, tmp_path_factory):
     torch.save(load_run_file(run_dir / "final.pt")["agent"]["actor"], folder / "hopper-medium.pt")
     torch.manual_seed(1)
     torch.save(sac.Actor(11, 3, (32, 32)).state_dict(), folder / "hopper-expert.pt")
+    torch.save(sac.Actor(45, 24, (32, 32)).state_dict(), folder / "pen-medium.pt")  # pen: 45 obs, 24 actions
     common = {
         "sac_config": {**asdict(cfg), "hidden_dim": 32},
         "torch_threads": 1,
@@ -48,6 +49,7 @@ def policy_dir(md, tmp_path_factory):
     manifest = {
         "hopper-medium": {"file": "hopper-medium.pt", **common},
         "hopper-expert": {"file": "hopper-expert.pt", **common},
+        "pen-medium": {"file": "pen-medium.pt", **common},
         "walker2d-expert": {"file": None, "status": "not trained: a stand-in entry without a file"},
     }
     (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -180,3 +182,14 @@ def test_missing_policy_is_a_one_line_error(md, policy_dir):
         md.make(args(md, "walker2d-expert", policy_dir))
     with pytest.raises(md.so2.ConfigError, match="no halfcheetah-medium behaviour policy"):
         md.make(args(md, "halfcheetah-medium", policy_dir))
+
+
+def test_pen_medium_rolls_out_a_policy_in_d4rls_pen(md, policy_dir):
+    """pen-medium: a shipped policy's rollouts in the algorithm files' pen (episodes of at most 100
+    steps that end early only by a termination, the pen's drop), with D4RL's pen reference scores."""
+    target = md.make(args(md, "pen-medium", policy_dir, steps=4000))  # 2 shards x 16 envs x 125 steps
+    dataset = minari.load_dataset(target)
+    assert target == "local/pen/medium-n4000-v0" and dataset.total_steps == 4000
+    assert dataset.storage.metadata["ref_min_score"] == pytest.approx(96.262799)
+    lengths = [len(ep.actions) for ep in dataset.iterate_episodes() if not ep.truncations[-1] or len(ep.actions) == 100]
+    assert max(lengths) == 100 and min(lengths) < 100  # full-length episodes and drops

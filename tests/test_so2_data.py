@@ -48,7 +48,9 @@ def test_parse_env_name(so2, name, expected):
     assert so2.parse_env_name(name) == expected
 
 
-@pytest.mark.parametrize("name", ["walker-random", "walker2d-human", "pen-medium", "walker2d", "hopper-medium-v2"])
+@pytest.mark.parametrize(
+    "name", ["walker-random", "walker2d-human", "pen-medium-replay", "walker2d", "hopper-medium-v2"]
+)
 def test_unknown_env_is_a_config_error(so2, name):
     with pytest.raises(so2.ConfigError, match="unknown env"):
         so2.parse_env_name(name)
