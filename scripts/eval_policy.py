@@ -59,6 +59,7 @@ def evaluate(args: Args) -> dict:
         "episodes": args.episodes,
         "seed": args.seed,
         "return": round(float(returns.mean()), 1),
+        "return_std": round(float(returns.std()), 1),
         "normalized_score": round(score, 1),
         "episode_score_std": round(float(scores.std()), 1),
         "episode_score_min": round(float(scores.min()), 1),

@@ -346,14 +346,9 @@ def stored_episodes(dataset: str) -> list[dict]:
 def make(args: Args) -> str:
     """Write the dataset named by args (and, for medium-expert, its missing halves); its id."""
     env, quality = so2.parse_env_name(args.name)
-    if env == "antmaze":
-        raise so2.ConfigError(
-            f"{args.name} comes from the Minari hub (D4RL/antmaze/{quality}-v1), not from this script"
-        )
-    if env in so2.ADROIT and quality not in ("random", "medium"):
-        raise so2.ConfigError(
-            f"{env}-{quality} comes from the Minari hub (D4RL/{env}/{quality}-v2), not from this script; it makes {env}-random and {env}-medium"
-        )
+    hub = so2.dataset_ids(env, quality, 1_000_000)[1]
+    if env == "antmaze" or (env in so2.ADROIT and hub):  # those sets exist on the Minari hub only
+        raise so2.ConfigError(f"{args.name} comes from the Minari hub ({hub[0]}), not from this script")
     if args.workers not in (1, 2) or (args.steps is not None and args.steps < 1):
         raise so2.ConfigError("workers must be 1 or 2 and steps >= 1")
     if args.from_run is not None and (quality != "medium-replay" or args.steps is not None):

@@ -315,6 +315,25 @@ TINY = {
     "sac": "--env hopper --total-steps 4 --learning-starts 2 --eval-episodes 1 --hidden-dim 16".split(),
 }
 
+# Flags a file needs on a domain where its release publishes no value (ODT's return-to-go targets,
+# SO2's ensemble table), for the tiny runs.
+DOMAIN_FLAGS = {
+    ("odt", "adroit"): "--eval-rtg 3000 --online-rtg 6000",
+    ("odt", "antmaze"): "--eval-rtg 1 --online-rtg 2",
+}
+DOMAIN_FLAGS[("so2", "antmaze")] = "--eta 1"
+
+
+def tiny_args(name: str, env: str) -> list[str]:
+    """TINY[name] on another env (sac.py: the env's base name, the others a dataset name), with the
+    flags the file needs there."""
+    args = list(TINY[name])
+    base = env.partition("-")[0]
+    args[args.index("--env") + 1] = base if name == "sac" else env
+    domain = "adroit" if base in ("pen", "door") else base
+    return args + DOMAIN_FLAGS.get((name, domain), "").split()
+
+
 # Tiny runs of each algorithm file with phases long enough (hundreds of steps, a checkpoint every
 # 25) for several kills and signals in each.
 RESUME_ARGS = {

@@ -16,11 +16,15 @@ from conftest import (
     load_script,
     read_metrics,
     same_run,
+    tiny_args,
 )
+
+# D4RL's reference returns (random, expert): d4rl/infos.py, pen-human-v0 and door-human-v0.
+D4RL_REFERENCES = {"pen": (96.262799, 3076.833), "door": (-56.512833, 2880.569)}
 
 
 def test_normalized_score_uses_d4rl_adroit_constants(so2):
-    assert so2.normalized_score("pen", [96.262799, 3076.833]) == pytest.approx([0.0, 100.0])
+    assert so2.normalized_score("pen", list(D4RL_REFERENCES["pen"])) == pytest.approx([0.0, 100.0])
     # door: (1412.0280835 - (-56.512833)) / (2880.569 - (-56.512833)) = 50%
     assert so2.normalized_score("door", 1412.0280835) == pytest.approx(50.0)
 
@@ -68,14 +72,12 @@ def test_every_file_end_to_end(name, env, tmp_path, datasets_root):
     """A tiny run of every algorithm file on pen and door (the offline-to-online files on the
     locally made <env>-random set): it finishes, and its evaluations are normalised with D4RL's
     constants."""
-    args = list(TINY[name])
-    args[args.index("--env") + 1] = env if name == "sac" else f"{env}-random"
-    args += "--eval-rtg 3000 --online-rtg 6000".split() if name == "odt" else []  # ODT publishes none for Adroit
-    run_dir, _ = finished_run(f"algorithms/{name}.py", args, tmp_path, datasets_root)
+    run_dir, _ = finished_run(f"algorithms/{name}.py", tiny_args(name, f"{env}-random"), tmp_path, datasets_root)
     records = read_metrics(run_dir)
+    assert records
     if name not in ("sac", "rlpd"):  # the two files without a pretraining
         check_summary(run_dir, records)
-    low, high = {"pen": (96.262799, 3076.833), "door": (-56.512833, 2880.569)}[env]
+    low, high = D4RL_REFERENCES[env]
     for r in records:
         assert r["normalized_score"] == pytest.approx(100 * (r["return"] - low) / (high - low), rel=1e-6)
 

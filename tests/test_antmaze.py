@@ -1,8 +1,9 @@
-"""AntMaze in algorithms/cal_ql.py, on a tiny local dataset in the layout of Minari's
-D4RL/antmaze/umaze-v1 (dict observations with the goal, sparse reward, continuing episodes, an
-evaluation spec with Minari's mirrored umaze map): the evaluation env is D4RL's (training walls,
-fixed reset and goal, the episode ends at the goal), a dataset step with reward 1 is a terminal,
-the released reward transform, and a tiny end-to-end run scored as a success rate."""
+"""AntMaze in every offline-to-online file (the shared block, each release's reward), on a tiny
+local dataset in the layout of Minari's D4RL/antmaze/umaze-v1 (dict observations with the goal,
+sparse reward, continuing episodes, an evaluation spec with Minari's mirrored umaze map): the
+evaluation env is D4RL's (training walls, fixed reset and goal, the episode ends at the goal), a
+dataset step with reward 1 is a terminal, the released reward transforms, and tiny end-to-end runs
+scored as a success rate."""
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from conftest import (
     load_script,
     read_metrics,
     run_script,
+    tiny_args,
 )
 
 
@@ -86,6 +88,7 @@ def test_released_reward_transform_and_return_to_go(cal_ql):
 # train_finetuning.py, PEX's util.py / main_online.py and CORL's finetune/awac.py subtract 1;
 # WSRL's antmaze launch scripts use 10 and -5.
 RULES = {"rlpd": (1.0, -1.0), "pex": (1.0, -1.0), "awac": (1.0, -1.0), "wsrl": (10.0, -5.0)}
+STORED = {**RULES, "iql": (1.0, -1.0)}  # iql.py's rule is reward_transform (test_iql.py)
 OBS, ACT = 2 + 2 + 27, 8
 
 
@@ -99,15 +102,12 @@ def test_reward_rule_is_the_releases(name):
 def test_every_file_end_to_end_scores_the_success_rate(name, antmaze_umaze, tmp_path, datasets_root):
     """A tiny run of every offline-to-online file on the local umaze set (cal_ql.py and iql.py with
     their AntMaze configs): it finishes, and each evaluation's return is a success rate."""
-    args = list(TINY[name])
-    args[args.index("--env") + 1] = "antmaze-umaze"
+    args = tiny_args(name, "antmaze-umaze")
     if name in ("cal_ql", "iql"):
         args = ["--config", f"configs/{name}/antmaze.yaml", *args]
-    args += "--eval-rtg 1 --online-rtg 2".split() if name == "odt" else []  # ODT publishes none for AntMaze
-    args += "--eta 1".split() if name == "so2" else []  # SO2 and EDAC publish no AntMaze N and eta
     run_dir, _ = finished_run(f"algorithms/{name}.py", [*args, "--eval-episodes", "2"], tmp_path, datasets_root)
-    if name in {**RULES, "iql": None}:  # the online rows hold the release's transform of the 0/1 rewards
-        scale, bias = RULES.get(name, (1.0, -1.0))  # iql.py: reward_transform, tested in test_iql.py
+    if name in STORED:  # the online rows hold the release's transform of the 0/1 rewards
+        scale, bias = STORED[name]
         online = load_run_file(run_dir / "checkpoint.pt")["loop"]["online"]
         rewards = online["rows"][:, OBS + ACT]  # rows [obs | action | reward | next_obs | done]
         assert bias in set(rewards.tolist()) <= {bias, scale + bias}  # a failed step stores the bias
@@ -118,6 +118,6 @@ def test_every_file_end_to_end_scores_the_success_rate(name, antmaze_umaze, tmp_
 
 
 def test_so2_without_published_antmaze_values_is_a_one_line_error(antmaze_umaze, tmp_path, datasets_root):
-    args = [*TINY["so2"], "--out-dir", str(tmp_path / "runs")]
+    args = [*TINY["so2"], "--out-dir", str(tmp_path / "runs")]  # TINY's so2 flags: no --eta
     args[args.index("--env") + 1] = "antmaze-umaze"
     assert_one_line_error(run_script("algorithms/so2.py", args, datasets_root), "pass --num-critics and --eta")

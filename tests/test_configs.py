@@ -19,12 +19,16 @@ def test_locomotion_config_is_the_defaults_with_their_sources(name):
     assert cfg.env == "hopper-medium" != defaults.env
 
 
-@pytest.mark.parametrize("path", sorted(REPO.glob("configs/*/adroit.yaml")), ids=lambda p: p.parent.name)
-def test_adroit_configs_load_and_resolve(path):
-    """Each configs/<algo>/adroit.yaml is a valid config of its file, for an Adroit set, and names
-    a source for every value it sets."""
+DOMAIN_CONFIGS = sorted([*REPO.glob("configs/*/adroit.yaml"), *REPO.glob("configs/*/antmaze.yaml")])
+
+
+@pytest.mark.parametrize("path", DOMAIN_CONFIGS, ids=lambda p: f"{p.parent.name}-{p.stem}")
+def test_domain_configs_load_and_resolve(path):
+    """Each configs/<algo>/{adroit,antmaze}.yaml is a valid config of its file, for a set of its
+    domain, and names a source for every value it sets."""
     algo = load_script(f"algorithms/{path.parent.name}.py")
     cfg = algo.resolve_config(algo.parse_args(["--config", str(path)])[0])
-    assert algo.parse_env_name(cfg.env)[0] in algo.ADROIT
+    base = algo.parse_env_name(cfg.env)[0]
+    assert base in algo.ADROIT if path.stem == "adroit" else base == "antmaze"
     fields = [line for line in path.read_text().splitlines() if line and not line.startswith(("#", " "))]
     assert [line for line in fields if "#" not in line and not line.startswith("env:")] == []

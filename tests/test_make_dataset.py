@@ -193,3 +193,9 @@ def test_pen_medium_rolls_out_a_policy_in_d4rls_pen(md, policy_dir):
     assert dataset.storage.metadata["ref_min_score"] == pytest.approx(96.262799)
     lengths = [len(ep.actions) for ep in dataset.iterate_episodes() if not ep.truncations[-1] or len(ep.actions) == 100]
     assert max(lengths) == 100 and min(lengths) < 100  # full-length episodes and drops
+
+
+@pytest.mark.parametrize("name,hub", [("pen-human", "D4RL/pen/human-v2"), ("antmaze-umaze", "D4RL/antmaze/umaze-v1")])
+def test_hub_only_sets_are_refused(md, policy_dir, name, hub):
+    with pytest.raises(md.so2.ConfigError, match=f"comes from the Minari hub \\({hub}\\)"):
+        md.make(args(md, name, policy_dir))
