@@ -270,49 +270,26 @@ def same_run(a: Path, b: Path) -> None:
 
 
 # The smallest run of each algorithm file (bad input, Adroit end to end).
+_DATA = "--env walker2d-random --random-dataset-steps 1500 --eval-episodes 1 "
+_PHASES = _DATA + "--pretrain-steps 4 --online-steps 4 "
+_MLP = _PHASES + "--hidden-dims 16 --batch-size 4"  # td3_bc, iql, awac: one MLP size and a batch
 TINY = {
-    "so2": (
-        "--env walker2d-random --random-dataset-steps 1500 --num-critics 2 --hidden-dim 16 "
-        "--pretrain-steps 4 --online-steps 4 --warmup-steps 2 --eval-episodes 1"
-    ).split(),
-    "cal_ql": (
-        "--env walker2d-random --random-dataset-steps 1500 --actor-hidden-dims 16 "
-        "--critic-hidden-dims 16 --pretrain-steps 4 --online-steps 4 --eval-episodes 1"
-    ).split(),
-    "td3_bc": (
-        "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 16 --pretrain-steps 4 --online-steps 4 "
-        "--batch-size 4 --eval-episodes 1"
-    ).split(),
-    "iql": (
-        "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 16 --pretrain-steps 4 --online-steps 4 "
-        "--batch-size 4 --eval-episodes 1"
-    ).split(),
-    "awac": (
-        "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 16 --pretrain-steps 4 --online-steps 4 "
-        "--batch-size 4 --eval-episodes 1"
-    ).split(),
-    "pex": (
-        "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 16 --pretrain-steps 4 --online-steps 4 "
-        "--collection-steps 2 --batch-size 4 --eval-episodes 1"
-    ).split(),
-    "off2on": (
-        "--env walker2d-random --random-dataset-steps 1500 --hidden-dims 16 --num-agents 2 --cql-n-actions 2 "
-        "--pretrain-steps 4 --online-steps 4 --epoch-steps 2 --batch-size 4 --weight-batch-size 2 --eval-episodes 1"
-    ).split(),
-    "odt": (
-        "--env walker2d-random --random-dataset-steps 1500 --embed-dim 8 --n-layers 1 --n-heads 1 --context-length 4 "
-        "--eval-context-length 2 --pretrain-steps 4 --online-steps 4 --batch-size 4 --eval-episodes 1"
-    ).split(),
-    "rlpd": (
-        "--env walker2d-random --random-dataset-steps 1500 --hidden-dim 8 --num-critics 2 --online-steps 4 "
-        "--start-training 2 --utd 1 --batch-size 4 --eval-episodes 1"
-    ).split(),
-    "wsrl": (
-        "--env walker2d-random --random-dataset-steps 1500 --hidden-dim 8 --num-critics 2 --cql-n-actions 2 "
-        "--pretrain-steps 4 --online-steps 4 --warmup-steps 2 --utd 1 --batch-size 4 --online-batch-size 4 "
-        "--eval-episodes 1"
-    ).split(),
-    "sac": "--env hopper --total-steps 4 --learning-starts 2 --eval-episodes 1 --hidden-dim 16".split(),
+    name: flags.split()
+    for name, flags in {
+        "so2": _PHASES + "--num-critics 2 --hidden-dim 16 --warmup-steps 2",
+        "cal_ql": _PHASES + "--actor-hidden-dims 16 --critic-hidden-dims 16",
+        "td3_bc": _MLP,
+        "iql": _MLP,
+        "awac": _MLP,
+        "pex": _MLP + " --collection-steps 2",
+        "off2on": _MLP + " --num-agents 2 --cql-n-actions 2 --epoch-steps 2 --weight-batch-size 2",
+        "odt": _PHASES
+        + "--embed-dim 8 --n-layers 1 --n-heads 1 --context-length 4 --eval-context-length 2 --batch-size 4",
+        "rlpd": _DATA + "--hidden-dim 8 --num-critics 2 --online-steps 4 --start-training 2 --utd 1 --batch-size 4",
+        "wsrl": _PHASES + "--hidden-dim 8 --num-critics 2 --cql-n-actions 2 --warmup-steps 2 --utd 1 --batch-size 4 "
+        "--online-batch-size 4",
+        "sac": "--env hopper --total-steps 4 --learning-starts 2 --eval-episodes 1 --hidden-dim 16",
+    }.items()
 }
 
 # Flags a file needs on a domain where its release publishes no value (ODT's return-to-go targets,
