@@ -83,12 +83,18 @@ def dataset_id(env: str, quality: str, steps: Optional[int]) -> str:
     return f"local/{env}/{quality}-v0" if steps in (None, 1_000_000) else f"local/{env}/{quality}-n{steps}-v0"
 
 
+def env_dims(env_name: str) -> tuple[int, int]:
+    """(observation, action) sizes of the algorithm files' env."""
+    env = so2.make_env(env_name)
+    env.close()
+    return env.observation_space.shape[0], env.action_space.shape[0]
+
+
 def random_policy(env_name: str, seed: int) -> torch.nn.Module:
     """D4RL 'random' behaviour policy: a randomly initialised tanh-Gaussian policy (so2.py's
     actor, 3x256), the same for every caller so that local/<env>/random-v0 has one meaning."""
-    env = so2.make_env(env_name)
     torch.manual_seed(seed)
-    return so2.Actor(env.observation_space.shape[0], env.action_space.shape[0], (256, 256, 256))
+    return so2.Actor(*env_dims(env_name), (256, 256, 256))
 
 
 def collect_episodes(env_name: str, policy: torch.nn.Module, steps: int, seed: int, n_envs: int = 16):
@@ -226,9 +232,8 @@ def load_policy(policy_dir: str, env: str, quality: str) -> tuple[torch.nn.Modul
         raise so2.ConfigError(
             f"no {env}-{quality} behaviour policy ({why}); train one with algorithms/sac.py (see README)"
         )
-    gym_env = so2.make_env(env)
     hidden = entry["sac_config"]["hidden_dim"]
-    actor = sac.Actor(gym_env.observation_space.shape[0], gym_env.action_space.shape[0], (hidden, hidden))
+    actor = sac.Actor(*env_dims(env), (hidden, hidden))
     actor.load_state_dict(torch.load(Path(policy_dir) / entry["file"], map_location="cpu"))
     return actor, entry
 
@@ -324,8 +329,7 @@ def replay_episodes(args: Args, env: str) -> tuple[list[dict], str]:
             if same
             else "WARNING: regenerated, but its final actor differs from the shipped medium policy (other hardware, threads or --steps)"
         )
-    gym_env = so2.make_env(env)
-    return rows_to_episodes(rows, gym_env.observation_space.shape[0], gym_env.action_space.shape[0]), note
+    return rows_to_episodes(rows, *env_dims(env)), note
 
 
 def stored_episodes(dataset: str) -> list[dict]:
