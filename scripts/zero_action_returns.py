@@ -1,7 +1,7 @@
 """The return of the zero-action policy per env: a reference beside the scores, for telling a policy
 that learned something from one that only survives (or stands still).
 
-  python scripts/zero_action_returns.py                            # halfcheetah, hopper, walker2d, ant; 10 episodes
+  python scripts/zero_action_returns.py                            # halfcheetah, hopper, walker2d, ant, pen, door; 10 episodes
   python scripts/zero_action_returns.py --envs hopper --episodes 50
 
 Each episode starts from the evaluation's fixed start states (seeds 500, 501, ... as the algorithm
@@ -20,8 +20,8 @@ from common import load_algorithm
 
 @dataclass
 class Args:
-    envs: tuple[str, ...] = ("halfcheetah", "hopper", "walker2d", "ant")
-    """Env names of the algorithm files (gymnasium v5)."""
+    envs: tuple[str, ...] = ("halfcheetah", "hopper", "walker2d", "ant", "pen", "door")
+    """Env names of the algorithm files (gymnasium v5 MuJoCo; pen and door as D4RL defines them)."""
     episodes: int = 10
     """Episodes per env."""
 
