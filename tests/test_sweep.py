@@ -165,3 +165,24 @@ def test_a_damaged_summary_resumes_and_a_folder_in_use_is_not_a_failure(tmp_path
     assert result.returncode == 1 and "IN USE walker2d-random/so2/seed0" in result.stderr, result.stderr[-3000:]
     assert "FAILED" not in result.stderr and "retrying" not in result.stderr
     assert "1 in use by another process" in result.stderr.splitlines()[-1]
+
+
+SWEEP_FILES = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
+def test_every_shipped_sweep_expands_to_valid_configs(path, tmp_path):
+    """Each run of a shipped (pre-registered) sweep file is a config its algorithm file accepts, so a
+    typo in a study's settings fails here, not hours into the study."""
+    sweep_py = load_script("scripts/sweep.py")
+    sweep = yaml.safe_load(path.read_text())
+    algo = load_script(sweep["script"])
+    specs = sweep_py.expand(sweep, tmp_path)
+    assert specs
+    for spec in specs:
+        config = tmp_path / "values.yaml"
+        config.write_text(yaml.safe_dump(spec.values))
+        cfg = algo.resolve_config(algo.parse_args(["--config", str(config)])[0])
+        assert {k: getattr(cfg, k) for k in spec.values} == {
+            k: tuple(v) if isinstance(v, list) else v for k, v in spec.values.items()
+        }
