@@ -352,7 +352,7 @@ class ReplayBuffer:
 # ----------------------------------------------------------------------------------------------
 class Actor(nn.Module):
     """Tanh-Gaussian policy, ReLU trunk of the given widths; log-std = head + log_std_offset,
-    clipped to [-5, 2] (EDAC). Hidden biases 0.1, heads U(-1e-3, 1e-3)."""
+    clipped to [log_std_min, 2] (EDAC: [-5, 2]). Hidden biases 0.1, heads U(-1e-3, 1e-3)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], log_std_offset: float = 0.0):
         super().__init__()
@@ -363,7 +363,7 @@ class Actor(nn.Module):
         self.trunk = nn.Sequential(*layers)
         self.mu = nn.Linear(fan_in, act_dim)
         self.log_std = nn.Linear(fan_in, act_dim)
-        self.log_std_offset = log_std_offset
+        self.log_std_offset, self.log_std_min = log_std_offset, -5.0
         for layer in self.trunk[::2]:
             nn.init.constant_(layer.bias, 0.1)
         for head in (self.mu, self.log_std):
@@ -376,7 +376,7 @@ class Actor(nn.Module):
         mu = self.mu(h)
         if deterministic:
             return torch.tanh(mu), None
-        log_std = (self.log_std(h) + self.log_std_offset).clamp(-5.0, 2.0)
+        log_std = (self.log_std(h) + self.log_std_offset).clamp(self.log_std_min, 2.0)
         u = mu + log_std.exp() * torch.randn_like(mu)
         # log N(u; mu, std) - log|d tanh(u)/du|, with log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)).
         log_prob = (-0.5 * ((u - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)

@@ -166,6 +166,43 @@ def test_sera_rewards_the_online_rows_of_both_buffers(so2, tiny_run, tmp_path, m
     assert seen[-1][1].all()  # the last env step's batch is online rows only
 
 
+def test_warmup_rows_stay_out_of_the_mixed_buffer(so2, tiny_run, tmp_path, monkeypatch):
+    """Released code: the warm-up's 20 transitions go to the online buffer only, and the mixed FIFO
+    buffer receives the 40 later ones from its slot 0 on; --batch-mode union holds all 60. The
+    policy's log-std floor is EDAC's -5 in pretraining and the released finetuning actor's -20."""
+    buffers, floors = [], []
+
+    class Recorded(so2.ReplayBuffer):
+        def __init__(self, *args):
+            super().__init__(*args)
+            buffers.append(self)
+
+    def record_floor(step):
+        def wrapped(self, *args, **kwargs):
+            floors.append((step.__name__, self.actor.log_std_min))
+            return step(self, *args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(so2, "ReplayBuffer", Recorded)
+    for step in (so2.SO2Agent.pretrain_step, so2.SO2Agent.finetune_critic_step):
+        monkeypatch.setattr(so2.SO2Agent, step.__name__, record_floor(step))
+    for mode in ("online+mixed", "union"):
+        buffers.clear()
+        so2.main([*TINY, "--out-dir", str(tmp_path / mode), "--batch-mode", mode])
+        online = next(b for b in buffers if b.capacity == 60)
+        mixed = buffers[buffers.index(online) + 1]
+        assert online.size == 60
+        if mode == "online+mixed":
+            assert torch.equal(mixed.rows[:40], online.rows[20:60])
+            assert not rows_in(mixed.rows, online.rows[:20]).any()
+        else:
+            assert torch.equal(mixed.rows[1500:], online.rows)
+        # the run's 40 updating env steps x utd 2 (the start-of-run estimate times a copy before them)
+        assert floors[-80:] == [("finetune_critic_step", -20.0)] * 80
+    assert {floor for name, floor in floors if name == "pretrain_step"} == {-5.0}
+
+
 def test_auto_alpha_tunes_the_temperature(tiny_run, tmp_path, datasets_root):
     run_dir, _ = finished(
         [*TINY, "--pretrained", str(tiny_run / "pretrain.pt"), "--auto-alpha"], tmp_path, datasets_root
