@@ -143,8 +143,9 @@ class Config:
     """Adam learning rate of the log-temperature (release: 1e-4)."""
     target_entropy: Optional[float] = None
     """Entropy the temperature steers to; None: -|A| (release)."""
-    reward_scale: float = 0.001
-    """Returns-to-go are multiplied by this in training and rollouts (release: 0.001 for MuJoCo)."""
+    reward_scale: Optional[float] = None
+    """Returns-to-go are multiplied by this in training and rollouts; None: the release's, 1 on
+    AntMaze and 0.001 elsewhere."""
     batch_size: int = 256
     """Segments per update (release: 256)."""
 
@@ -222,11 +223,14 @@ def resolve_config(cfg: Config) -> Config:
             (0 <= cfg.dropout < 1, "dropout must be in [0, 1)"),
             (0 < cfg.lr <= 1 and 0 < cfg.temperature_lr <= 1, "lr and temperature_lr must be in (0, 1]"),
             (cfg.weight_decay >= 0 and cfg.warmup_steps >= 1, "weight_decay must be >= 0 and warmup_steps >= 1"),
-            (cfg.init_temperature > 0 and cfg.reward_scale > 0, "init_temperature and reward_scale must be > 0"),
+            (cfg.init_temperature > 0, "init_temperature must be > 0"),
+            (cfg.reward_scale is None or cfg.reward_scale > 0, "reward_scale must be > 0"),
             (1 <= cfg.replay_size <= 1_000_000, "replay_size must be in [1, 1000000]"),
             (0 <= cfg.updates_per_iteration <= 1_000_000, "updates_per_iteration must be in [0, 1000000]"),
         ]
     )
+    if cfg.reward_scale is None:  # the release's main.py: 1.0 if "antmaze" in the env name, else 0.001
+        cfg = replace(cfg, reward_scale=1.0 if base == "antmaze" else 0.001)
     if cfg.eval_rtg is None or cfg.online_rtg is None:
         if base not in RTG_TARGETS:
             raise ConfigError(

@@ -121,3 +121,15 @@ def test_so2_without_published_antmaze_values_is_a_one_line_error(antmaze_umaze,
     args = [*TINY["so2"], "--out-dir", str(tmp_path / "runs")]  # TINY's so2 flags: no --eta
     args[args.index("--env") + 1] = "antmaze-umaze"
     assert_one_line_error(run_script("algorithms/so2.py", args, datasets_root), "pass --num-critics and --eta")
+
+
+def test_odt_reward_scale_is_the_releases_per_domain():
+    """online-dt's main.py: reward_scale = 1.0 if "antmaze" in the env name else 0.001; a flag wins."""
+    odt = load_script("algorithms/odt.py")
+
+    def scale(*argv):
+        return odt.resolve_config(odt.parse_args([*argv, "--eval-rtg", "1", "--online-rtg", "2"])[0]).reward_scale
+
+    assert scale("--env", "antmaze-umaze") == 1.0
+    assert scale("--env", "hopper-medium") == 0.001
+    assert scale("--env", "antmaze-umaze", "--reward-scale", "0.5") == 0.5

@@ -158,7 +158,10 @@ def test_lamb_two_steps_by_hand():
 
 
 def make_agent(**overrides):
-    cfg = odt.Config(embed_dim=8, n_layers=1, n_heads=2, context_length=4, dropout=0.0, **overrides)
+    # reward_scale as resolve_config sets it outside AntMaze
+    cfg = odt.Config(
+        embed_dim=8, n_layers=1, n_heads=2, context_length=4, dropout=0.0, **{"reward_scale": 0.001} | overrides
+    )
     torch.manual_seed(0)
     return odt.ODTAgent(3, 2, cfg, CPU), cfg
 
