@@ -1281,7 +1281,8 @@ def download_dataset(base: str, quality: str, local_id: str, hub_ids: list[str])
         except Exception as exc:  # no network, missing hf extra, id gone: all mean "unavailable"
             errors.append(f"{hub_id}: {first_line(exc)}")
     tried = f"; download failed ({'; '.join(errors)})" if errors else " and the Minari hub has no such dataset"
-    make = "" if base in ADROIT else f"; generate it with: python scripts/make_dataset.py {base}-{quality}"
+    hub_only = hub_ids and base in (*ADROIT, "antmaze")  # Adroit's human/cloned/expert, AntMaze
+    make = "" if hub_only else f"; generate it with: python scripts/make_dataset.py {base}-{quality}"
     raise ConfigError(
         f"dataset '{base}-{quality}' is not on disk (looked for {', '.join([local_id, *hub_ids])}){tried}. It is unavailable offline{make}"
     )

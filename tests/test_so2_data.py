@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -228,3 +229,24 @@ def test_missing_dataset_offline_is_a_config_error(so2):
         match="unavailable offline; generate it with: python scripts/make_dataset.py walker2d-medium-replay",
     ):
         so2.load_dataset("walker2d", "medium-replay", 1_000_000)
+
+
+def test_missing_adroit_and_antmaze_sets_name_their_remedy(so2, monkeypatch):
+    """pen-medium is made here (the make_dataset.py command); AntMaze and Adroit's human sets come
+    from the hub only, so their message names the hub ids and no command."""
+    with pytest.raises(
+        so2.ConfigError, match="unavailable offline; generate it with: python scripts/make_dataset.py pen-medium"
+    ):
+        so2.load_dataset("pen", "medium", 1_000_000)
+
+    def offline(*args):
+        raise OSError("no network")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    for base, quality, hub_id in [
+        ("antmaze", "umaze", "D4RL/antmaze/umaze-v1"),
+        ("door", "human", "D4RL/door/human-v2"),
+    ]:
+        with pytest.raises(so2.ConfigError) as error:
+            so2.load_dataset(base, quality, 1_000_000)
+        assert hub_id in str(error.value) and "make_dataset" not in str(error.value)
