@@ -3,9 +3,10 @@ that learned something from one that only survives (or stands still).
 
   python scripts/zero_action_returns.py                            # halfcheetah, hopper, walker2d, ant, pen, door; 10 episodes
   python scripts/zero_action_returns.py --envs hopper --episodes 50
+  python scripts/zero_action_returns.py --envs pen --episodes 50 --seed 1   # the starts of a --seed 1 run
 
-Each episode starts from the evaluation's fixed start states (seeds 500, 501, ... as the algorithm
-files' Evaluator with seed 0) and applies the action 0 until termination or the time limit. Prints a
+Each episode starts from the evaluation's fixed start states (seeds 1000 k + 500, 1000 k + 501, ...,
+as the algorithm files' Evaluator of a run with --seed k) and applies the action 0 until termination or the time limit. Prints a
 markdown table: mean return ± std, mean episode length, and the D4RL-normalised score of that mean.
 """
 
@@ -24,6 +25,8 @@ class Args:
     """Env names of the algorithm files (gymnasium v5 MuJoCo; pen and door as D4RL defines them)."""
     episodes: int = 10
     """Episodes per env."""
+    seed: int = 0
+    """The run seed whose evaluation start states the episodes use."""
 
 
 def zero_action_episode(env, seed: int) -> tuple[float, int]:
@@ -48,7 +51,7 @@ def main(args: Args) -> int:
     print("|---|---|---|---|---|---|")
     for name in args.envs:
         env = so2.make_env(name)
-        returns, lengths = np.array([zero_action_episode(env, 500 + i) for i in range(args.episodes)]).T
+        returns, lengths = np.array([zero_action_episode(env, 1000 * args.seed + 500 + i) for i in range(args.episodes)]).T
         score = float(so2.normalized_score(name, returns.mean()))
         print(
             f"| {name} | {so2.ENVS[name][0]} | {args.episodes} | {returns.mean():,.1f} ± {returns.std():,.1f} "
