@@ -56,7 +56,8 @@ def test_medium_and_expert_policies_follow_the_d4rl_protocol():
     score, an expert one the same run's config trained to the end (D4RL: the same SAC, 1M steps) or,
     where that final policy missed its band, to one of its checkpoints (configs/sweeps/sac_experts.yaml)."""
     envs = ("halfcheetah", "hopper", "walker2d")
-    assert set(MANIFEST) == {f"{env}-{level}" for env in envs for level in ("medium", "expert")}
+    adroit = {"pen-medium"}  # configs/sweeps/sac_pen_medium.yaml; D4RL has no Adroit medium or SAC expert
+    assert set(MANIFEST) == {f"{env}-{level}" for env in envs for level in ("medium", "expert")} | adroit
     # Fields sac.py gained after the medium runs kept their old behaviour as the default.
     defaults = asdict(load_script("algorithms/sac.py").Config())
     for name in SHIPPED:
@@ -86,6 +87,8 @@ def test_medium_and_expert_policies_follow_the_d4rl_protocol():
 # start states chose its checkpoint (96.5 on them), so on this CPU type the test re-checks that
 # choice; on 50 other start states (seeds 20000-20049) it scores 84.5 with episode std 19.9, so a
 # 10-episode mean sits ~4 standard errors above the band's 60.
+# pen-medium: 19.6 normalised on 100 held-out episodes with an episode std of 40.1, so a 10-episode
+# mean falls below its band's 0 in about 6% of draws: not tested here either.
 # walker2d-expert: on 50 independent start states (seeds 20000-20049) it scores 111.8 with
 # episode std 11.6, so a 10-episode mean sits ~14 standard errors above the band's 60 and ~5 below its 130.
 @pytest.mark.parametrize(
