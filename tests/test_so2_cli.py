@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import shutil
 from functools import partial
 
 import pytest
@@ -155,9 +156,10 @@ def test_sera_rewards_the_online_rows_of_both_buffers(so2, tiny_run, tmp_path, m
     assert len(updating) == 2 and all(math.isfinite(r["sera_reward"]) for r in updating)
     assert "sera_reward" not in plain[-1]
     assert sera[-1]["critic_loss"] != plain[-1]["critic_loss"]
-    # A dataset smaller than the online budget: from step 40 on, every mixed slot holds an online row.
+    # A dataset smaller than the online rows after the warm-up (30 < 40): from env step 50 on, every
+    # mixed slot holds an online row, and the FIFO wraps around.
     seen.clear()
-    small = ["--random-dataset-steps", "40", "--pretrain-steps", "4", "--run-name", "small"]
+    small = ["--random-dataset-steps", "30", "--pretrain-steps", "4", "--run-name", "small"]
     so2.main([*TINY, *small, "--out-dir", str(tmp_path), "--sera", "--sera-k", "3"])
     (run_dir,) = [path for path in tmp_path.iterdir() if "so2-small" in path.name]
     online = load_run_file(run_dir / "checkpoint.pt")["loop"]["online"]["rows"]
@@ -243,6 +245,18 @@ def test_checkpoint_from_another_env_is_refused(tiny_run, tmp_path, datasets_roo
     args[args.index("walker2d-random")] = "hopper-random"
     result = run(args, datasets_root)
     assert result.returncode == 2 and "pretrained on walker2d-random" in result.stderr
+
+
+def test_finetuning_checkpoint_of_the_older_buffer_rule_is_refused(tiny_run, tmp_path, datasets_root):
+    """A finetuning checkpoint without the count of online rows kept out of the mixed buffer was
+    written before the warm-up's rows stayed out of it: resuming would rebuild another buffer."""
+    run_dir = tmp_path / "old"
+    shutil.copytree(tiny_run, run_dir)
+    checkpoint = load_run_file(run_dir / "checkpoint.pt")
+    del checkpoint["loop"]["skip"]
+    torch.save(checkpoint, run_dir / "checkpoint.pt")
+    result = run(["--resume", str(run_dir)], datasets_root)
+    assert_one_line_error(result, "older so2.py whose mixed buffer also took the warm-up's rows")
 
 
 def test_bench_updates_prints_one_json_line_per_phase(datasets_root):

@@ -214,3 +214,19 @@ def test_sera_bonus_on_the_online_rows_only(so2, include_self):
     shifted = buffer.rows.clone()
     shifted[:, 6] += bonus  # the reward column (obs 4 + action 2)
     assert loss(buffer.rows, bonus) == pytest.approx(loss(shifted)) and loss(buffer.rows, bonus) != loss(buffer.rows)
+
+
+def test_actor_log_std_floor(so2):
+    """A log-std head far below the floor is clamped to log_std_min: with the same noise, the
+    log-prob at floor -20 exceeds the one at EDAC's -5 by 15 per action dimension (the tanh term is
+    ~0 for a zero mean)."""
+    actor = so2.Actor(3, 2, (8,))
+    torch.nn.init.zeros_(actor.mu.weight), torch.nn.init.zeros_(actor.mu.bias)
+    torch.nn.init.zeros_(actor.log_std.weight), torch.nn.init.constant_(actor.log_std.bias, -30.0)
+    obs = torch.randn(4, 3)
+    log_probs = {}
+    for floor in (-5.0, -20.0):
+        actor.log_std_min = floor
+        torch.manual_seed(0)
+        log_probs[floor] = actor(obs)[1]
+    assert torch.allclose(log_probs[-20.0] - log_probs[-5.0], torch.full((4,), 30.0), atol=1e-3)
