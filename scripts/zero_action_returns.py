@@ -51,7 +51,9 @@ def main(args: Args) -> int:
     print("|---|---|---|---|---|---|")
     for name in args.envs:
         env = so2.make_env(name)
-        returns, lengths = np.array([zero_action_episode(env, 1000 * args.seed + 500 + i) for i in range(args.episodes)]).T
+        returns, lengths = np.array(
+            [zero_action_episode(env, 1000 * args.seed + 500 + i) for i in range(args.episodes)]
+        ).T
         score = float(so2.normalized_score(name, returns.mean()))
         print(
             f"| {name} | {so2.ENVS[name][0]} | {args.episodes} | {returns.mean():,.1f} ± {returns.std():,.1f} "
