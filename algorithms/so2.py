@@ -683,11 +683,8 @@ def train(cfg: Config, checkpoint: Optional[dict]) -> Path:
             f"--resume: dataset {dataset_id} on disk is not the one the run started with ({checkpoint['dataset']['fingerprint']}, now {data_info['fingerprint']})"
         )
 
-    if (
-        checkpoint is not None
-        and checkpoint["phase"] == "finetune"
-        and "skip" not in (checkpoint["loop"] or {"skip": 0})
-    ):
+    saved_loop = checkpoint["loop"] if checkpoint is not None and checkpoint["phase"] == "finetune" else None
+    if saved_loop is not None and "skip" not in saved_loop:
         raise ConfigError(  # the mixed buffer it would rebuild is not the one the run had
             f"--resume: '{cfg.resume}' was written by an older so2.py whose mixed buffer also took the warm-up's rows; finish it with that version (commit 846d788)"
         )

@@ -6,8 +6,9 @@ that learned something from one that only survives (or stands still).
   python scripts/zero_action_returns.py --envs pen --episodes 50 --seed 1   # the starts of a --seed 1 run
 
 Each episode starts from the evaluation's fixed start states (seeds 1000 k + 500, 1000 k + 501, ...,
-as the algorithm files' Evaluator of a run with --seed k) and applies the action 0 until termination or the time limit. Prints a
-markdown table: mean return ± std, mean episode length, and the D4RL-normalised score of that mean.
+as the algorithm files' Evaluator of a run with --seed k) and applies the action 0 until termination
+or the time limit. Prints a markdown table: mean return ± std, mean episode length, and the
+D4RL-normalised score of that mean.
 """
 
 import sys
