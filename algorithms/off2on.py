@@ -159,7 +159,7 @@ class Config:
     """Path of a finished pretraining (pretrain.pt of an earlier run); skips pretraining."""
     random_dataset_steps: int = 1_000_000
     """Size of a *-random dataset generated when none is on disk (D4RL: 1M). Other sizes are
-    stored under their own id (local/<env>/random-n<steps>-v0), never as the 1M dataset."""
+    stored under their own id (local/<env>/<quality>-n<steps>-v0), never as the 1M dataset."""
 
     online_steps: int = 100_000
     """Online env steps in finetuning (the SO2 paper's budget); 0 stops after pretraining."""
@@ -1048,7 +1048,9 @@ LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "e
 # human, cloned and expert on the Minari hub only.
 ADROIT_QUALITIES = ("random", "medium", "human", "cloned", "expert")
 # AntMaze: one base, the maze and its data in the quality; the environment comes from the dataset.
+# The hub's six sets, then umaze-random: random actions in umaze, made by make_dataset.py (offline).
 ANTMAZE_QUALITIES = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
+ANTMAZE_QUALITIES += ("umaze-random",)
 
 
 def normalized_score(base: str, returns):
@@ -1144,12 +1146,12 @@ def parse_env_name(name: str) -> tuple[str, str]:
 def dataset_ids(base: str, quality: str, random_steps: int) -> tuple[str, list[str]]:
     """(local id, hub ids) tried in that order. The hub has no random, medium-replay or
     medium-expert locomotion sets; its medium/expert sets come from other policies than D4RL's."""
-    name = quality if quality != "random" or random_steps == 1_000_000 else f"random-n{random_steps}"
+    name = quality if not quality.endswith("random") or random_steps == 1_000_000 else f"{quality}-n{random_steps}"
     local = f"local/{base}/{name}-v0"
     if base in ADROIT:
         return local, [] if quality in ("random", "medium") else [f"D4RL/{base}/{quality}-v2"]
     if base == "antmaze":
-        return local, [f"D4RL/antmaze/{quality}-v1"]
+        return local, [] if quality == "umaze-random" else [f"D4RL/antmaze/{quality}-v1"]
     return local, [f"mujoco/{base}/{quality}-v0"] if quality in ("medium", "expert") else []
 
 
@@ -1222,23 +1224,22 @@ def build_flat_cache(dataset_id: str, base: str) -> dict[str, np.ndarray]:
 
 def load_dataset(base: str, quality: str, random_steps: int) -> tuple[dict[str, np.ndarray], str]:
     """Flat transition arrays and the Minari id they came from. Order: local/<env>/<quality>-v0,
-    then the hub id on disk, then for *-random a set made here by scripts/make_dataset.py (D4RL's
-    random protocol; no network needed; the script locks the id, so concurrent first runs make it
-    once), then a download (needs the network). A damaged dataset is a ConfigError that says how to
-    make it again."""
+    then the hub id on disk, then for *-random a set made here by scripts/make_dataset.py (no
+    network needed; the script locks the id, so concurrent first runs make it once), then a
+    download (needs the network). A damaged dataset is a ConfigError that says how to make it again."""
     root = dataset_path()
     if root.exists() and not root.is_dir():
         raise ConfigError(f"MINARI_DATASETS_PATH '{root}' is a file, not a folder")
     local_id, hub_ids = dataset_ids(base, quality, random_steps)
     on_disk = [i for i in [local_id, *hub_ids] if (dataset_path(i) / "data").exists()]
-    if not on_disk and quality == "random":
-        make = f"scripts/make_dataset.py {base}-random --steps {random_steps}"
-        print(f"{ALGO}.py: {base}-random is not on disk; generating it: python {make}", file=sys.stderr)
+    if not on_disk and quality.endswith("random"):
+        make = f"scripts/make_dataset.py {base}-{quality} --steps {random_steps}"
+        print(f"{ALGO}.py: {base}-{quality} is not on disk; generating it: python {make}", file=sys.stderr)
         code = subprocess.run([sys.executable, str(REPO_ROOT / make.split()[0]), *make.split()[1:]]).returncode
         if code in (2, 130, 143):  # bad input or a signal: the script has said why in one line
             sys.exit(code)
         if code != 0:
-            raise ConfigError(f"generating {base}-random failed (exit code {code}); see its output above")
+            raise ConfigError(f"generating {base}-{quality} failed (exit code {code}); see its output above")
         on_disk = [local_id]
     if not on_disk:
         on_disk = [download_dataset(base, quality, local_id, hub_ids)]

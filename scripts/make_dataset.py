@@ -5,6 +5,7 @@
   python scripts/make_dataset.py hopper-medium-replay     # re-runs the seeded SAC run of that policy
   python scripts/make_dataset.py hopper-medium-replay --from-run runs/hopper__sac__0__...  # or reads its buffer
   python scripts/make_dataset.py hopper-medium --steps 5000   # small set: local/hopper/medium-n5000-v0
+  python scripts/make_dataset.py antmaze-umaze-random --steps 3000   # AntMaze without the hub
 
 Protocols (D4RL, Fu et al. 2020):
   random         1M steps of a randomly initialised tanh-Gaussian policy, seed 0 (the algorithm
@@ -19,6 +20,11 @@ Protocols (D4RL, Fu et al. 2020):
                  same CPU and torch build; the script checks its final actor against the shipped one),
                  or read from that run's final checkpoint when you still have it (--from-run);
   medium-expert  the medium and expert datasets concatenated.
+AntMaze (not D4RL's: its sets are the hub's only):
+  umaze-random   uniform random actions in the umaze maze, recorded as Minari records its AntMaze
+                 sets; every other episode starts at the goal, so that the set holds rewards (an
+                 ant moving at random does not reach a goal 8 m away). For trying AntMaze offline
+                 (the algorithm files make it when missing), not for results.
 Sizes other than the default get their own id (<quality>-n<steps>). The D4RL reference scores
 are stored in the metadata; the same seed gives the same dataset. Writes are atomic and locked per
 id: a second process making the same id waits and reuses it; folders left by a killed write
@@ -41,6 +47,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Optional
 
+import gymnasium as gym
 import numpy as np
 import torch
 import tyro
@@ -62,13 +69,13 @@ sac = load_algorithm("sac")
 class Args:
     name: tyro.conf.Positional[str]
     """Dataset name <env>-<quality>: env in halfcheetah, hopper, walker2d, ant; quality in random,
-    medium, medium-replay, medium-expert, expert; or {pen,door}-{random,medium}."""
+    medium, medium-replay, medium-expert, expert; {pen,door}-{random,medium}; or antmaze-umaze-random."""
     steps: Optional[int] = None
     """Transitions (default 1M; medium-expert: per half). medium-replay: cap on the SAC run, which
     by default runs until the medium policy's stop score, as the shipped one did (not with
     --from-run)."""
     seed: int = 0
-    """Seed of the rollouts (random: ignored, so2.py's fixed seed keeps one random dataset per size)."""
+    """Seed of the rollouts (*-random: ignored, so2.py's fixed seed keeps one random dataset per size)."""
     workers: int = 2
     """Processes for policy rollouts (1 or 2; the data are the same either way)."""
     policy_dir: str = str(REPO / "results" / "policies")
@@ -134,6 +141,48 @@ def collect_episodes(env_name: str, policy: torch.nn.Module, steps: int, seed: i
     return episodes
 
 
+# Minari's D4RL/antmaze/umaze-v1 records AntMaze_UMaze-v4 on so2.UMAZE_EVAL's walls, reset and goal
+# cells, the episode going on past the goal; its stored evaluation env has these mirrored walls (its
+# issue #304).
+MINARI_UMAZE_EVAL = [[1, 1, 1, 1, 1], [1, 0, 0, "r", 1], [1, 0, 1, 1, 1], [1, 0, 0, "g", 1], [1, 1, 1, 1, 1]]
+UMAZE_GOAL_CELL = np.array([1, 1])  # the g of so2.UMAZE_EVAL (row, column)
+
+
+def umaze_env() -> gym.Env:
+    import gymnasium_robotics
+
+    gym.register_envs(gymnasium_robotics)
+    return gym.make("AntMaze_UMaze-v4", maze_map=so2.UMAZE_EVAL, continuing_task=True, reset_target=False)
+
+
+def umaze_random_episodes(steps: int, seed: int) -> list[dict]:
+    """Uniform random actions in Minari's umaze training env (700-step episodes, its time limit;
+    dict observations; reward 1 while within 0.45 of the goal). Every other episode starts in the
+    goal cell."""
+    env, rng, episodes, collected = umaze_env(), np.random.default_rng(seed), [], 0
+    while collected < steps:
+        options = {"reset_cell": UMAZE_GOAL_CELL} if len(episodes) % 2 == 0 else None
+        obs, _ = env.reset(seed=seed * 1000 + len(episodes), options=options)
+        path, actions, rewards, truncated = [obs], [], [], False
+        while not truncated and collected < steps:
+            actions.append(rng.uniform(-1, 1, env.action_space.shape).astype(np.float32))
+            obs, reward, _, truncated, _ = env.step(actions[-1])
+            path.append(obs)
+            rewards.append(reward)
+            collected += 1
+        episodes.append(
+            {
+                "observations": {k: np.stack([o[k] for o in path]) for k in obs},
+                "actions": np.stack(actions),
+                "rewards": np.array(rewards),
+                "terminations": np.zeros(len(rewards), dtype=bool),  # the task continues past the goal
+                "truncations": np.arange(len(rewards)) == len(rewards) - 1,  # time limit or budget
+            }
+        )
+    env.close()
+    return episodes
+
+
 def write_minari_dataset(
     dataset_id: str, episodes, base: str, algorithm_name: str, description: str, code: str
 ) -> None:
@@ -144,11 +193,14 @@ def write_minari_dataset(
 
     root = so2.dataset_path()
     tmp_root = root / f".tmp-{os.getpid()}"
-    env = so2.make_env(base)
+    env = umaze_env() if base == "antmaze" else so2.make_env(base)
     # pen and door: the spec without D4RLAdroit, which Minari could not import when it remakes the env
     # (so Minari's recovered env has gymnasium-robotics' pen ends and door reward; the description says so)
     spec = env.env.spec if isinstance(env, so2.D4RLAdroit) else env.spec
     env.close()
+    eval_spec = spec
+    if base == "antmaze":  # as Minari stores umaze's evaluation env: mirrored walls (so2.make_env undoes them)
+        eval_spec = replace(spec, kwargs=spec.kwargs | {"maze_map": MINARI_UMAZE_EVAL})
     previous = os.environ.get("MINARI_DATASETS_PATH")
     try:
         os.environ["MINARI_DATASETS_PATH"] = str(tmp_root)
@@ -175,7 +227,7 @@ def write_minari_dataset(
             description=description,
             ref_min_score=low,
             ref_max_score=high,
-            eval_env=spec,
+            eval_env=eval_spec,
         )
     finally:
         if previous is None:
@@ -351,7 +403,7 @@ def make(args: Args) -> str:
     """Write the dataset named by args (and, for medium-expert, its missing halves); its id."""
     env, quality = so2.parse_env_name(args.name)
     hub = so2.dataset_ids(env, quality, 1_000_000)[1]
-    if env == "antmaze" or (env in so2.ADROIT and hub):  # those sets exist on the Minari hub only
+    if hub and env in (*so2.ADROIT, "antmaze"):  # those sets exist on the Minari hub only
         raise so2.ConfigError(f"{args.name} comes from the Minari hub ({hub[0]}), not from this script")
     if args.workers not in (1, 2) or (args.steps is not None and args.steps < 1):
         raise so2.ConfigError("workers must be 1 or 2 and steps >= 1")
@@ -364,8 +416,8 @@ def make(args: Args) -> str:
         if so2.dataset_path(target).exists() and not (so2.dataset_path(target) / "data").exists():
             shutil.rmtree(so2.dataset_path(target))  # a folder without data is no dataset: a leftover
         exists = (so2.dataset_path(target) / "data").exists()
-        if exists and quality == "random":  # made by a run or a concurrent process: reuse it
-            arrays = so2.load_dataset(env, "random", args.steps or 1_000_000)[0]
+        if exists and quality.endswith("random"):  # made by a run or a concurrent process: reuse it
+            arrays = so2.load_dataset(env, quality, args.steps or 1_000_000)[0]
             ends = np.flatnonzero(arrays["terminals"] + arrays["timeouts"]) + 1
             print_summary(target, env, [r.sum() for r in np.split(arrays["rewards"], ends[:-1])])
             return target
@@ -375,7 +427,8 @@ def make(args: Args) -> str:
             )
         episodes, algorithm, description = make_episodes(args, env, quality)
         write_minari_dataset(target, episodes, env, algorithm, description, "scripts/make_dataset.py")
-        so2.save_flat_cache(target, so2.flatten_episodes(episodes))
+        if env != "antmaze":  # AntMaze's goal steps become terminals when an algorithm file flattens it
+            so2.save_flat_cache(target, so2.flatten_episodes(episodes))
     print_summary(target, env, [e["rewards"].sum() for e in episodes], sum(len(e["rewards"]) for e in episodes))
     return target
 
@@ -383,6 +436,10 @@ def make(args: Args) -> str:
 def make_episodes(args: Args, env: str, quality: str) -> tuple[list[dict], str, str]:
     """(episodes, algorithm name, description) of a dataset by its D4RL protocol."""
     steps, (gym_id, _, length) = args.steps or 1_000_000, so2.ENVS[env]
+    if env == "antmaze":  # umaze-random
+        algorithm = "uniform random actions, every other episode starting at the goal"
+        description = f"{steps} steps of {algorithm} in AntMaze_UMaze-v4 (Minari's umaze-v1 training env), seed {RANDOM_DATASET_SEED}; not a D4RL set."
+        return umaze_random_episodes(steps, RANDOM_DATASET_SEED), algorithm, description
     gym_id += "" if length is None else f" with D4RL's {length}-step episodes"
     gym_id += " ending when the pen drops, as D4RL's" if env == "pen" else ""
     gym_id += " with D4RL's reward" if env == "door" else ""
@@ -422,8 +479,13 @@ def make_episodes(args: Args, env: str, quality: str) -> tuple[list[dict], str, 
 def print_summary(target: str, env: str, returns: list[float], steps: Optional[int] = None) -> None:
     returns = np.asarray(returns, dtype=np.float64)
     size = "" if steps is None else f", {steps} steps"
+    score = (  # an AntMaze return here counts the steps near the goal: no success rate
+        f"with a goal step {int((returns > 0).sum())}"
+        if env == "antmaze"
+        else f"normalised {float(so2.normalized_score(env, returns).mean()):.1f}"
+    )
     print(
-        f"{target}: {len(returns)} episodes{size}, mean return {returns.mean():.1f} (std {returns.std():.1f}), normalised {float(so2.normalized_score(env, returns).mean()):.1f}"
+        f"{target}: {len(returns)} episodes{size}, mean return {returns.mean():.1f} (std {returns.std():.1f}), {score}"
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -13,12 +12,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import gymnasium as gym
-import minari
 import numpy as np
 import pytest
 import torch
-from minari.data_collector import EpisodeBuffer
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -45,55 +41,23 @@ def datasets_root(tmp_path_factory):
     return tmp_path_factory.mktemp("minari")
 
 
-# Minari's umaze training map and its evaluation map (mirrored walls: Minari issue #304).
+# Minari's umaze training map (the oracle of the evaluation env's walls).
 TRAIN_MAP = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, "r", 0, 0, 1], [1, 1, 1, 1, 1]]
-MINARI_EVAL_MAP = [[1, 1, 1, 1, 1], [1, 0, 0, "r", 1], [1, 0, 1, 1, 1], [1, 0, 0, "g", 1], [1, 1, 1, 1, 1]]
 
 
 @pytest.fixture(scope="session")
 def antmaze_umaze(datasets_root):
-    """local/antmaze/umaze-v0: 6 episodes of 60 random-action steps recorded as Minari records its
-    AntMaze sets (continuing_task=True, reset_target=False); half start in the goal cell, so some
-    steps reach the goal and earn reward 1."""
-    import gymnasium_robotics
-
-    gym.register_envs(gymnasium_robotics)
-    env = gym.make("AntMaze_UMaze-v4", maze_map=TRAIN_MAP, continuing_task=True, reset_target=False)
-    eval_spec = copy.deepcopy(env.spec)
-    eval_spec.kwargs["maze_map"] = MINARI_EVAL_MAP
-    rng, episodes = np.random.default_rng(0), []
-    for i in range(6):
-        options = {"reset_cell": np.array([1, 1]), "goal_cell": np.array([1, 1])} if i % 2 == 0 else None
-        obs, _ = env.reset(seed=i, options=options)
-        steps = [(obs, None, None)]
-        for _ in range(60):
-            action = rng.uniform(-1, 1, 8).astype(np.float32)
-            obs, reward, *_ = env.step(action)
-            steps.append((obs, action, reward))
-        episodes.append(
-            EpisodeBuffer(
-                id=i,
-                observations={k: np.stack([o[k] for o, _, _ in steps]) for k in obs},
-                actions=np.stack([a for _, a, _ in steps[1:]]),
-                rewards=np.array([r for _, _, r in steps[1:]]),
-                terminations=np.zeros(60, dtype=bool),
-                truncations=np.arange(60) == 59,
-            )
-        )
+    """local/antmaze/umaze-v0, standing in for the hub's D4RL/antmaze/umaze-v1: make_dataset.py's
+    umaze-random episodes (2 of 700 steps; the first starts at the goal and reaches it), written
+    in the hub's layout (dict observations, Minari's mirrored evaluation map)."""
+    make_dataset = load_script("scripts/make_dataset.py")
+    episodes = make_dataset.umaze_random_episodes(1400, 0)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MINARI_DATASETS_PATH", str(datasets_root))
-        minari.create_dataset_from_buffers(
-            "local/antmaze/umaze-v0",
-            episodes,
-            env=env,
-            eval_env=eval_spec,
-            algorithm_name="random actions",
-            author="tests",
-            author_email="n/a",
-            code_permalink="tests/test_antmaze.py",
-            description="a tiny set in the layout of Minari's D4RL/antmaze/umaze-v1",
+        make_dataset.write_minari_dataset(
+            "local/antmaze/umaze-v0", episodes, "antmaze", "random actions", "a tiny set", "tests/conftest.py"
         )
-    rewards = np.concatenate([e.rewards for e in episodes])
+    rewards = np.concatenate([e["rewards"] for e in episodes])
     assert 0 < rewards.sum() < len(rewards)  # the set has goal steps and others
     return "local/antmaze/umaze-v0"
 

@@ -133,3 +133,14 @@ def test_odt_reward_scale_is_the_releases_per_domain():
     assert scale("--env", "antmaze-umaze") == 1.0
     assert scale("--env", "hopper-medium") == 0.001
     assert scale("--env", "antmaze-umaze", "--reward-scale", "0.5") == 0.5
+
+
+def test_umaze_random_is_made_offline_by_a_run(tmp_path, datasets_root):
+    """The README's AntMaze command without the hub: a missing antmaze-umaze-random set is made by
+    make_dataset.py on the spot, then the run scores the success rate."""
+    args = [*tiny_args("cal_ql", "antmaze-umaze-random"), "--random-dataset-steps", "1000", "--eval-episodes", "2"]
+    run_dir, result = finished_run(
+        "algorithms/cal_ql.py", ["--config", "configs/cal_ql/antmaze.yaml", *args], tmp_path, datasets_root
+    )
+    assert "antmaze-umaze-random is not on disk; generating it" in result.stderr
+    assert all(0.0 <= r["return"] <= 1.0 for r in read_metrics(run_dir))

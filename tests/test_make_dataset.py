@@ -199,3 +199,24 @@ def test_pen_medium_rolls_out_a_policy_in_d4rls_pen(md, policy_dir):
 def test_hub_only_sets_are_refused(md, policy_dir, name, hub):
     with pytest.raises(md.so2.ConfigError, match=f"comes from the Minari hub \\({hub}\\)"):
         md.make(args(md, name, policy_dir))
+
+
+def test_antmaze_umaze_random_in_the_hubs_layout(md, policy_dir):
+    """antmaze-umaze-random: 700-step episodes of random actions, every other one starting in the
+    goal cell, recorded as Minari records umaze (dict observations, reward 1 within 0.45 of the
+    goal, no terminations) with Minari's evaluation map: the training walls mirrored left to right."""
+    target = md.make(args(md, "antmaze-umaze-random", policy_dir, steps=1400))
+    dataset = minari.load_dataset(target)
+    assert target == "local/antmaze/umaze-random-n1400-v0" and dataset.total_steps == 1400
+    episodes = list(dataset.iterate_episodes())
+    assert [len(e.actions) for e in episodes] == [700, 700]
+    start = [np.linalg.norm(e.observations["achieved_goal"][0] - e.observations["desired_goal"][0]) for e in episodes]
+    assert start[0] < 3 < 7 < start[1]  # the goal cell vs the reset cell two rows away (8 m)
+    for e in episodes:
+        distance = np.linalg.norm(e.observations["achieved_goal"][1:] - e.observations["desired_goal"][1:], axis=1)
+        assert np.array_equal(e.rewards, (distance <= 0.45).astype(float)) and not e.terminations.any()
+    assert episodes[0].rewards.any()
+    train, evaluation = (json.loads(dataset.storage.metadata[k])["kwargs"] for k in ("env_spec", "eval_env_spec"))
+    walls = [[cell == 1 for cell in row] for row in train["maze_map"]]
+    assert [[cell == 1 for cell in row] for row in evaluation["maze_map"]] == [row[::-1] for row in walls] != walls
+    assert train["continuing_task"] and not train["reset_target"]
