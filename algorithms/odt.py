@@ -1054,8 +1054,11 @@ LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "e
 ADROIT_QUALITIES = ("random", "medium", "human", "cloned", "expert")
 # AntMaze: one base, the maze and its data in the quality; the environment comes from the dataset.
 # The hub's six sets, then umaze-random: random actions in umaze, made by make_dataset.py (offline).
-ANTMAZE_QUALITIES = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
-ANTMAZE_QUALITIES += ("umaze-random",)
+ANTMAZE_QUALITIES = (
+    *("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse"),
+    "umaze-random",
+)
+GENERATED = ("random", "umaze-random")  # the qualities a run makes with make_dataset.py when missing
 
 
 def normalized_score(base: str, returns):
@@ -1151,7 +1154,7 @@ def parse_env_name(name: str) -> tuple[str, str]:
 def dataset_ids(base: str, quality: str, random_steps: int) -> tuple[str, list[str]]:
     """(local id, hub ids) tried in that order. The hub has no random, medium-replay or
     medium-expert locomotion sets; its medium/expert sets come from other policies than D4RL's."""
-    name = quality if not quality.endswith("random") or random_steps == 1_000_000 else f"{quality}-n{random_steps}"
+    name = quality if quality not in GENERATED or random_steps == 1_000_000 else f"{quality}-n{random_steps}"
     local = f"local/{base}/{name}-v0"
     if base in ADROIT:
         return local, [] if quality in ("random", "medium") else [f"D4RL/{base}/{quality}-v2"]
@@ -1237,8 +1240,9 @@ def load_dataset(base: str, quality: str, random_steps: int) -> tuple[dict[str, 
         raise ConfigError(f"MINARI_DATASETS_PATH '{root}' is a file, not a folder")
     local_id, hub_ids = dataset_ids(base, quality, random_steps)
     on_disk = [i for i in [local_id, *hub_ids] if (dataset_path(i) / "data").exists()]
-    if not on_disk and quality.endswith("random"):
-        make = f"scripts/make_dataset.py {base}-{quality} --steps {random_steps}"
+    size = f" --steps {random_steps}" if quality in GENERATED else ""  # the size this run looks for
+    if not on_disk and quality in GENERATED:
+        make = f"scripts/make_dataset.py {base}-{quality}{size}"
         print(f"{ALGO}.py: {base}-{quality} is not on disk; generating it: python {make}", file=sys.stderr)
         code = subprocess.run([sys.executable, str(REPO_ROOT / make.split()[0]), *make.split()[1:]]).returncode
         if code in (2, 130, 143):  # bad input or a signal: the script has said why in one line
@@ -1250,7 +1254,7 @@ def load_dataset(base: str, quality: str, random_steps: int) -> tuple[dict[str, 
         on_disk = [download_dataset(base, quality, local_id, hub_ids)]
     dataset_id = on_disk[0]
     remedy = f"delete {dataset_path(dataset_id)} and " + (
-        f"make it again with: python scripts/make_dataset.py {base}-{quality}"
+        f"make it again with: python scripts/make_dataset.py {base}-{quality}{size}"
         if dataset_id == local_id
         else "run again to download it"
     )

@@ -21,10 +21,11 @@ Protocols (D4RL, Fu et al. 2020):
                  or read from that run's final checkpoint when you still have it (--from-run);
   medium-expert  the medium and expert datasets concatenated.
 AntMaze (not D4RL's: its sets are the hub's only):
-  umaze-random   uniform random actions in the umaze maze, recorded as Minari records its AntMaze
-                 sets; every other episode starts at the goal, so that the set holds rewards (an
-                 ant moving at random does not reach a goal 8 m away). For trying AntMaze offline
-                 (the algorithm files make it when missing), not for results.
+  umaze-random   uniform random actions in Minari's umaze training env, with the dict observations,
+                 sparse reward and continuing episodes of Minari's umaze-v1 (no infos); every other
+                 episode starts in the goal cell, so that the set holds rewards (an ant moving at
+                 random does not reach a goal 8 m away). For trying AntMaze offline (the algorithm
+                 files make it when missing), not for results.
 Sizes other than the default get their own id (<quality>-n<steps>). The D4RL reference scores
 are stored in the metadata; the same seed gives the same dataset. Writes are atomic and locked per
 id: a second process making the same id waits and reuses it; folders left by a killed write
@@ -145,14 +146,16 @@ def collect_episodes(env_name: str, policy: torch.nn.Module, steps: int, seed: i
 # cells, the episode going on past the goal; its stored evaluation env has these mirrored walls (its
 # issue #304).
 MINARI_UMAZE_EVAL = [[1, 1, 1, 1, 1], [1, 0, 0, "r", 1], [1, 0, 1, 1, 1], [1, 0, 0, "g", 1], [1, 1, 1, 1, 1]]
-UMAZE_GOAL_CELL = np.array([1, 1])  # the g of so2.UMAZE_EVAL (row, column)
+UMAZE_GOAL_CELL = np.argwhere(np.array(so2.UMAZE_EVAL, dtype=object) == "g")[0]  # (row, column)
 
 
 def umaze_env() -> gym.Env:
     import gymnasium_robotics
 
     gym.register_envs(gymnasium_robotics)
-    return gym.make("AntMaze_UMaze-v4", maze_map=so2.UMAZE_EVAL, continuing_task=True, reset_target=False)
+    env = gym.make("AntMaze_UMaze-v4", maze_map=so2.UMAZE_EVAL, continuing_task=True, reset_target=False)
+    os.unlink(env.unwrapped.tmp_xml_file_path)  # gymnasium-robotics leaves the compiled maze's file in /tmp
+    return env
 
 
 def umaze_random_episodes(steps: int, seed: int) -> list[dict]:
@@ -416,10 +419,8 @@ def make(args: Args) -> str:
         if so2.dataset_path(target).exists() and not (so2.dataset_path(target) / "data").exists():
             shutil.rmtree(so2.dataset_path(target))  # a folder without data is no dataset: a leftover
         exists = (so2.dataset_path(target) / "data").exists()
-        if exists and quality.endswith("random"):  # made by a run or a concurrent process: reuse it
-            arrays = so2.load_dataset(env, quality, args.steps or 1_000_000)[0]
-            ends = np.flatnonzero(arrays["terminals"] + arrays["timeouts"]) + 1
-            print_summary(target, env, [r.sum() for r in np.split(arrays["rewards"], ends[:-1])])
+        if exists and quality in so2.GENERATED:  # made by a run or a concurrent process: reuse it
+            print_summary(target, env, stored_episodes(target))
             return target
         if exists:
             raise so2.ConfigError(
@@ -429,7 +430,7 @@ def make(args: Args) -> str:
         write_minari_dataset(target, episodes, env, algorithm, description, "scripts/make_dataset.py")
         if env != "antmaze":  # AntMaze's goal steps become terminals when an algorithm file flattens it
             so2.save_flat_cache(target, so2.flatten_episodes(episodes))
-    print_summary(target, env, [e["rewards"].sum() for e in episodes], sum(len(e["rewards"]) for e in episodes))
+    print_summary(target, env, episodes)
     return target
 
 
@@ -476,16 +477,16 @@ def make_episodes(args: Args, env: str, quality: str) -> tuple[list[dict], str, 
     )
 
 
-def print_summary(target: str, env: str, returns: list[float], steps: Optional[int] = None) -> None:
-    returns = np.asarray(returns, dtype=np.float64)
-    size = "" if steps is None else f", {steps} steps"
+def print_summary(target: str, env: str, episodes: list[dict]) -> None:
+    returns = np.array([e["rewards"].sum() for e in episodes], dtype=np.float64)
+    steps = sum(len(e["rewards"]) for e in episodes)
     score = (  # an AntMaze return here counts the steps near the goal: no success rate
-        f"with a goal step {int((returns > 0).sum())}"
+        f"{int((returns > 0).sum())} episodes with a goal step"
         if env == "antmaze"
         else f"normalised {float(so2.normalized_score(env, returns).mean()):.1f}"
     )
     print(
-        f"{target}: {len(returns)} episodes{size}, mean return {returns.mean():.1f} (std {returns.std():.1f}), {score}"
+        f"{target}: {len(returns)} episodes, {steps} steps, mean return {returns.mean():.1f} (std {returns.std():.1f}), {score}"
     )
 
 

@@ -114,7 +114,10 @@ def test_truncated_or_missing_data_file_says_how_to_regenerate(so2, store_copy, 
         f.truncate(data.stat().st_size // 2)
     argv = [*TINY["so2"], "--out-dir", str(tmp_path / "runs")]
     assert_main_refuses(
-        so2, argv, capsys, f"delete {store_copy} and make it again with: python scripts/make_dataset.py walker2d-random"
+        so2,
+        argv,
+        capsys,
+        f"delete {store_copy} and make it again with: python scripts/make_dataset.py walker2d-random --steps 1500",
     )
     data.unlink()
     assert_main_refuses(

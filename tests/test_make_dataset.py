@@ -201,11 +201,19 @@ def test_hub_only_sets_are_refused(md, policy_dir, name, hub):
         md.make(args(md, name, policy_dir))
 
 
-def test_antmaze_umaze_random_in_the_hubs_layout(md, policy_dir):
+def test_antmaze_umaze_random_in_the_hubs_layout(md, policy_dir, capsys):
     """antmaze-umaze-random: 700-step episodes of random actions, every other one starting in the
-    goal cell, recorded as Minari records umaze (dict observations, reward 1 within 0.45 of the
-    goal, no terminations) with Minari's evaluation map: the training walls mirrored left to right."""
+    goal cell, as Minari's umaze-v1 (dict observations, reward 1 within 0.45 of the goal, no
+    terminations, one truncation per episode) with Minari's evaluation map: the training walls
+    mirrored left to right. Made again, it is reused with the same summary."""
     target = md.make(args(md, "antmaze-umaze-random", policy_dir, steps=1400))
+    made = capsys.readouterr().out
+    assert md.make(args(md, "antmaze-umaze-random", policy_dir, steps=1400)) == target
+    assert (
+        capsys.readouterr().out
+        == made
+        == f"{target}: 2 episodes, 1400 steps, mean return 17.5 (std 17.5), 1 episodes with a goal step\n"
+    )
     dataset = minari.load_dataset(target)
     assert target == "local/antmaze/umaze-random-n1400-v0" and dataset.total_steps == 1400
     episodes = list(dataset.iterate_episodes())
@@ -215,6 +223,7 @@ def test_antmaze_umaze_random_in_the_hubs_layout(md, policy_dir):
     for e in episodes:
         distance = np.linalg.norm(e.observations["achieved_goal"][1:] - e.observations["desired_goal"][1:], axis=1)
         assert np.array_equal(e.rewards, (distance <= 0.45).astype(float)) and not e.terminations.any()
+        assert e.truncations[-1] and e.truncations.sum() == 1
     assert episodes[0].rewards.any()
     train, evaluation = (json.loads(dataset.storage.metadata[k])["kwargs"] for k in ("env_spec", "eval_env_spec"))
     walls = [[cell == 1 for cell in row] for row in train["maze_map"]]
