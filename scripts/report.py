@@ -33,7 +33,9 @@ Writes to --out:
                          CI and rliable's probability of improvement P(A > B) with its CI.
 Runs are grouped by (env, variant): the variant is the run's --run-name (the sweep sets it), the
 seed comes from its config. A run folder is any folder holding summary.json, config.yaml and
-metrics.jsonl (the README's run-folder contract); folders are searched recursively.
+metrics.jsonl (the README's run-folder contract); folders are searched recursively. With
+--reference ENV:LOW:HIGH (e.g. ant:-325.6:3879.7, D4RL's Ant-v2 constants) that env's scores are
+recomputed from the logged returns, and table.md's first line says so.
 """
 
 from __future__ import annotations
@@ -80,6 +82,10 @@ class Args:
     q_from: int = 0
     """q_table.md averages each run's evaluations at or after this many online env steps (e.g. the
     end of the warm-up, so that only evaluations after Q updates on online data count)."""
+    reference: tuple[str, ...] = ()
+    """ENV:LOW:HIGH, e.g. ant:-325.6:3879.7 (D4RL's Ant-v2 constants): that env's normalised scores,
+    pretraining included, recomputed from each evaluation's mean return as 100 (return - LOW) /
+    (HIGH - LOW), instead of the ones the runs logged; table.md says so."""
 
 
 @dataclass
@@ -132,6 +138,29 @@ def read_run(folder: Path) -> Optional[Run]:
     steps = np.array([r["env_steps"] for r in online], dtype=float)
     variant = config.get("run_name") or "default"
     return Run(config["env"], variant, config["seed"], steps, online, finetune_time, summary, pretrain)
+
+
+def renormalise(runs: list[Run], references: dict[str, tuple[float, float]]) -> None:
+    """Each record's normalised score from its return, for the runs whose env has a reference here."""
+    for run in runs:
+        low, high = references.get(run.env.partition("-")[0], (None, None))
+        for record in run.records + run.pretrain if low is not None else []:
+            record["normalized_score"] = 100.0 * (record["return"] - low) / (high - low)
+
+
+def parse_references(items: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    """--reference ENV:LOW:HIGH items -> {env: (low, high)}; ValueError on a malformed one."""
+    references = {}
+    for item in items:
+        env, *bounds = item.split(":")
+        try:
+            low, high = map(float, bounds)
+        except ValueError:  # not two numbers
+            low = high = 0.0
+        if not env or not high > low:
+            raise ValueError(f"--reference {item} is not ENV:LOW:HIGH with LOW < HIGH")
+        references[env] = (low, high)
+    return references
 
 
 def bootstrap_ci(values: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
@@ -440,10 +469,15 @@ def main(args: Args) -> None:
     problems = [f"--paired {p} is not A:B" for p, pair in zip(args.paired, pairs) if len(pair) != 2 or "" in pair]
     problems += ["--auc FROM TO needs 0 <= FROM <= TO"] if args.auc and not 0 <= args.auc[0] <= args.auc[1] else []
     problems += ["--last must be >= 1"] if args.last < 1 else []
+    try:
+        references = parse_references(args.reference)
+    except ValueError as exc:
+        problems.append(str(exc))
     if problems:
         print(f"report.py: error: {problems[0]}", file=sys.stderr)
         sys.exit(2)
     found = find_runs(args.runs)
+    renormalise(found, references)
     runs = [r for r in found if r.records]
     if not runs:
         print(
@@ -468,7 +502,11 @@ def main(args: Args) -> None:
         print(
             "report.py: no Q diagnostics in these runs (no Q function, e.g. odt.py): no q_diagnostics.png, q_table.md"
         )
-    (out / "table.md").write_text(table(groups, args.budgets, args.auc, args.last))
+    note = "".join(
+        f"Normalised scores of {e} recomputed from the returns with LOW {lo:g}, HIGH {hi:g} (--reference).\n\n"
+        for e, (lo, hi) in references.items()
+    )
+    (out / "table.md").write_text(note + table(groups, args.budgets, args.auc, args.last))
     (out / "aggregate.json").write_text(
         json.dumps(aggregate(groups, args.reps, out / "aggregate.png"), indent=2) + "\n"
     )

@@ -273,11 +273,42 @@ def test_window_means_and_paired_comparison_by_hand(tmp_path, datasets_root):
         (["--paired", "so2"], "--paired so2 is not A:B"),
         (["--auc", "5", "1"], "--auc FROM TO"),
         (["--last", "0"], "--last"),
+        (["--reference", "ant:1"], "--reference ant:1 is not ENV:LOW:HIGH"),
+        (["--reference", "ant:5:1"], "--reference ant:5:1 is not ENV:LOW:HIGH"),
+        (["--reference", ":0:1"], "--reference :0:1 is not ENV:LOW:HIGH"),
+        (["--reference", "ant:low:1"], "--reference ant:low:1 is not ENV:LOW:HIGH"),
     ],
 )
 def test_bad_statistics_arguments_are_one_line_errors(args, message, tmp_path, datasets_root):
     result = run_script("scripts/report.py", [str(tmp_path), *args], datasets_root)
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_reference_renormalises_one_env_from_the_returns(tmp_path, datasets_root):
+    """--reference ant:-325.6:3879.7: the ant run's scores, pretraining included, become D4RL's
+    formula on its returns (hand-computed); the hopper run in the same report keeps its logged scores."""
+    write_run(tmp_path / "runs" / "ant", "ant-random", "so2", 0)
+    write_run(tmp_path / "runs" / "hopper", "hopper-random", "so2", 0)
+    metrics = tmp_path / "runs" / "ant" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for record, value in zip(records, (-325.6, 95.13, 515.86, 3879.7)):  # pretrain, then 0, 1,000, 2,000
+        record["return"] = value
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "report"
+    result = run_script(
+        "scripts/report.py",
+        [str(tmp_path / "runs"), "--out", str(out), "--reference", "ant:-325.6:3879.7"],
+        datasets_root,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (out / "table.md").read_text().splitlines()
+    assert (
+        lines[0] == "Normalised scores of ant recomputed from the returns with LOW -325.6, HIGH 3879.7 (--reference)."
+    )
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in lines[4:]}
+    # (95.13 + 325.6) / 4205.3 = 10.0%, (3879.7 + 325.6) / 4205.3 = 100%, best 100, last-3 (10 + 20 + 100) / 3
+    assert rows["ant-random"][3:7] == ["10.0 ± 0.0", "100.0 ± 0.0", "100.0 ± 0.0", "43.3 ± 0.0"]
+    assert rows["hopper-random"][3:5] == [f"{score('so2', 0, 0):.1f} ± 0.0", f"{score('so2', 0, 2000):.1f} ± 0.0"]
 
 
 def test_a_hopper_standing_still_is_flagged():
