@@ -66,9 +66,7 @@ def test_door_reward_is_d4rls(so2):
         assert raw_reward - reward == pytest.approx(0.2 * distance, abs=1e-12) and distance > 0.01
 
 
-# Every file on pen; door (which differs only in its env, checked in every file by
-# test_every_file_makes_d4rls_adroit) on one offline-to-online file and sac.py.
-END_TO_END = [(name, "pen") for name in TINY] + [("so2", "door"), ("sac", "door")]
+END_TO_END = [(name, env) for env in ("pen", "door") for name in TINY]
 
 
 @pytest.mark.parametrize("name,env", END_TO_END, ids=lambda x: x)
