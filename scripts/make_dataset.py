@@ -1,4 +1,5 @@
-"""Make D4RL-style datasets for gymnasium v5 MuJoCo and Adroit, without the network, as Minari datasets.
+"""Make D4RL-style datasets for gymnasium v5 MuJoCo and Adroit, and a random AntMaze set, without the network, as
+Minari datasets.
 
   python scripts/make_dataset.py walker2d-random          # -> local/walker2d/random-v0
   python scripts/make_dataset.py hopper-medium            # needs results/policies/hopper-medium.pt
