@@ -34,8 +34,9 @@ Writes to --out:
 Runs are grouped by (env, variant): the variant is the run's --run-name (the sweep sets it), the
 seed comes from its config. A run folder is any folder holding summary.json, config.yaml and
 metrics.jsonl (the README's run-folder contract); folders are searched recursively. With
---reference ENV:LOW:HIGH (e.g. ant:-325.6:3879.7, D4RL's Ant-v2 constants) that env's scores are
-recomputed from the logged returns, and table.md's first line says so.
+--reference ENV:LOW:HIGH (e.g. ant:-325.6:3879.7, D4RL's Ant-v2 constants; ENV is the part of the
+dataset name before the first "-") that env's scores are recomputed from the logged returns, and
+table.md, paired.md, paired.json and aggregate.json say so (summary.json keeps the logged scores).
 """
 
 from __future__ import annotations
@@ -83,9 +84,10 @@ class Args:
     """q_table.md averages each run's evaluations at or after this many online env steps (e.g. the
     end of the warm-up, so that only evaluations after Q updates on online data count)."""
     reference: tuple[str, ...] = ()
-    """ENV:LOW:HIGH, e.g. ant:-325.6:3879.7 (D4RL's Ant-v2 constants): that env's normalised scores,
-    pretraining included, recomputed from each evaluation's mean return as 100 (return - LOW) /
-    (HIGH - LOW), instead of the ones the runs logged; table.md says so."""
+    """ENV:LOW:HIGH ..., e.g. ant:-325.6:3879.7 (D4RL's Ant-v2 constants; ENV: the part of the
+    dataset name before the first "-", so ant covers ant-random, ant-medium, ...): that env's
+    normalised scores, pretraining included, recomputed from each evaluation's mean return as
+    100 (return - LOW) / (HIGH - LOW) instead of the ones the runs logged; the outputs say so."""
 
 
 @dataclass
@@ -145,7 +147,8 @@ def renormalise(runs: list[Run], references: dict[str, tuple[float, float]]) -> 
     for run in runs:
         low, high = references.get(run.env.partition("-")[0], (None, None))
         for record in run.records + run.pretrain if low is not None else []:
-            record["normalized_score"] = 100.0 * (record["return"] - low) / (high - low)
+            value = record["return"]  # null where the evaluation's return was not finite
+            record["normalized_score"] = None if value is None else 100.0 * (value - low) / (high - low)
 
 
 def parse_references(items: tuple[str, ...]) -> dict[str, tuple[float, float]]:
@@ -157,8 +160,10 @@ def parse_references(items: tuple[str, ...]) -> dict[str, tuple[float, float]]:
             low, high = map(float, bounds)
         except ValueError:  # not two numbers
             low = high = 0.0
-        if not env or not high > low:
-            raise ValueError(f"--reference {item} is not ENV:LOW:HIGH with LOW < HIGH")
+        if not env or not np.isfinite([low, high]).all() or not high > low:
+            raise ValueError(f"--reference {item} is not ENV:LOW:HIGH with finite LOW < HIGH")
+        if env in references:
+            raise ValueError(f"--reference {env} is given twice")
         references[env] = (low, high)
     return references
 
@@ -477,6 +482,13 @@ def main(args: Args) -> None:
         print(f"report.py: error: {problems[0]}", file=sys.stderr)
         sys.exit(2)
     found = find_runs(args.runs)
+    unmatched = sorted(set(references) - {r.env.partition("-")[0] for r in found})
+    if unmatched:
+        print(
+            f"report.py: error: --reference {unmatched[0]} matches no run's env (ENV is the part before the first '-', e.g. ant)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     renormalise(found, references)
     runs = [r for r in found if r.records]
     if not runs:
@@ -503,17 +515,17 @@ def main(args: Args) -> None:
             "report.py: no Q diagnostics in these runs (no Q function, e.g. odt.py): no q_diagnostics.png, q_table.md"
         )
     note = "".join(
-        f"Normalised scores of {e} recomputed from the returns with LOW {lo:g}, HIGH {hi:g} (--reference).\n\n"
+        f"Normalised scores of {e} recomputed from the returns with LOW {lo!r}, HIGH {hi!r} (--reference).\n"
         for e, (lo, hi) in references.items()
-    )
+    ) + ("\n" if references else "")
+    marked = {"references": {e: list(bounds) for e, bounds in references.items()}} if references else {}
     (out / "table.md").write_text(note + table(groups, args.budgets, args.auc, args.last))
-    (out / "aggregate.json").write_text(
-        json.dumps(aggregate(groups, args.reps, out / "aggregate.png"), indent=2) + "\n"
-    )
+    result = aggregate(groups, args.reps, out / "aggregate.png")
+    (out / "aggregate.json").write_text(json.dumps({**marked, **result}, indent=2) + "\n")
     if pairs:  # after the aggregate, whose bootstrap draws do not depend on --paired
         text, result = paired(groups, pairs, args.auc, args.last, args.reps)
-        (out / "paired.md").write_text(text)
-        (out / "paired.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "paired.md").write_text(note + text)
+        (out / "paired.json").write_text(json.dumps({**marked, **result}, indent=2) + "\n")
     print(f"report of {len(runs)} runs ({', '.join(f'{e}: {len(v)} variants' for e, v in groups.items())}) in {out}")
 
 

@@ -277,6 +277,8 @@ def test_window_means_and_paired_comparison_by_hand(tmp_path, datasets_root):
         (["--reference", "ant:5:1"], "--reference ant:5:1 is not ENV:LOW:HIGH"),
         (["--reference", ":0:1"], "--reference :0:1 is not ENV:LOW:HIGH"),
         (["--reference", "ant:low:1"], "--reference ant:low:1 is not ENV:LOW:HIGH"),
+        (["--reference", "ant:0:inf"], "--reference ant:0:inf is not ENV:LOW:HIGH"),
+        (["--reference", "ant:0:1", "ant:0:2"], "--reference ant is given twice"),
     ],
 )
 def test_bad_statistics_arguments_are_one_line_errors(args, message, tmp_path, datasets_root):
@@ -309,6 +311,30 @@ def test_reference_renormalises_one_env_from_the_returns(tmp_path, datasets_root
     # (95.13 + 325.6) / 4205.3 = 10.0%, (3879.7 + 325.6) / 4205.3 = 100%, best 100, last-3 (10 + 20 + 100) / 3
     assert rows["ant-random"][3:7] == ["10.0 ± 0.0", "100.0 ± 0.0", "100.0 ± 0.0", "43.3 ± 0.0"]
     assert rows["hopper-random"][3:5] == [f"{score('so2', 0, 0):.1f} ± 0.0", f"{score('so2', 0, 2000):.1f} ± 0.0"]
+    assert json.loads((out / "aggregate.json").read_text())["references"] == {"ant": [-325.6, 3879.7]}
+
+
+def test_reference_renormalises_pretraining_records_and_must_match_a_run(tmp_path, datasets_root):
+    """The pretraining curves get the recomputed scores too, those of pretraining-only runs (a sweep's
+    shared pretrainings) included; a --reference that matches no run's env is a one-line error."""
+    for name, scores in (("ft", None), ("pt", {})):  # a finetuned and a pretraining-only ant run
+        write_run(tmp_path / "runs" / name, "ant-random", "so2" if scores is None else "pretrain", 0, scores=scores)
+    write_run(tmp_path / "runs" / "hopper", "hopper-random", "so2", 0)
+    report = load_script("scripts/report.py")
+    seen = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            report,
+            "plot_pretraining",
+            lambda runs, path, rng: seen.extend((r.env, r.pretrain[0]["normalized_score"]) for r in runs),
+        )
+        report.main(
+            report.Args(runs=(str(tmp_path / "runs"),), out=str(tmp_path / "out"), reps=10, reference=("ant:-100:100",))
+        )
+    assert sorted(seen) == [("ant-random", 50.0), ("ant-random", 50.0), ("hopper-random", 1.0)]  # return 0: 50%
+    result = run_script("scripts/report.py", [str(tmp_path / "runs"), "--reference", "ant-random:0:1"], datasets_root)
+    assert result.returncode == 2 and "--reference ant-random matches no run's env" in result.stderr
+    assert result.stderr.count("\n") == 1
 
 
 def test_a_hopper_standing_still_is_flagged():
