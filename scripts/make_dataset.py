@@ -205,9 +205,10 @@ def write_minari_dataset(
     eval_spec = spec
     if base == "antmaze":  # as Minari stores umaze's evaluation env: mirrored walls (so2.make_env undoes them)
         eval_spec = replace(spec, kwargs=spec.kwargs | {"maze_map": MINARI_UMAZE_EVAL})
-    previous = os.environ.get("MINARI_DATASETS_PATH")
+    previous, scratch = os.environ.get("MINARI_DATASETS_PATH"), tempfile.mkdtemp()
     try:
         os.environ["MINARI_DATASETS_PATH"] = str(tmp_root)
+        tempfile.tempdir = scratch  # Minari makes the specs' envs: AntMaze's leave their maze files there
         buffers = [
             EpisodeBuffer(
                 id=i,
@@ -234,6 +235,8 @@ def write_minari_dataset(
             eval_env=eval_spec,
         )
     finally:
+        tempfile.tempdir = None  # the default again
+        shutil.rmtree(scratch, ignore_errors=True)
         if previous is None:
             os.environ.pop("MINARI_DATASETS_PATH", None)
         else:
