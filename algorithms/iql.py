@@ -960,10 +960,12 @@ def dataset_ids(base: str, quality: str, random_steps: int) -> tuple[str, list[s
     medium-expert locomotion sets; its medium/expert sets come from other policies than D4RL's."""
     name = quality if quality not in GENERATED or random_steps == 1_000_000 else f"{quality}-n{random_steps}"
     local = f"local/{base}/{name}-v0"
+    if quality in GENERATED:  # made here only
+        return local, []
     if base in ADROIT:
-        return local, [] if quality in ("random", "medium") else [f"D4RL/{base}/{quality}-v2"]
+        return local, [] if quality == "medium" else [f"D4RL/{base}/{quality}-v2"]
     if base == "antmaze":
-        return local, [] if quality == "umaze-random" else [f"D4RL/antmaze/{quality}-v1"]
+        return local, [f"D4RL/antmaze/{quality}-v1"]
     return local, [f"mujoco/{base}/{quality}-v0"] if quality in ("medium", "expert") else []
 
 
