@@ -121,6 +121,8 @@ def test_export_at_a_checkpoint_records_the_shorter_run(tmp_path, datasets_root,
     with pytest.raises(SystemExit) as refused:  # no checkpoint (nor evaluation) at step 100
         export.main(export.Args(str(run_dir), "hopper-expert", at_step=(100, str(tmp_path / "actor_150.pt"))))
     assert refused.value.code == 2 and not (tmp_path / "policies" / "hopper-expert.pt").exists()
+    # The entry's score is on the reference returns of today's code, not those logged in training.
+    monkeypatch.setitem(load_script("algorithms/sac.py").ENVS, "hopper", ("Hopper-v5", (0.0, 1000.0), None))
     export.main(
         export.Args(str(run_dir), "hopper-expert", band=(0.0, 100.0), at_step=(150, str(tmp_path / "actor_150.pt")))
     )
@@ -128,6 +130,7 @@ def test_export_at_a_checkpoint_records_the_shorter_run(tmp_path, datasets_root,
     at_150 = next(r for r in read_metrics(run_dir) if r["env_steps"] == 150)
     assert entry["training_env_steps"] == entry["sac_config"]["total_steps"] == 150
     assert entry["eval_return"] == round(at_150["return"], 1) and "--total-steps 150 " in entry["command"]
+    assert entry["eval_normalized_score"] == round(at_150["return"] / 10.0, 1)  # 100 * return / 1000
     assert "of a 300-step run" in entry["note"]
     shipped = load_run_file(tmp_path / "policies" / "hopper-expert.pt")
     assert shipped.keys() == actor.keys() and all(torch.equal(shipped[k], actor[k]) for k in actor)
