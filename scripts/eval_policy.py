@@ -4,8 +4,8 @@
 
 Runs the deterministic policy (tanh of the mean) for --episodes episodes from held-out seeded
 start states (not the ones training evaluated on), all episodes batched into one policy forward
-per step, and prints one JSON line: mean return, normalised score (and its spread over the episodes),
-the band and whether the score lies inside it. Exit code 1 when it does not.
+per step, and prints one JSON line: mean return and episode length, normalised score (and its
+spread over the episodes), the band and whether the score lies inside it. Exit code 1 when it does not.
 """
 
 from __future__ import annotations
@@ -41,13 +41,14 @@ def evaluate(args: Args) -> dict:
     actor, entry = make_dataset.load_policy(args.policy_dir, env_name, quality)
     envs = [make_dataset.so2.make_env(env_name) for _ in range(args.episodes)]
     obs = np.stack([env.reset(seed=args.seed + i)[0] for i, env in enumerate(envs)]).astype(np.float32)
-    returns, active = np.zeros(args.episodes), list(range(args.episodes))
+    returns, lengths, active = np.zeros(args.episodes), np.zeros(args.episodes), list(range(args.episodes))
     while active:
         actions = actor(torch.as_tensor(obs[active]), deterministic=True)[0].numpy()
         still = []
         for i, action in zip(active, actions):
             obs[i], reward, terminated, truncated, _ = envs[i].step(action)
             returns[i] += reward
+            lengths[i] += 1
             if not (terminated or truncated):
                 still.append(i)
         active = still
@@ -60,6 +61,7 @@ def evaluate(args: Args) -> dict:
         "seed": args.seed,
         "return": round(float(returns.mean()), 1),
         "return_std": round(float(returns.std()), 1),
+        "episode_length": round(float(lengths.mean()), 1),  # full-length with a flat return: standing still
         "normalized_score": round(score, 1),
         "episode_score_std": round(float(scores.std()), 1),
         "episode_score_min": round(float(scores.min()), 1),

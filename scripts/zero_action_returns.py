@@ -8,7 +8,7 @@ that learned something from one that only survives (or stands still).
 Each episode starts from the evaluation's fixed start states (seeds 1000 k + 500, 1000 k + 501, ...,
 as the algorithm files' Evaluator of a run with --seed k) and applies the action 0 until termination
 or the time limit. Prints a markdown table: mean return ± std, mean episode length, and the
-D4RL-normalised score of that mean.
+normalised score of that mean (the algorithm files' reference returns: D4RL's, except ant's).
 """
 
 import sys
@@ -48,7 +48,7 @@ def main(args: Args) -> int:
         problem = f"unknown env {unknown[0]}" if unknown else "episodes must be >= 1"
         print(f"zero_action_returns.py: error: {problem}; envs: {', '.join(known)}", file=sys.stderr)
         return 2
-    print("| env | gym id | episodes | zero-action return | episode length | normalised (D4RL constants) |")
+    print("| env | gym id | episodes | zero-action return | episode length | normalised |")
     print("|---|---|---|---|---|---|")
     for name in args.envs:
         env = so2.make_env(name)

@@ -1,6 +1,7 @@
 """Datasets, scores, config resolution and the Q diagnostics of algorithms/so2.py."""
 
 import itertools
+import json
 import math
 import socket
 import subprocess
@@ -20,6 +21,20 @@ def test_normalized_score_uses_d4rl_constants(so2):
     assert so2.normalized_score("hopper", [-20.272305, 3234.3]) == pytest.approx([0.0, 100.0])
     # halfcheetah: (5927.41 - (-280.18)) / 12415.18 = 50%
     assert so2.normalized_score("halfcheetah", 5927.410523) == pytest.approx(50.0, abs=1e-4)
+
+
+def test_ant_scores_on_the_measured_ant_v5_references(so2):
+    """ant: this project's Ant-v5 references (D4RL's are Ant-v2's): random = the mean return of the
+    ant-random set's episodes (make_dataset's log), expert = the shipped ant-expert's return on the
+    100 held-out episodes that configs/sweeps/sac_ant_expert.yaml fixed (seeds 10,000-10,099)."""
+    low, high = so2.ENVS["ant"][1]
+    log = (REPO / "results" / "datasets" / "make_dataset_log.txt").read_text()
+    assert f"local/ant/random-v0: 7351 episodes, 1000000 steps, mean return {low:.1f} " in log
+    heldout = [json.loads(line) for line in (REPO / "results" / "policies" / "heldout_eval.jsonl").open()]
+    expert = [r for r in heldout if r["policy"] == "ant-expert" and (r["episodes"], r["seed"]) == (100, 10_000)]
+    assert [r["return"] for r in expert] == [high]
+    # 50% of the way: (1124.376 - (-79.548)) / (2328.3 - (-79.548)) = 1203.924 / 2407.848
+    assert so2.normalized_score("ant", 1124.376) == pytest.approx(50.0)
 
 
 def test_mujoco_deprecation_warning_shows_once_and_others_pass():
