@@ -30,7 +30,10 @@ def test_ant_scores_on_the_measured_ant_v5_references(so2):
     low, high = so2.ENVS["ant"][1]
     log = (REPO / "results" / "datasets" / "make_dataset_log.txt").read_text()
     assert f"local/ant/random-v0: 7351 episodes, 1000000 steps, mean return {low:.1f} " in log
-    heldout = [json.loads(line) for line in (REPO / "results" / "policies" / "heldout_eval.jsonl").open()]
+    assert f"reward sums per episode): mean return\n# {low:.3f}, std 148.277" in log
+    heldout = [
+        json.loads(line) for line in (REPO / "results" / "policies" / "heldout_eval.jsonl").read_text().splitlines()
+    ]
     expert = [r for r in heldout if r["policy"] == "ant-expert" and (r["episodes"], r["seed"]) == (100, 10_000)]
     assert [r["return"] for r in expert] == [high]
     # 50% of the way: (1124.376 - (-79.548)) / (2328.3 - (-79.548)) = 1203.924 / 2407.848
