@@ -28,10 +28,10 @@ AntMaze (not D4RL's: its sets are the hub's only):
                  random does not reach a goal 8 m away). For trying AntMaze offline (the algorithm
                  files make it when missing), not for results.
 Sizes other than the default get their own id (<quality>-n<steps>). The reference scores (D4RL's,
-except ant's) are stored in the metadata; the same seed gives the same dataset. Writes are atomic and locked per
-id: a second process making the same id waits and reuses it; folders left by a killed write
-(.tmp-<pid>) are removed by the next write. Policy rollouts run as 2 fixed shards (so the data do
-not depend on --workers), in parallel processes.
+except ant's) are stored in the metadata; the same seed gives the same dataset. Writes are atomic
+and locked per id: a second process making the same id waits and reuses it; folders left by a
+killed write (.tmp-<pid>) are removed by the next write. Policy rollouts run as 2 fixed shards (so
+the data do not depend on --workers), in parallel processes.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ ENTRY_FIELDS = {
 
 
 def test_every_entry_is_shipped_or_says_why():
+    sac = load_script("algorithms/sac.py")
     for name, entry in MANIFEST.items():
         if entry["file"] is None:
             assert entry["status"].startswith("not trained"), name
@@ -47,7 +48,7 @@ def test_every_entry_is_shipped_or_says_why():
             low, high = entry["score_band"]
             assert low <= entry["eval_normalized_score"] <= high, name
             # On today's reference returns (a change of references must re-export the entries it moves).
-            today = float(load_script("algorithms/sac.py").normalized_score(entry["env"], entry["eval_return"]))
+            today = float(sac.normalized_score(entry["env"], entry["eval_return"]))
             assert entry["eval_normalized_score"] == pytest.approx(today, abs=0.051), name
             assert entry["command"].startswith(
                 f"OMP_NUM_THREADS={entry['torch_threads']} python algorithms/sac.py --env {entry['env']}"
@@ -112,9 +113,8 @@ def test_shipped_policy_reaches_its_band(name, datasets_root):
     assert result.returncode in (0, 1), result.stderr[-3000:]  # 1 = out of band, anything else a crash
     report = json.loads(result.stdout)
     assert report["policy"] == name and report["episodes"] == 10
-    assert (
-        report["episode_length"] == 1000.0 if name.startswith("halfcheetah") else 0 < report["episode_length"] <= 1000
-    )
+    if name.startswith("halfcheetah"):  # never terminates: every episode runs to the 1,000-step limit
+        assert report["episode_length"] == 1000.0
     assert result.returncode == 0 and report["in_band"], report
 
 
